@@ -1,0 +1,386 @@
+"""Turn finished run logs into a verified submission folder (see records/README.md).
+
+    python3 records/make_submission.py --track 10min_16mb --name "My Idea" --author "Ada" \\
+        --github-id ada --compare-to 1.2244 logs/seed1.txt logs/seed2.txt logs/seed3.txt
+
+writes records/track_<track>/<YYYY-MM-DD>_<Name>/ with the logs, train_gpt.py recovered from
+them, submission.json, README.md and val_bpb.png. It refuses (exit code 2, nothing written)
+when the logs cannot back a valid score; the message names the log and the rule.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import math
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from run_log import Refusal, ScoredRun, check_same_val_split, read_run_logs
+from significance import NEEDS_TWO_SEEDS, Difference, mean_difference
+
+TRACKS = ("10min_16mb", "non_record_16mb")
+ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
+TIME_CAP_MS = 600_000            # 10-minute track: training and evaluation, each
+MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
+ALPHA = 0.01                     # ... with a one-sided p-value below this
+FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "val_bpb.png")
+PER_RUN_SETTINGS = ("SEED", "RUN_ID")  # differ between the seeds of one submission by design
+
+
+# ----------------------------------------------------------------------------------------------
+# The rules a set of logs must pass.
+
+
+def check_runs(runs: list[ScoredRun], track: str) -> None:
+    for run in runs:
+        check_run(run, track)
+    check_same_source(runs)
+    check_same_val_split(runs)
+    check_distinct(runs)
+
+
+def check_run(run: ScoredRun, track: str) -> None:
+    if run.val_scope != "full":
+        raise Refusal(f"{run.path}: scored only a prefix of the validation split (MAX_VAL_TOKENS); "
+                      "a submission needs the full split")
+    if run.code_bytes != len(run.source):
+        raise Refusal(f"{run.path}: 'Code size' says {run.code_bytes} bytes but the embedded source is "
+                      f"{len(run.source)} bytes; the code counted in the artifact must be the code that ran")
+    if run.artifact_bytes > ARTIFACT_CAP_BYTES:
+        raise Refusal(f"{run.path}: artifact of {run.artifact_bytes:,} bytes exceeds the cap of "
+                      f"{ARTIFACT_CAP_BYTES:,} bytes (code plus compressed model)")
+    if track == "10min_16mb":
+        for what, ms in (("training", run.train_time_ms), ("evaluation", run.eval_time_ms)):
+            if ms > TIME_CAP_MS:
+                raise Refusal(f"{run.path}: {what} took {ms:,} ms, over the 10-minute track's limit of "
+                              f"{TIME_CAP_MS:,} ms (600 s); submit to non_record_16mb instead")
+
+
+def check_same_source(runs: list[ScoredRun]) -> None:
+    for run in runs[1:]:
+        if run.source != runs[0].source:
+            raise Refusal(f"{run.path}: its train_gpt.py differs from the one in {runs[0].path}; "
+                          "all logs of a submission must come from the same code")
+
+
+def check_distinct(runs: list[ScoredRun]) -> None:
+    """Repeated seeds are not independent samples, and each log keeps its file name in the folder."""
+    names, seeds = {}, {}
+    for run in runs:
+        if run.path.name in FOLDER_FILES or run.path.name in names:
+            raise Refusal(f"{run.path}: a log named {run.path.name!r} clashes with "
+                          f"{names.get(run.path.name, 'a file the folder needs')}; rename it")
+        if run.seed in seeds:
+            raise Refusal(f"{run.path}: SEED={run.seed} was already run in {seeds[run.seed]}; "
+                          "the significance test needs distinct seeds")
+        names[run.path.name], seeds[run.seed] = run.path, run.path
+
+
+# ----------------------------------------------------------------------------------------------
+# Significance against the best record (or any baseline).
+
+
+def baseline_val_bpbs(compare_to: str) -> tuple[float | list[float], str]:
+    """The baseline's val_bpb, exact (a number) or per seed (a list), and a description of it."""
+    try:
+        return float(compare_to), f"val_bpb {float(compare_to)}"
+    except ValueError:
+        pass
+    path = Path(compare_to)
+    summary_path = path if path.name == "submission.json" else path / "submission.json"
+    if not summary_path.is_file():
+        raise Refusal(f"--compare-to {compare_to}: neither a val_bpb number nor a record folder "
+                      "with a submission.json")
+    record = json.loads(summary_path.read_text())
+    seed_bpbs = [seed["val_bpb"] for seed in record.get("seeds", []) if "val_bpb" in seed]
+    # with fewer than two seeds only the published mean is usable, as an exact number
+    return (seed_bpbs if len(seed_bpbs) >= 2 else float(record["val_bpb"])), str(summary_path.parent)
+
+
+def compare_with_baseline(runs: list[ScoredRun], compare_to: str, min_delta_nats: float, alpha: float) -> dict:
+    # Baselines are taken as val_bpb and converted to nats per token of these logs' split, so all
+    # scores share one unit, also when the baseline used another tokenizer.
+    tokens_per_byte = float(np.mean([run.tokens_per_byte for run in runs]))
+    nats_per_bpb = math.log(2) / tokens_per_byte
+    baseline_bpb, description = baseline_val_bpbs(compare_to)
+    baseline_nats = ([bpb * nats_per_bpb for bpb in baseline_bpb] if isinstance(baseline_bpb, list)
+                     else baseline_bpb * nats_per_bpb)
+    nats = mean_difference(baseline_nats, [run.val_loss for run in runs], margin=min_delta_nats)
+    bpb = nats.scaled(1 / nats_per_bpb)
+    significant = nats.p_beats_margin is not None and nats.p_beats_margin < alpha
+    return {
+        "baseline": description,
+        "baseline_val_bpb": float(np.mean(baseline_bpb)),
+        "baseline_seeds": len(baseline_bpb) if isinstance(baseline_bpb, list) else None,
+        "tokens_per_byte": tokens_per_byte,
+        "rule": {"min_delta_nats": min_delta_nats, "alpha": alpha,
+                 "h0": f"improvement <= {min_delta_nats} nats per token",
+                 "h1": f"improvement > {min_delta_nats} nats per token",
+                 "test": nats.test},
+        "improvement_nats": nats.mean,
+        "improvement_bpb": bpb.mean,
+        "ci95_nats": nats.ci95,
+        "p_value": nats.p_beats_margin,
+        "significant": significant,
+        "verdict": verdict(nats, alpha, significant),
+    }
+
+
+def verdict(nats: Difference, alpha: float, significant: bool) -> str:
+    if nats.p_beats_margin is None:
+        return NEEDS_TWO_SEEDS if nats.test == NEEDS_TWO_SEEDS else "not significant: no spread to test"
+    relation = "<" if significant else ">="
+    return (f"{'significant' if significant else 'not significant'}: improvement {nats.mean:.5f} nats, "
+            f"p = {nats.p_beats_margin:.3g} {relation} {alpha} for H0 improvement <= {nats.margin} nats")
+
+
+# ----------------------------------------------------------------------------------------------
+# submission.json, README.md and the plot.
+
+
+def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparison: dict | None) -> dict:
+    losses, bpbs = [run.val_loss for run in runs], [run.val_bpb for run in runs]
+    sample_std = (lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else None)
+    summary = {
+        "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
+        "date": args.date,
+        "val_loss": round(float(np.mean(losses)), 8), "val_bpb": round(float(np.mean(bpbs)), 8),
+        "bytes_total": max(run.artifact_bytes for run in runs),  # the largest seed must fit
+        "bytes_code": runs[0].code_bytes,
+        "track": args.track,
+        "val_loss_std": sample_std(losses), "val_bpb_std": sample_std(bpbs),
+        "export_format": runs[0].export_format_id,
+        "val_split": {"tokens": runs[0].val_tokens, "sha256": runs[0].val_sha256},
+        "seeds": [seed_summary(run) for run in runs],
+        "compliance": {
+            "artifact_cap_bytes": ARTIFACT_CAP_BYTES,
+            "artifact_under_cap": all(run.artifact_bytes <= ARTIFACT_CAP_BYTES for run in runs),
+            "time_cap_s": TIME_CAP_MS // 1000,
+            "train_time_under_cap": all(run.train_time_ms <= TIME_CAP_MS for run in runs),
+            "eval_time_under_cap": all(run.eval_time_ms <= TIME_CAP_MS for run in runs),
+        },
+    }
+    if comparison is not None:
+        summary["comparison"] = comparison
+    return summary
+
+
+def seed_summary(run: ScoredRun) -> dict:
+    return {
+        "seed": run.seed, "log": run.path.name, "val_loss": run.val_loss, "val_bpb": run.val_bpb,
+        "pre_export_val_bpb": run.pre_export_val_bpb, "steps": run.steps, "step_avg_ms": run.step_avg_ms,
+        "train_time_ms": run.train_time_ms, "eval_time_ms": run.eval_time_ms,
+        "stopped_by_wallclock_cap": run.stopped_by_wallclock_cap,
+        "bytes_total": run.artifact_bytes, "bytes_model": run.model_bytes,
+    }
+
+
+def settings_defaults(source: bytes) -> dict:
+    """The defaults of the trainer's `class Settings` (env var name -> value), read without running it."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == "Settings":
+            return {item.target.id.upper(): ast.literal_eval(item.value) for item in node.body
+                    if isinstance(item, ast.AnnAssign) and item.value is not None}
+    return {}
+
+
+def changed_settings(run: ScoredRun) -> dict:
+    """The run's settings that differ from its code's defaults, less those that differ per seed."""
+    defaults = settings_defaults(run.source)
+    return {key: value for key, value in run.settings.items()
+            if key not in PER_RUN_SETTINGS and (key not in defaults or defaults[key] != value)}
+
+
+def reproduce_command(runs: list[ScoredRun], script: str) -> str:
+    """A shell loop over the seeds that sets every setting that differs from the code's default."""
+    first = runs[0]
+    env = "".join(f"{key}={shlex.quote(str(value))} " for key, value in changed_settings(first).items())
+    launcher = (f"torchrun --standalone --nproc_per_node={first.world_size}"
+                if first.device.startswith("cuda") else "python3")
+    return (f"for SEED in {' '.join(str(run.seed) for run in runs)}; do\n"
+            f"  RUN_ID=seed$SEED SEED=$SEED {env}{launcher} {script}\n"
+            "done")
+
+
+def differing_settings(runs: list[ScoredRun]) -> list[str]:
+    keys = sorted({key for run in runs for key in run.settings} - set(PER_RUN_SETTINGS))
+    return [key for key in keys if len({json.dumps(run.settings.get(key)) for run in runs}) > 1]
+
+
+def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
+    first, compliance = runs[0], summary["compliance"]
+    yes_no = {True: "yes", False: "**no**"}
+    std = summary["val_bpb_std"]
+    lines = [
+        f"# {summary['name']}", "",
+        *([summary["blurb"], ""] if summary["blurb"] else []),
+        f"Track `{summary['track']}`, by {summary['author']} (@{summary['github_id']}), {summary['date']}.", "",
+        "## Result", "",
+        f"- val_bpb **{summary['val_bpb']:.8f}** (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        + (f", sample std {std:.8f})" if std is not None else ")"),
+        f"- val_loss {summary['val_loss']:.8f} nats per token",
+        f"- artifact {summary['bytes_total']:,} bytes (largest seed; code {summary['bytes_code']:,} bytes, "
+        f"format {summary['export_format']})",
+        f"- artifact <= {ARTIFACT_CAP_BYTES:,} bytes: {yes_no[compliance['artifact_under_cap']]}; "
+        f"training <= {TIME_CAP_MS // 1000} s: {yes_no[compliance['train_time_under_cap']]}; "
+        f"evaluation <= {TIME_CAP_MS // 1000} s: {yes_no[compliance['eval_time_under_cap']]}", "",
+    ]
+    if "comparison" in summary:
+        lines += comparison_section(summary["comparison"])
+    lines += [
+        "## Seeds", "",
+        "| seed | steps | ms/step | pre-export val_bpb | round-trip val_bpb | artifact bytes | log |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+        *(f"| {s['seed']} | {s['steps']} | {s['step_avg_ms']:.2f} | {fmt(s['pre_export_val_bpb'], '.4f')} | "
+          f"{s['val_bpb']:.8f} | {s['bytes_total']:,} | [{s['log']}]({s['log']}) |" for s in summary["seeds"]),
+        "", "## Configuration", "",
+        f"- device: {first.device}, world size {first.world_size}",
+        f"- model parameters: {fmt(first.model_params, ',')}",
+        f"- validation split: {first.val_tokens:,} tokens, fingerprint {first.val_sha256}",
+        "- settings that differ from the defaults in train_gpt.py (all settings are in the logs):", "",
+        "| setting | value |", "|---|---|",
+        *(f"| {key} | `{value}` |" for key, value in changed_settings(first).items()), "",
+    ]
+    if differing := differing_settings(runs):
+        lines += [f"Settings that differ between the seeds: {', '.join(differing)}.", ""]
+    lines += ["## Reproduce", "",
+              "From the repository root, with the data in place:", "",
+              "```bash", reproduce_command(runs, f"{folder}/train_gpt.py"), "```", "",
+              "`val_bpb.png`: validation val_bpb against training time, one curve per seed.", ""]
+    return "\n".join(lines)
+
+
+def comparison_section(comparison: dict) -> list[str]:
+    rule = comparison["rule"]
+    ci = comparison["ci95_nats"]
+    return [
+        "## Significance", "",
+        f"Baseline: {comparison['baseline']}"
+        + (f", mean val_bpb {comparison['baseline_val_bpb']:.8f} over {comparison['baseline_seeds']} seeds"
+           if comparison["baseline_seeds"] else " (taken as exact)")
+        + f", converted to nats per token with these logs' {comparison['tokens_per_byte']:.6f} tokens per byte.",
+        "",
+        f"- H0: improvement <= {rule['min_delta_nats']} nats per token; "
+        f"H1: improvement > {rule['min_delta_nats']} nats; required: one-sided p < {rule['alpha']} "
+        f"({rule['test']} t-test over the seeds)",
+        f"- improvement: {comparison['improvement_nats']:.5f} nats per token, "
+        f"{comparison['improvement_bpb']:.5f} bpb"
+        + (f" (95% CI {ci[0]:.5f} to {ci[1]:.5f} nats)" if ci else ""),
+        f"- p-value: {fmt(comparison['p_value'], '.3g')}",
+        f"- **{comparison['verdict']}**", "",
+    ]
+
+
+def fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def plot_val_bpb(runs: list[ScoredRun], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        curve = run.val_curve
+        line, = ax.plot([p.train_time_ms / 1000 for p in curve], [p.val_bpb for p in curve],
+                        marker=".", label=f"seed {run.seed} (round trip {run.val_bpb:.4f})")
+        ax.plot([run.train_time_ms / 1000], [run.val_bpb], marker="x", color=line.get_color())
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("val_bpb")
+    ax.set_title("validation bits per byte (x: after the export round trip)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The folder: built aside, then renamed into place, so a refusal or a crash leaves nothing behind.
+
+
+def folder_name(date: str, name: str) -> str:
+    safe = re.sub(r"[^\w.-]+", "_", name).strip("_.")
+    if not safe:
+        raise Refusal(f"--name {name!r}: needs at least one letter or digit for the folder name")
+    return f"{date}_{safe}"
+
+
+def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for run in runs:
+            shutil.copyfile(run.path, staging / run.path.name)
+        (staging / "train_gpt.py").write_bytes(runs[0].source)
+        (staging / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")
+        relative_folder = f"records/{folder.parent.name}/{folder.name}"
+        (staging / "README.md").write_text(render_readme(summary, runs, relative_folder))
+        plot_val_bpb(runs, staging / "val_bpb.png")
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--track", required=True, choices=TRACKS)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--author", required=True)
+    parser.add_argument("--github-id", required=True)
+    parser.add_argument("--blurb", default="")
+    parser.add_argument("--date", default=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+                        type=lambda s: datetime.date.fromisoformat(s).isoformat(), help="YYYY-MM-DD, default today (UTC)")
+    parser.add_argument("--compare-to", help="the record to beat: its val_bpb, or its folder")
+    parser.add_argument("--min-delta-nats", type=float, default=MIN_DELTA_NATS)
+    parser.add_argument("--alpha", type=float, default=ALPHA)
+    parser.add_argument("--records-dir", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--force", action="store_true", help="replace an existing folder")
+    parser.add_argument("logs", nargs="+", type=Path)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = read_run_logs(args.logs)
+        check_runs(runs, args.track)
+        folder = args.records_dir / f"track_{args.track}" / folder_name(args.date, args.name)
+        if folder.exists() and not args.force:
+            raise Refusal(f"{folder} already exists; pass --force to replace it")
+        comparison = (compare_with_baseline(runs, args.compare_to, args.min_delta_nats, args.alpha)
+                      if args.compare_to else None)
+        summary = submission_summary(args, runs, comparison)
+        write_folder(folder, runs, summary, args.force)
+    except Refusal as refusal:
+        print(f"refused: {refusal}", file=sys.stderr)
+        return 2
+    print_summary(folder, summary)
+    return 0
+
+
+def print_summary(folder: Path, summary: dict) -> None:
+    std = summary["val_bpb_std"]
+    print(f"wrote {folder}")
+    print(f"val_bpb {summary['val_bpb']:.8f}" + (f" +- {std:.8f} (sample std)" if std is not None else "")
+          + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes")
+    if "comparison" in summary:
+        comparison = summary["comparison"]
+        claim = "RECORD CLAIM" if comparison["significant"] else "NOT A SIGNIFICANT IMPROVEMENT"
+        print(f"{claim} vs {comparison['baseline']}: {comparison['verdict']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

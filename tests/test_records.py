@@ -1,0 +1,399 @@
+"""records/: make_submission.py and compare_runs.py on crafted logs in the trainer's format.
+
+Every refusal is driven by a log that breaks exactly one rule; the expected statistics are
+computed here by hand from the values written into the logs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECORDS = Path(__file__).resolve().parents[1] / "records"
+sys.path.insert(0, str(RECORDS))
+
+import compare_runs  # noqa: E402
+import make_submission  # noqa: E402
+from run_log import read_run_log  # noqa: E402
+
+SOURCE = '"""A stand-in trainer."""\nprint("train")\n'
+TOKENS_PER_BYTE = 0.41
+DATE = "2026-05-01"
+FULL_SPLIT = "tokens:62021632 sha256:0123456789abcdef scope:full"
+
+
+def bpb_of(val_loss: float) -> float:
+    return round(val_loss / math.log(2) * TOKENS_PER_BYTE, 8)
+
+
+def render_log(seed: int = 1, val_loss: float = 2.0727, *, source: str = SOURCE, steps: int = 13_780,
+               train_time_ms: int = 599_990, eval_time_ms: int = 1_400, artifact_bytes: int = 15_863_489,
+               code_bytes: int | None = None, val_split: str = FULL_SPLIT, export_format: str = "int8+zlib",
+               final_score: bool = True, prefix: bool = False) -> str:
+    """A log as train_gpt.py writes it, with the given values."""
+    code = source.encode()
+    code_bytes = len(code) if code_bytes is None else code_bytes
+    fid, bpb, scope = export_format.replace("+", "_"), bpb_of(val_loss), " val_scope:prefix" if prefix else ""
+    step_avg = train_time_ms / steps
+    settings = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "RUN_ID": f"seed{seed}", "SEED": seed,
+                "ITERATIONS": 20000, "NUM_LAYERS": 9}
+    lines = [
+        f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}",
+        source + "end_of_source",
+        f"run_id:seed{seed} started:2026-05-01T10:00:00+00:00",
+        "device:cuda name:NVIDIA H100 80GB HBM3 world_size:8 grad_accum_steps:1 compute_dtype:bfloat16",
+        "settings:" + json.dumps(settings),
+        "model_params:17059912",
+        "val_split " + (val_split.replace("scope:full", "scope:prefix") if prefix else val_split),
+        "warmup_step:20/20",
+        f"step:0/20000 val_loss:6.9357 val_bpb:4.1077 train_time:0ms step_avg:0.00ms{scope}",
+        f"step:1/20000 train_loss:6.9357 train_time:44ms step_avg:44.00ms",
+        "an informational line the reader must skip: step:99 val_bpb:0.1",
+        f"step:{steps // 2}/20000 val_loss:2.2000 val_bpb:1.3000 train_time:{train_time_ms // 2}ms "
+        f"step_avg:{step_avg:.2f}ms{scope}",
+        f"step:{steps}/20000 val_loss:{val_loss - 0.012:.4f} val_bpb:{bpb - 0.0072:.4f} "
+        f"train_time:{train_time_ms}ms step_avg:{step_avg:.2f}ms{scope}",
+        f"stopping_early: wallclock_cap train_time:{train_time_ms}ms step:{steps}/20000",
+        "peak_memory allocated:10184MiB reserved:10588MiB",
+        f"Serialized model {export_format}: {artifact_bytes - code_bytes} bytes (payload:17178912)",
+        f"Code size: {code_bytes} bytes",
+        f"Total submission size {export_format}: {artifact_bytes} bytes",
+        f"final_{fid}_roundtrip val_loss:{val_loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_time_ms}ms{scope}",
+    ]
+    if final_score:
+        lines.append(f"final_{fid}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{bpb:.8f}{scope}")
+    lines.append("time_ledger warmup_compile:20000ms training:599990ms total:640000ms")
+    return "\n".join(lines) + "\n"
+
+
+def write_logs(folder: Path, *texts: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, text in enumerate(texts, start=1):
+        path = folder / f"seed{i}.txt"
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def submit(tmp_path: Path, logs, *options: str, track: str = "10min_16mb") -> int:
+    return make_submission.main(["--track", track, "--name", "Test Idea", "--author", "Ada Lovelace",
+                                 "--github-id", "ada", "--date", DATE, "--records-dir", str(tmp_path / "records"),
+                                 *options, *map(str, logs)])
+
+
+def folder_of(tmp_path: Path, track: str = "10min_16mb") -> Path:
+    return tmp_path / "records" / f"track_{track}" / f"{DATE}_Test_Idea"
+
+
+def read_summary(tmp_path: Path, track: str = "10min_16mb") -> dict:
+    return json.loads((folder_of(tmp_path, track) / "submission.json").read_text())
+
+
+LOSSES = (2.0542, 2.0560, 2.0551)
+
+
+@pytest.fixture
+def three_logs(tmp_path) -> list[Path]:
+    return write_logs(tmp_path / "logs", *(render_log(seed, loss) for seed, loss in zip((1, 2, 3), LOSSES)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a log.
+
+
+def test_reader_takes_the_last_step_line_and_the_scored_format(tmp_path):
+    text = render_log(7, 2.0, steps=4_900, train_time_ms=597_000, eval_time_ms=88_000,
+                      artifact_bytes=15_900_000, export_format="int6+lzma")
+    run = read_run_log(write_logs(tmp_path, text)[0])
+    assert (run.seed, run.steps, run.train_time_ms, run.eval_time_ms) == (7, 4_900, 597_000, 88_000)
+    assert run.step_avg_ms == pytest.approx(round(597_000 / 4_900, 2))
+    assert (run.export_format_id, run.artifact_bytes, run.code_bytes) == ("int6_lzma", 15_900_000, len(SOURCE))
+    assert run.pre_export_val_bpb == pytest.approx(round(bpb_of(2.0) - 0.0072, 4))
+    assert [p.step for p in run.val_curve] == [0, 2_450, 4_900]
+    assert run.stopped_by_wallclock_cap and run.val_scope == "full"
+    assert run.tokens_per_byte == pytest.approx(TOKENS_PER_BYTE, rel=1e-7)
+    assert run.source == SOURCE.encode()
+
+
+# ----------------------------------------------------------------------------------------------
+# The folder and its contents.
+
+
+def test_folder_holds_the_logs_the_source_the_summary_the_readme_and_the_plot(tmp_path, three_logs):
+    assert submit(tmp_path, three_logs) == 0
+    folder = folder_of(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "submission.json", "train_gpt.py", "val_bpb.png", "seed1.txt", "seed2.txt", "seed3.txt"])
+    for log in three_logs:
+        assert (folder / log.name).read_bytes() == log.read_bytes()
+    assert (folder / "train_gpt.py").read_bytes() == SOURCE.encode()
+    assert (folder / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left
+
+
+def test_summary_has_the_spec_keys_means_and_sample_std(tmp_path, three_logs):
+    submit(tmp_path, three_logs, "--blurb", "an idea")
+    summary = read_summary(tmp_path)
+    assert {"author": "Ada Lovelace", "github_id": "ada", "name": "Test Idea", "blurb": "an idea", "date": DATE,
+            "track": "10min_16mb", "bytes_total": 15_863_489, "bytes_code": len(SOURCE)}.items() <= summary.items()
+    mean = sum(LOSSES) / 3
+    assert summary["val_loss"] == pytest.approx(mean, abs=1e-8)
+    assert summary["val_bpb"] == pytest.approx(sum(bpb_of(x) for x in LOSSES) / 3, abs=1e-8)
+    assert summary["val_loss_std"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in LOSSES) / 2), rel=1e-6)
+    assert [s["seed"] for s in summary["seeds"]] == [1, 2, 3]
+    assert [s["val_loss"] for s in summary["seeds"]] == list(LOSSES)
+    assert summary["compliance"] == {"artifact_cap_bytes": 16_000_000, "artifact_under_cap": True, "time_cap_s": 600,
+                                     "train_time_under_cap": True, "eval_time_under_cap": True}
+    assert "comparison" not in summary
+
+
+def test_bytes_total_is_the_largest_seed(tmp_path):
+    logs = write_logs(tmp_path / "logs", render_log(1, artifact_bytes=15_000_000),
+                      render_log(2, artifact_bytes=15_900_000), render_log(3, artifact_bytes=15_100_000))
+    submit(tmp_path, logs)
+    summary = read_summary(tmp_path)
+    assert summary["bytes_total"] == 15_900_000
+    assert [s["bytes_total"] for s in summary["seeds"]] == [15_000_000, 15_900_000, 15_100_000]
+
+
+def test_readme_has_a_row_per_seed_from_its_log(tmp_path, three_logs):
+    submit(tmp_path, three_logs)
+    readme = (folder_of(tmp_path) / "README.md").read_text()
+    step_avg = f"{599_990 / 13_780:.2f}"
+    for seed, loss in zip((1, 2, 3), LOSSES):
+        row = (f"| {seed} | 13780 | {step_avg} | {bpb_of(loss) - 0.0072:.4f} | {bpb_of(loss):.8f} | "
+               f"15,863,489 | [seed{seed}.txt](seed{seed}.txt) |")
+        assert row in readme
+    assert "for SEED in 1 2 3; do" in readme
+    assert f"torchrun --standalone --nproc_per_node=8 records/track_10min_16mb/{DATE}_Test_Idea/train_gpt.py" in readme
+
+
+def test_exactly_at_the_caps_is_accepted(tmp_path):
+    logs = write_logs(tmp_path / "logs", render_log(1, artifact_bytes=16_000_000, train_time_ms=600_000,
+                                                    eval_time_ms=600_000))
+    assert submit(tmp_path, logs) == 0
+
+
+def test_non_record_track_accepts_long_runs_and_flags_them(tmp_path):
+    logs = write_logs(tmp_path / "logs", render_log(1, train_time_ms=3_600_000), render_log(2, eval_time_ms=700_000))
+    assert submit(tmp_path, logs, track="non_record_16mb") == 0
+    compliance = read_summary(tmp_path, "non_record_16mb")["compliance"]
+    assert (compliance["train_time_under_cap"], compliance["eval_time_under_cap"]) == (False, False)
+    assert "training <= 600 s: **no**" in (folder_of(tmp_path, "non_record_16mb") / "README.md").read_text()
+
+
+def test_force_replaces_an_existing_folder(tmp_path, three_logs):
+    submit(tmp_path, three_logs[:1])
+    assert submit(tmp_path, three_logs, "--force") == 0
+    assert len(read_summary(tmp_path)["seeds"]) == 3
+
+
+def test_a_failure_while_building_leaves_nothing_behind(tmp_path, three_logs, monkeypatch):
+    def broken_plot(runs, path):
+        raise RuntimeError("plotting failed")
+    monkeypatch.setattr(make_submission, "plot_val_bpb", broken_plot)
+    with pytest.raises(RuntimeError):
+        submit(tmp_path, three_logs)
+    assert list(folder_of(tmp_path).parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: one broken rule each, in the second of three logs.
+
+
+REFUSALS = {
+    "no final exact score": (dict(final_score=False), "final exact score line"),
+    "prefix of the validation split": (dict(prefix=True), "prefix of the validation split"),
+    "another source": (dict(source='print("other")\n'), "differs from the one in"),
+    "another validation split": (dict(val_split="tokens:62021632 sha256:fedcba9876543210 scope:full"),
+                                 "different validation split"),
+    "artifact over the cap": (dict(artifact_bytes=16_000_001), "exceeds the cap of 16,000,000 bytes"),
+    "training over 600 s": (dict(train_time_ms=600_001), "training took 600,001 ms, over the 10-minute track"),
+    "evaluation over 600 s": (dict(eval_time_ms=600_001), "evaluation took 600,001 ms, over the 10-minute track"),
+    "code size not the source": (dict(code_bytes=len(SOURCE) + 1), "'Code size' says"),
+    "a repeated seed": (dict(seed=1), "SEED=1 was already run"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refuses_a_log_that_breaks_a_rule(tmp_path, capsys, case):
+    broken, message = REFUSALS[case]
+    logs = write_logs(tmp_path / "logs", render_log(1, 2.06), render_log(**{"seed": 2, **broken}),
+                      render_log(3, 2.07))
+    assert submit(tmp_path, logs) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refused: ") and str(logs[1]) in err and message in err
+    assert not (tmp_path / "records").exists()
+
+
+def test_refuses_a_log_whose_source_was_edited(tmp_path, capsys):
+    text = render_log(1).replace('print("train")', 'print("tuned")')
+    assert submit(tmp_path, write_logs(tmp_path / "logs", text)) == 2
+    assert "does not match the sha256 of its source header" in capsys.readouterr().err
+
+
+def test_refuses_an_existing_folder_and_leaves_it_alone(tmp_path, three_logs, capsys):
+    submit(tmp_path, three_logs[:2])
+    before = (folder_of(tmp_path) / "submission.json").read_bytes()
+    assert submit(tmp_path, three_logs) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (folder_of(tmp_path) / "submission.json").read_bytes() == before
+
+
+def test_command_line_refusal_exits_non_zero(tmp_path):
+    logs = write_logs(tmp_path / "logs", render_log(1, final_score=False))
+    result = subprocess.run([sys.executable, str(RECORDS / "make_submission.py"), "--track", "10min_16mb",
+                             "--name", "x", "--author", "a", "--github-id", "a",
+                             "--records-dir", str(tmp_path / "records"), str(logs[0])],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"refused: {logs[0]}: no final exact score line" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Significance against a record.
+
+
+def one_sample_p(improvements, margin):
+    """One-sided p of H0 mean <= margin for 3 seeds: Student's t with 2 degrees of freedom, closed form."""
+    mean = sum(improvements) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in improvements) / 2)
+    t = (mean - margin) / (sd / math.sqrt(3))
+    return 0.5 - t / (2 * math.sqrt(2 + t * t))
+
+
+def test_compare_to_a_val_bpb_tests_the_improvement_in_nats(tmp_path, three_logs, capsys):
+    record_bpb = 1.2244
+    assert submit(tmp_path, three_logs, "--compare-to", str(record_bpb)) == 0
+    comparison = read_summary(tmp_path)["comparison"]
+    record_nats = record_bpb * math.log(2) / TOKENS_PER_BYTE
+    improvements = [record_nats - loss for loss in LOSSES]
+    assert comparison["improvement_nats"] == pytest.approx(sum(improvements) / 3, rel=1e-6)
+    assert comparison["improvement_bpb"] == pytest.approx(record_bpb - sum(bpb_of(x) for x in LOSSES) / 3, rel=1e-6)
+    assert comparison["p_value"] == pytest.approx(one_sample_p(improvements, 0.005), rel=1e-5)
+    assert comparison["p_value"] < 0.01 and comparison["significant"] is True
+    assert comparison["rule"]["min_delta_nats"] == 0.005 and comparison["rule"]["alpha"] == 0.01
+    assert comparison["rule"]["test"] == "one-sample"
+    assert capsys.readouterr().out.splitlines()[-1].startswith("RECORD CLAIM vs val_bpb 1.2244: significant")
+    readme = (folder_of(tmp_path) / "README.md").read_text()
+    assert "H0: improvement <= 0.005 nats per token; H1: improvement > 0.005 nats; " \
+           "required: one-sided p < 0.01" in readme
+
+
+def test_a_claim_that_is_not_significant_is_written_and_says_so(tmp_path, three_logs, capsys):
+    # the same logs, held to a larger margin
+    assert submit(tmp_path, three_logs, "--compare-to", "1.2244", "--min-delta-nats", "0.014", "--alpha", "0.05") == 0
+    comparison = read_summary(tmp_path)["comparison"]
+    record_nats = 1.2244 * math.log(2) / TOKENS_PER_BYTE
+    expected_p = one_sample_p([record_nats - loss for loss in LOSSES], 0.014)
+    assert expected_p > 0.05
+    assert comparison["p_value"] == pytest.approx(expected_p, rel=1e-5)
+    assert comparison["significant"] is False
+    assert comparison["rule"]["h0"] == "improvement <= 0.014 nats per token" and comparison["rule"]["alpha"] == 0.05
+    assert "NOT A SIGNIFICANT IMPROVEMENT" in capsys.readouterr().out
+    assert "**not significant: improvement" in (folder_of(tmp_path) / "README.md").read_text()
+
+
+def test_one_seed_cannot_be_tested(tmp_path, three_logs):
+    assert submit(tmp_path, three_logs[:1], "--compare-to", "1.2244") == 0
+    comparison = read_summary(tmp_path)["comparison"]
+    assert comparison["p_value"] is None and comparison["significant"] is False
+    assert comparison["verdict"] == "not significant: needs >= 2 seeds"
+    assert read_summary(tmp_path)["val_loss_std"] is None
+
+
+def test_compare_to_a_record_with_seeds_uses_welch(tmp_path, three_logs):
+    record_bpbs = [1.2244, 1.2251, 1.2236, 1.2262]
+    record = tmp_path / "best_record"
+    record.mkdir()
+    (record / "submission.json").write_text(json.dumps(
+        {"val_bpb": sum(record_bpbs) / 4, "seeds": [{"seed": i, "val_bpb": b} for i, b in enumerate(record_bpbs)]}))
+    assert submit(tmp_path, three_logs, "--compare-to", str(record)) == 0
+    comparison = read_summary(tmp_path)["comparison"]
+    # Welch by hand: the record's seeds in nats of these logs' split, against the logs' val_loss
+    a, b = [x * math.log(2) / TOKENS_PER_BYTE - 0.005 for x in record_bpbs], list(LOSSES)
+    ma, mb = sum(a) / 4, sum(b) / 3
+    va = sum((x - ma) ** 2 for x in a) / 3 / 4
+    vb = sum((x - mb) ** 2 for x in b) / 2 / 3
+    t, df = (ma - mb) / math.sqrt(va + vb), (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    from scipy.special import betainc
+    assert comparison["p_value"] == pytest.approx(0.5 * betainc(df / 2, 0.5, df / (df + t * t)), rel=1e-4)
+    assert comparison["improvement_nats"] == pytest.approx(ma + 0.005 - mb, rel=1e-6)
+    assert (comparison["rule"]["test"], comparison["baseline_seeds"]) == ("welch", 4)
+
+
+def test_compare_to_a_folder_made_by_the_tool_reads_its_seeds(tmp_path, three_logs):
+    baseline_logs = write_logs(tmp_path / "baseline_logs", render_log(4, 2.0727), render_log(5, 2.0735))
+    submit(tmp_path, baseline_logs, track="non_record_16mb")
+    assert submit(tmp_path, three_logs, "--compare-to", str(folder_of(tmp_path, "non_record_16mb"))) == 0
+    comparison = read_summary(tmp_path)["comparison"]
+    assert (comparison["rule"]["test"], comparison["baseline_seeds"]) == ("welch", 2)
+    assert comparison["baseline_val_bpb"] == pytest.approx((bpb_of(2.0727) + bpb_of(2.0735)) / 2, abs=1e-8)
+
+
+def test_compare_to_a_record_with_only_a_mean_takes_it_as_exact(tmp_path, three_logs):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "submission.json").write_text(json.dumps({"val_bpb": 1.2244, "val_loss": 2.0727}))
+    submit(tmp_path, three_logs, "--compare-to", str(tmp_path / "old"))
+    comparison = read_summary(tmp_path)["comparison"]
+    assert comparison["rule"]["test"] == "one-sample" and comparison["baseline_seeds"] is None
+
+
+def test_refuses_a_baseline_that_is_neither_a_number_nor_a_record(tmp_path, three_logs, capsys):
+    assert submit(tmp_path, three_logs, "--compare-to", str(tmp_path / "nowhere")) == 2
+    assert "neither a val_bpb number nor a record folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# compare_runs.py: ablations.
+
+
+def compare_output(capsys, a, b) -> str:
+    assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b)]) == 0
+    return capsys.readouterr().out
+
+
+def test_compare_reports_the_improvement_with_a_welch_interval(tmp_path, capsys):
+    a = write_logs(tmp_path / "a", *(render_log(s, x) for s, x in ((1, 2.10), (2, 2.11), (3, 2.12))))
+    b = write_logs(tmp_path / "b", *(render_log(s, x) for s, x in ((1, 2.08), (2, 2.09), (3, 2.10))))
+    out = compare_output(capsys, a, b)
+    nats = re.search(r"nats per token\s+([-+.\d]+)\s+95% CI \[([-+.\d]+), ([-+.\d]+)\]\s+p \(two-sided\) = (\S+)", out)
+    # equal spreads (sd 0.01) and 3 seeds a side: Welch has 4 degrees of freedom, t = 0.02 / se
+    se = math.sqrt(2 * 0.01 ** 2 / 3)
+    t = 0.02 / se
+    p = 1 - 0.75 * (t / math.sqrt(1 + t * t / 4)) * (1 - t * t / (12 * (1 + t * t / 4)))
+    assert float(nats.group(1)) == pytest.approx(0.02, abs=1e-5)
+    assert float(nats.group(2)) == pytest.approx(0.02 - 2.776 * se, abs=2e-5)
+    assert float(nats.group(3)) == pytest.approx(0.02 + 2.776 * se, abs=2e-5)
+    assert float(nats.group(4)) == pytest.approx(p, rel=1e-2)
+    bpb = re.search(r"bits per byte\s+([-+.\d]+)", out)
+    assert float(bpb.group(1)) == pytest.approx(0.02 / math.log(2) * TOKENS_PER_BYTE, abs=1e-5)
+
+
+def test_compare_across_tokenizers_reports_only_bits_per_byte(tmp_path, capsys):
+    a = write_logs(tmp_path / "a", render_log(1, 2.10), render_log(2, 2.11))
+    other_split = "tokens:40540160 sha256:aaaaaaaaaaaaaaaa scope:full"
+    b = write_logs(tmp_path / "b", render_log(1, 3.0, val_split=other_split), render_log(2, 3.01, val_split=other_split))
+    out = compare_output(capsys, a, b)
+    assert "nats per token   n/a: the groups scored different validation splits" in out
+    assert re.search(r"bits per byte\s+[-+.\d]+\s+95% CI", out)
+
+
+def test_compare_accepts_prefix_scored_ablations(tmp_path, capsys):
+    a = write_logs(tmp_path / "a", render_log(1, 2.10, prefix=True), render_log(2, 2.11, prefix=True))
+    b = write_logs(tmp_path / "b", render_log(1, 2.09, prefix=True), render_log(2, 2.10, prefix=True))
+    assert "scope:prefix" in compare_output(capsys, a, b)
+
+
+def test_compare_refuses_a_group_with_mixed_splits(tmp_path, capsys):
+    a = write_logs(tmp_path / "a", render_log(1), render_log(2, prefix=True))
+    b = write_logs(tmp_path / "b", render_log(1), render_log(2))
+    assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b)]) == 2
+    assert f"refused: {a[1]} scored a different validation split" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""records/make_submission.py on logs of real tiny CPU runs of train_gpt.py (three seeds).
+
+The expected values are read from the logs here with the SPEC's line formats, not with records/.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_trainer, trainer_env
+
+sys.path.insert(0, str(REPO / "records"))
+
+import make_submission  # noqa: E402
+
+SEEDS = (1, 2, 3)
+DATE = "2026-05-01"
+
+
+def line_value(log: str, pattern: str) -> tuple[str, ...]:
+    """The groups of the last line matching `pattern`."""
+    return re.findall(pattern, log, flags=re.MULTILINE)[-1]
+
+
+@pytest.fixture(scope="module")
+def real_logs(tiny_dataset, tmp_path_factory) -> dict:
+    """Three seeds, and one run scored on a prefix of the validation split, two at a time."""
+    cwd = tmp_path_factory.mktemp("real_runs")
+    envs = {f"seed{s}": trainer_env(tiny_dataset, SEED=s, RUN_ID=f"seed{s}") for s in SEEDS}
+    envs["prefix"] = trainer_env(tiny_dataset, SEED=4, RUN_ID="prefix", MAX_VAL_TOKENS=4096)
+    source = (REPO / "train_gpt.py").read_bytes()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(envs, pool.map(lambda env: run_trainer(env, cwd), envs.values())))
+    for run_id, result in results.items():
+        assert result.returncode == 0, f"{run_id}: {result.stderr[-3000:]}"
+    return {"cwd": cwd, "source": source, "paths": [cwd / "logs" / f"seed{s}.txt" for s in SEEDS],
+            "prefix": cwd / "logs" / "prefix.txt"}
+
+
+@pytest.fixture(scope="module")
+def submission(real_logs, tmp_path_factory) -> Path:
+    records = tmp_path_factory.mktemp("records")
+    code = make_submission.main(["--track", "10min_16mb", "--name", "Tiny CPU", "--author", "Ada", "--github-id", "ada",
+                                 "--date", DATE, "--records-dir", str(records), "--compare-to", "9.0",
+                                 *map(str, real_logs["paths"])])
+    assert code == 0
+    return records / "track_10min_16mb" / f"{DATE}_Tiny_CPU"
+
+
+def test_folder_holds_the_real_logs_and_their_source(real_logs, submission):
+    for path in real_logs["paths"]:
+        assert (submission / path.name).read_bytes() == path.read_bytes()
+    recovered = (submission / "train_gpt.py").read_bytes()
+    assert recovered == real_logs["source"]
+    for path in real_logs["paths"]:
+        assert int(line_value(path.read_text(), r"^Code size: (\d+) bytes$")) == len(recovered)
+
+
+def test_summary_values_are_the_logs_values(real_logs, submission):
+    summary = json.loads((submission / "submission.json").read_text())
+    logs = [path.read_text() for path in real_logs["paths"]]
+    exact = [line_value(log, r"^final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$") for log in logs]
+    totals = [int(line_value(log, r"^Total submission size int8\+zlib: (\d+) bytes$")) for log in logs]
+    last_steps = [line_value(log, r"^step:(\d+)/\d+ .*train_time:(\d+)ms step_avg:(\S+)ms$") for log in logs]
+    assert summary["val_loss"] == pytest.approx(sum(float(e[0]) for e in exact) / 3, abs=1e-8)
+    assert summary["val_bpb"] == pytest.approx(sum(float(e[1]) for e in exact) / 3, abs=1e-8)
+    assert summary["bytes_total"] == max(totals)
+    assert summary["bytes_code"] == len(real_logs["source"])
+    for seed_summary, seed, (loss, bpb), total, (steps, train_ms, _) in zip(
+            summary["seeds"], SEEDS, exact, totals, last_steps):
+        assert (seed_summary["seed"], seed_summary["val_loss"], seed_summary["val_bpb"]) == (seed, float(loss), float(bpb))
+        assert (seed_summary["bytes_total"], seed_summary["steps"], seed_summary["train_time_ms"]) == \
+            (total, int(steps), int(train_ms))
+    assert summary["comparison"]["improvement_nats"] > 0 and summary["comparison"]["p_value"] is not None
+
+
+def test_readme_has_a_row_per_real_seed(real_logs, submission):
+    readme = (submission / "README.md").read_text()
+    for seed, path in zip(SEEDS, real_logs["paths"]):
+        log = path.read_text()
+        steps, step_avg = line_value(log, r"^step:(\d+)/\d+ .*step_avg:(\S+)ms$")
+        bpb = line_value(log, r"^final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)$")
+        assert f"| {seed} | {steps} | {step_avg} |" in readme and f"| {bpb} |" in readme
+
+
+def test_plot_is_a_valid_png(submission):
+    import matplotlib.image
+    image = matplotlib.image.imread(submission / "val_bpb.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.std() > 0  # something was drawn
+
+
+def test_a_real_prefix_scored_log_is_refused(real_logs, tmp_path, capsys):
+    code = make_submission.main(["--track", "non_record_16mb", "--name", "Prefix", "--author", "Ada",
+                                 "--github-id", "ada", "--records-dir", str(tmp_path), str(real_logs["prefix"])])
+    assert code == 2
+    assert f"refused: {real_logs['prefix']}: scored only a prefix of the validation split" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

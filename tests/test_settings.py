@@ -1,0 +1,74 @@
+"""Settings come from the environment; a bad value stops the run with an error naming the variable."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import train_gpt
+from conftest import REPO
+from train_gpt import Settings, SettingsError
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"ITERATIONS": "abc"}, "ITERATIONS"),
+    ({"MODEL_DIM": "-4"}, "MODEL_DIM"),
+    ({"MODEL_DIM": "500"}, "MODEL_DIM"),  # not a multiple of NUM_HEADS=8
+    ({"MODEL_DIM": "48", "NUM_HEADS": "16", "NUM_KV_HEADS": "4"}, "MODEL_DIM"),  # odd head dim: RoPE pairs
+    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"MUON_MOMENTUM": "1.5"}, "MUON_MOMENTUM"),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
+    ({"DEVICE": "tpu"}, "DEVICE"),
+    ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
+    ({"RUN_ID": "../escape"}, "RUN_ID"),
+])
+def test_bad_setting_is_rejected_with_its_name(env, variable):
+    with pytest.raises(SettingsError, match=rf"^{variable}="):
+        Settings.from_env(env)
+
+
+def test_batch_that_does_not_split_into_sequences_and_ranks_is_rejected():
+    settings = Settings.from_env({"TRAIN_BATCH_TOKENS": str(516 * 1024)})
+    settings.check_batch_layout(world_size=4, grad_accum_steps=1)  # 516 sequences split over 4 ranks
+    with pytest.raises(SettingsError, match=r"TRAIN_BATCH_TOKENS=528384 .* 1024 x 8 x 1 = 8192"):
+        settings.check_batch_layout(world_size=8, grad_accum_steps=1)
+
+
+def test_empty_values_fall_back_to_defaults():
+    assert Settings.from_env({"ITERATIONS": "", "SEED": " "}) == Settings()
+
+
+def test_defaults_are_the_reference_baseline():
+    s = Settings()
+    assert (s.num_layers, s.model_dim, s.num_heads, s.num_kv_heads, s.mlp_mult, s.vocab_size) == (9, 512, 8, 4, 2, 1024)
+    assert (s.train_batch_tokens, s.train_seq_len, s.warmdown_iters, s.warmup_steps) == (524_288, 1024, 1200, 20)
+    assert (s.matrix_lr, s.scalar_lr, s.tied_embed_lr, s.muon_momentum, s.max_wallclock_seconds) == \
+        (0.04, 0.04, 0.05, 0.95, 600.0)
+    assert sum(p.numel() for p in train_gpt.GPT(s).parameters()) == 17_059_912  # SPEC.md
+
+
+def test_script_exits_with_the_error_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp_path, capture_output=True,
+                            text=True, env={"ITERATIONS": "abc", "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "error: ITERATIONS='abc' is not a valid int" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_lr_warmdown_follows_whichever_end_comes_first():
+    by_steps = Settings(iterations=1000, warmdown_iters=100, max_wallclock_seconds=0)
+    assert train_gpt.lr_multiplier(800, 0, by_steps) == 1.0
+    assert train_gpt.lr_multiplier(950, 0, by_steps) == pytest.approx(0.5)
+    by_clock = Settings(iterations=10**6, warmdown_iters=100, max_wallclock_seconds=10)
+    # 10 ms per step so far: 100 warmdown steps take 1000 ms, so the warmdown starts 1 s before the cap.
+    assert train_gpt.lr_multiplier(500, 5000, by_clock) == 1.0
+    assert train_gpt.lr_multiplier(950, 9500, by_clock) == pytest.approx(0.5)
+    assert train_gpt.lr_multiplier(1000, 10_000, by_clock) == 0.0
+
+
+def test_muon_momentum_warms_up_linearly():
+    s = Settings(muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500)
+    assert [train_gpt.muon_momentum(k, s) for k in (0, 250, 500, 900)] == pytest.approx([0.85, 0.90, 0.95, 0.95])

@@ -1,0 +1,961 @@
+"""Parameter Golf trainer: one file, from shards to a scored int8+zlib artifact.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py       # 8xH100 (NCCL)
+    python3 train_gpt.py                                         # one GPU, a laptop CPU or Apple MPS
+
+Every setting is an environment variable (see Settings). The run writes logs/<RUN_ID>.txt, which
+holds this file's source, the settings, the device and every log line, and logs/<RUN_ID>.int8.ptz,
+the compressed model whose bytes plus this file's bytes form the artifact.
+Sections: settings, runtime, optimizer, data, evaluation, export, model, training.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+ARTIFACT_CAP_BYTES = 16_000_000
+# Scored validation tokens of the published exports (SPEC.md), to catch runs on another split.
+PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
+
+# ----------------------------------------------------------------------------------------------
+# Settings: one place, read from the environment, validated before anything else happens.
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Data and run bookkeeping.
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    run_id: str = ""  # empty: a fresh uuid
+    seed: int = 1337
+    device: str = "auto"  # auto | cuda | cpu | mps
+    compile: str = "auto"  # auto (on for CUDA) | 0 | 1
+    # Evaluation and logging.
+    val_batch_size: int = 524_288
+    val_loss_every: int = 1000
+    train_log_every: int = 200
+    max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
+    # Schedule and batch.
+    iterations: int = 20_000
+    warmdown_iters: int = 1200
+    warmup_steps: int = 20
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 1024
+    grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
+    max_wallclock_seconds: float = 600.0
+    # Model.
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    tie_embeddings: int = 1
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    # Optimizers.
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> Settings:
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper(), "").strip()
+            values[f.name] = parse_setting(f.name.upper(), raw, type(f.default)) if raw else f.default
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        s = self
+        require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
+        require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
+                     "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps"):
+            require(getattr(s, name) >= 1, name.upper(), getattr(s, name), "a whole number >= 1")
+        for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "max_val_tokens",
+                     "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
+                     "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std"):
+            require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+            require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
+        for name in ("rope_base", "logit_softcap", "adam_eps"):
+            require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
+        require("/" not in s.run_id and "\\" not in s.run_id, "RUN_ID", s.run_id, "a name without path separators")
+        require(s.tie_embeddings in (0, 1), "TIE_EMBEDDINGS", s.tie_embeddings, "0 or 1")
+        require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
+        require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
+        require((s.model_dim // s.num_heads) % 2 == 0, "MODEL_DIM", s.model_dim,
+                "such that MODEL_DIM / NUM_HEADS is even (rotary embeddings rotate pairs)")
+        require(s.num_heads % s.num_kv_heads == 0, "NUM_KV_HEADS", s.num_kv_heads,
+                f"a divisor of NUM_HEADS={s.num_heads}")
+
+    def check_batch_layout(self, world_size: int, grad_accum_steps: int) -> None:
+        """The global batch must split evenly into sequences per rank and per accumulation step."""
+        unit = self.train_seq_len * world_size * grad_accum_steps
+        require(self.train_batch_tokens % unit == 0, "TRAIN_BATCH_TOKENS", self.train_batch_tokens,
+                f"a multiple of TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = "
+                f"{self.train_seq_len} x {world_size} x {grad_accum_steps} = {unit}")
+        require(self.val_batch_size >= unit, "VAL_BATCH_SIZE", self.val_batch_size,
+                f"at least TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = {unit}")
+
+
+def parse_setting(name: str, raw: str, kind: type):
+    try:
+        return kind(raw) if kind is not int else int(raw, 10)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}; unset it or give a {kind.__name__} "
+                            f"value, e.g. {name}={kind(1)}") from None
+
+
+def require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise SettingsError(f"{name}={value!r} is invalid: it must be {rule}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime: device, distributed group, compute precision.
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+    grad_accum_steps: int
+    compute_dtype: torch.dtype
+    compile: bool
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+
+def pick_device_type(requested: str) -> str:
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if requested == "auto":
+        return next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    if not available[requested]:
+        raise SettingsError(f"DEVICE={requested!r} is not available on this machine; use DEVICE=auto or cpu")
+    return requested
+
+
+def setup_runtime(settings: Settings) -> Runtime:
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_type = pick_device_type(settings.device)
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    grad_accum_steps = settings.grad_accum_steps or max(1, 8 // world_size)
+    settings.check_batch_layout(world_size, grad_accum_steps)
+    if world_size > 1:
+        if device_type == "mps":
+            raise SettingsError("Apple MPS runs one process only; launch without torchrun or with --nproc_per_node=1")
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=device if device_type == "cuda" else None)
+    compile_model = settings.compile == "1" or (settings.compile == "auto" and device_type == "cuda")
+    # bf16 matmuls where the hardware is built for them; fp32 on CPU, where bf16 is slow and tests want exactness.
+    compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return Runtime(device, rank, world_size, local_rank, grad_accum_steps, compute_dtype, compile_model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: Muon for the block matrices (momentum, then an orthogonalised update).
+
+
+def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately U V^T of G = U S V^T, by a quintic Newton-Schulz iteration tuned for speed."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G / (G.norm() + eps)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum SGD whose update is orthogonalised; ranks split the orthogonalisation work."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int, world_size: int,
+                 ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    g = self.orthogonalize(g.to(self.ns_dtype), group["backend_steps"])
+                    g = g * max(1, g.size(0) / g.size(1)) ** 0.5  # same RMS step size for tall matrices
+                    updates[offset:offset + p.numel()] = g.reshape(-1)
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: shards (SPEC.md) are a 256 x int32 header then uint16 token ids.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """All tokens of a shard, after checking its header and size; a bad file is named in the error."""
+    size = os.path.getsize(path)
+    header = np.fromfile(path, dtype="<i4", count=256) if size >= SHARD_HEADER_BYTES else None
+    if header is None or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: not a shard (bad magic/version or shorter than the 1024-byte header); "
+                         f"delete it and download it again with data/cached_challenge_fineweb.py")
+    num_tokens = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * num_tokens:
+        raise ValueError(f"{path}: {size} bytes, but its header promises {num_tokens} tokens "
+                         f"({SHARD_HEADER_BYTES + 2 * num_tokens} bytes); the file is truncated or corrupt, "
+                         f"download it again with data/cached_challenge_fineweb.py")
+    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+
+
+def shard_paths(data_path: str, split: str) -> list[str]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards match {pattern}; download them with "
+                                f"`python3 data/cached_challenge_fineweb.py --variant sp1024` or set DATA_PATH")
+    return paths
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                         f"the shards were made with another tokenizer: set VOCAB_SIZE/DATA_PATH to match")
+
+
+class TokenStream:
+    """The training shards read in order as one endless stream of tokens."""
+
+    def __init__(self, data_path: str, vocab_size: int):
+        self.paths, self.vocab_size = shard_paths(data_path, "train"), vocab_size
+        self.shard_index, self.position = -1, 0
+        self.tokens = np.empty(0, dtype=np.uint16)
+
+    def _next_shard(self) -> None:
+        self.shard_index = (self.shard_index + 1) % len(self.paths)
+        self.tokens = read_shard(self.paths[self.shard_index])
+        check_token_ids(self.tokens, self.vocab_size, self.paths[self.shard_index])
+        self.position = 0
+
+    def take(self, n: int) -> np.ndarray:
+        pieces = []
+        while n > 0:
+            if self.position >= self.tokens.size:
+                self._next_shard()
+            piece = self.tokens[self.position:self.position + n]
+            pieces.append(piece)
+            self.position += piece.size
+            n -= piece.size
+        return np.concatenate(pieces)
+
+
+class TrainBatchLoader:
+    """Each step takes one block of TRAIN_BATCH_TOKENS + 1 tokens from the stream and cuts it into
+    sequences; sequence j goes to micro-step j // (world x sequences per micro-batch) of its rank.
+    Every world size and accumulation count therefore trains on exactly the same sequences."""
+
+    def __init__(self, settings: Settings, runtime: Runtime):
+        self.stream = TokenStream(settings.data_path, settings.vocab_size)
+        self.batch_tokens, self.seq_len, self.rt = settings.train_batch_tokens, settings.train_seq_len, runtime
+        self.micro_seqs = self.batch_tokens // (self.seq_len * runtime.world_size * runtime.grad_accum_steps)
+
+    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+        block = torch.from_numpy(self.stream.take(self.batch_tokens + 1).astype(np.int64))
+        span = self.micro_seqs * self.seq_len
+        batches = []
+        for micro in range(self.rt.grad_accum_steps):
+            start = (micro * self.rt.world_size + self.rt.rank) * span
+            local = block[start:start + span + 1]
+            if self.rt.device.type == "cuda":
+                local = local.pin_memory().to(self.rt.device, non_blocking=True)
+            else:
+                local = local.to(self.rt.device)
+            batches.append((local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)))
+        return batches
+
+
+@dataclass
+class ValidationSplit:
+    tokens: np.ndarray  # scored tokens + 1: token i+1 is scored given tokens 0..i
+    is_full: bool
+
+    @property
+    def num_scored(self) -> int:
+        return self.tokens.size - 1
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.tokens.astype("<u2").tobytes()).hexdigest()[:16]
+
+
+def load_validation_split(settings: Settings) -> ValidationSplit:
+    """The validation shards, cut to whole sequences (and to MAX_VAL_TOKENS when it is set)."""
+    paths = shard_paths(settings.data_path, "val")
+    tokens = np.concatenate([read_shard(p) for p in paths])
+    check_token_ids(tokens, settings.vocab_size, f"validation shards {paths[0]}...")
+    seq_len = settings.train_seq_len
+    usable = (tokens.size - 1) // seq_len * seq_len
+    if settings.max_val_tokens:
+        usable = min(usable, settings.max_val_tokens // seq_len * seq_len)
+    if usable <= 0:
+        raise ValueError(f"the validation split in {settings.data_path} has fewer than TRAIN_SEQ_LEN={seq_len} "
+                         f"scorable tokens (MAX_VAL_TOKENS={settings.max_val_tokens})")
+    full = usable == (tokens.size - 1) // seq_len * seq_len
+    return ValidationSplit(tokens[:usable + 1], full)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: val_bpb = (nats per token / ln 2) x (tokens / bytes), with the bytes of SPEC.md.
+
+
+@dataclass
+class ByteTable:
+    """Per token id: UTF-8 bytes of its piece without the leading-space marker, whether it has that
+    marker (one more byte unless the previous token is a boundary), and whether it is a boundary."""
+    base_bytes: np.ndarray
+    has_leading_space: np.ndarray
+    is_boundary: np.ndarray
+
+    def target_bytes(self, prev_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+        return self.base_bytes[target_ids] + (self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids])
+
+
+def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
+    if not os.path.exists(tokenizer_path):
+        raise FileNotFoundError(f"TOKENIZER_PATH={tokenizer_path} does not exist; download it with "
+                                f"`python3 data/cached_challenge_fineweb.py --variant sp1024` or set TOKENIZER_PATH")
+    base = np.zeros(vocab_size, dtype=np.int64)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)  # ids the tokenizer never emits count as boundaries
+    if tokenizer_path.endswith(".json"):  # byte260: special ids, then one id per byte value
+        spec = json.loads(Path(tokenizer_path).read_text())
+        tokenizer_vocab, offset = spec["vocab_size"], spec["byte_offset"]
+        base[offset:tokenizer_vocab], boundary[offset:tokenizer_vocab] = 1, False
+    else:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+        tokenizer_vocab = sp.vocab_size()
+        for i in range(min(tokenizer_vocab, vocab_size)):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue  # zero bytes, and a boundary for the next token's leading space
+            boundary[i] = False
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                base[i] = 1
+            else:
+                space[i] = piece.startswith("\u2581")
+                base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    if tokenizer_vocab != vocab_size:
+        raise ValueError(f"{tokenizer_path} has a vocabulary of {tokenizer_vocab} but VOCAB_SIZE={vocab_size}; "
+                         f"set VOCAB_SIZE={tokenizer_vocab} or point TOKENIZER_PATH at the matching tokenizer")
+    return ByteTable(base, space, boundary)
+
+
+class Evaluator:
+    """Scores the validation split; one code path for periodic, final and round-trip evaluation."""
+
+    def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime):
+        self.split, self.settings, self.rt = split, settings, runtime
+        dev = runtime.device
+        self.base_bytes = torch.from_numpy(table.base_bytes).to(dev)
+        self.has_leading_space = torch.from_numpy(table.has_leading_space).to(dev)
+        self.is_boundary = torch.from_numpy(table.is_boundary).to(dev)
+        seq_len = settings.train_seq_len
+        self.batch_seqs = settings.val_batch_size // (seq_len * runtime.world_size * runtime.grad_accum_steps)
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        """Returns (val_loss in nats per token, val_bpb) over the whole split, all ranks together."""
+        seq_len, rt = self.settings.train_seq_len, self.rt
+        total_seqs = self.split.num_scored // seq_len
+        first, last = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
+        sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, tokens, bytes
+        was_training = model.training
+        model.eval()
+        for start in range(first, last, self.batch_seqs):
+            end = min(start + self.batch_seqs, last)
+            chunk = torch.from_numpy(self.split.tokens[start * seq_len:end * seq_len + 1].astype(np.int64))
+            chunk = chunk.to(rt.device, non_blocking=True)
+            inputs, targets = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+            nats = model(inputs, targets)
+            sums[0] += nats.double().sum()
+            sums[1] += targets.numel()
+            sums[2] += self.target_bytes(inputs, targets).double().sum()
+        model.train(was_training)
+        if rt.distributed:
+            dist.all_reduce(sums)
+        nats, tokens, num_bytes = sums.tolist()
+        val_loss = nats / tokens
+        return val_loss, val_loss / math.log(2) * tokens / num_bytes
+
+    def target_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+        leading_space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
+        return self.base_bytes[target_ids] + leading_space.long()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: int8 per-row quantisation of matrices, small tensors in 16 bits, then zlib.
+
+INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
+INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
+
+
+def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (per-tensor for vectors) symmetric int8 with a clip at a high quantile of |w|."""
+    t32 = t.float().reshape(t.shape[0], -1) if t.ndim == 2 else t.float().reshape(1, -1)
+    clip = torch.quantile(t32.abs(), INT8_CLIP_QUANTILE, dim=1) if t32.numel() else torch.zeros(t32.size(0))
+    # Quantise with the scale exactly as stored; fp16's smallest normal number keeps it representable.
+    scale = (clip / 127.0).clamp_min(2.0**-14).to(torch.float16 if t.ndim == 2 else torch.float32).float()
+    q = torch.round(torch.clamp(t32, -clip[:, None], clip[:, None]) / scale[:, None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(t.shape), scale.to(torch.float16 if t.ndim == 2 else torch.float32)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    rows = q.float().reshape(scale.numel(), -1) * scale.float()[:, None]
+    return rows.reshape(q.shape)
+
+
+def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str]) -> dict:
+    """Matrices to int8 + fp16 row scales; control tensors stay fp32; other small tensors go fp16."""
+    packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
+    for name, t in state_dict.items():
+        t = t.detach().cpu()
+        packed["dtypes"][name] = str(t.dtype).removeprefix("torch.")
+        if not t.is_floating_point():
+            packed["float"][name] = t
+        elif name in control_names:
+            packed["float"][name] = t.float()
+        elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
+            packed["float"][name] = t.half()
+        else:
+            packed["int8"][name], packed["scales"][name] = quantize_int8(t)
+    return packed
+
+
+def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
+    state_dict = {name: t for name, t in packed["float"].items()}
+    for name, q in packed["int8"].items():
+        state_dict[name] = dequantize_int8(q, packed["scales"][name])
+    return {name: t.to(getattr(torch, packed["dtypes"][name])) for name, t in state_dict.items()}
+
+
+def compress_model(state_dict: dict[str, Tensor], control_names: set[str]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(quantize_state_dict(state_dict, control_names), buffer)
+    return zlib.compress(buffer.getvalue(), level=9)
+
+
+def decompress_model(blob: bytes) -> dict[str, Tensor]:
+    return dequantize_state_dict(torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu"))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: the baseline GPT. Weights are fp32 masters; activations run in the runtime's compute dtype.
+
+
+class CastedLinear(nn.Linear):
+    """A bias-free linear layer whose fp32 weight is cast to the activations' dtype at use."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate pairs (i, i + head_dim/2) of x: (batch, heads, seq, head_dim) by position-dependent angles."""
+        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32)
+                                 / self.head_dim)
+        angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Grouped-query attention; q and k are RMS-normalised, rotated, and q gets a learned per-head gain."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, mult * dim)
+        self.proj = CastedLinear(mult * dim, dim, zero_init=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    """Pre-norm block that first re-mixes its input with the embedding x0, with learned per-channel scales."""
+
+    def __init__(self, dim: int, settings: Settings):
+        super().__init__()
+        s = settings
+        self.attn = CausalSelfAttention(dim, s.num_heads, s.num_kv_heads, s.rope_base, s.qk_gain_init)
+        self.mlp = MLP(dim, s.mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    """Blocks in a U-Net: outputs of the first half are added, with learned weights, to the second half."""
+
+    def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        s, dim = settings, settings.model_dim
+        self.compute_dtype, self.logit_softcap = compute_dtype, s.logit_softcap
+        self.tok_emb = nn.Embedding(s.vocab_size, dim)
+        self.num_encoder_layers = s.num_layers // 2
+        num_skips = min(self.num_encoder_layers, s.num_layers - self.num_encoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
+        self.blocks = nn.ModuleList(Block(dim, s) for _ in range(s.num_layers))
+        self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
+        if s.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=s.tied_embed_init_std)
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        x = x0 = rms_norm(self.tok_emb(input_ids).to(self.compute_dtype))  # (B, T, C)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder_layers and skips:
+                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        x = rms_norm(x)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head.to(x.dtype))  # (B, T, V)
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Cross-entropy in nats of every target token, shape (B, T)."""
+        logits = self.logits(input_ids).float()
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
+
+    def control_tensor_names(self) -> set[str]:
+        """Vectors and gains: trained with Adam and stored in fp32 by the export."""
+        return {name for name, p in self.named_parameters() if p.ndim < 2 or name.endswith(("skip_weights",
+                                                                                          "resid_mix"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[torch.optim.Optimizer]:
+    s, control = settings, model.control_tensor_names()
+    named = dict(model.named_parameters())
+    matrices = [p for n, p in named.items() if n.startswith("blocks.") and n not in control]
+    scalars = [p for n, p in named.items() if n in control]
+    adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=runtime.device.type == "cuda")
+    token_lr = s.tied_embed_lr if s.tie_embeddings else s.embed_lr
+    groups = [[model.tok_emb.weight], scalars] + ([[model.lm_head.weight]] if model.lm_head is not None else [])
+    lrs = [token_lr, s.scalar_lr] + ([s.head_lr] if model.lm_head is not None else [])
+    optimizers = [torch.optim.Adam([dict(params=g, lr=lr, base_lr=lr)], **adam) for g, lr in zip(groups, lrs)]
+    muon = Muon(matrices, s.matrix_lr, s.muon_momentum, s.muon_backend_steps, runtime.rank, runtime.world_size,
+                ns_dtype=runtime.compute_dtype,
+                orthogonalize=torch.compile(newton_schulz_orthogonalize) if runtime.compile else
+                newton_schulz_orthogonalize)
+    for group in muon.param_groups:
+        group["base_lr"] = s.matrix_lr
+    return optimizers + [muon]
+
+
+def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
+    """Linear warmdown over the last WARMDOWN_ITERS steps, whichever end comes first: ITERATIONS, or the
+    wall-clock cap (there the remaining steps are estimated from the mean step time so far)."""
+    s = settings
+    if s.warmdown_iters <= 0:
+        return 1.0
+    by_steps = min(max((s.iterations - step) / s.warmdown_iters, 0.0), 1.0)
+    if s.max_wallclock_seconds <= 0:
+        return by_steps
+    remaining_ms = max(1000.0 * s.max_wallclock_seconds - elapsed_ms, 0.0)
+    warmdown_ms = s.warmdown_iters * elapsed_ms / max(step, 1)
+    return min(by_steps, min(remaining_ms / max(warmdown_ms, 1e-9), 1.0))
+
+
+def muon_momentum(step: int, settings: Settings) -> float:
+    s = settings
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns the model, optimizers and batches; `step` is one optimizer step over the global batch."""
+
+    def __init__(self, settings: Settings, runtime: Runtime):
+        self.settings, self.rt = settings, runtime
+        torch.manual_seed(settings.seed)
+        np.random.seed(settings.seed)
+        self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
+        self.compiled = torch.compile(self.model, dynamic=False) if runtime.compile else self.model
+        self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
+                                else None) if runtime.distributed else self.compiled)
+        self.optimizers = build_optimizers(self.model, settings, runtime)
+        self.loader = TrainBatchLoader(settings, runtime)
+        self.all_finite = torch.ones((), dtype=torch.bool, device=runtime.device)
+
+    def step(self, step: int, lr_scale: float) -> Tensor:
+        """Accumulates gradients over the micro-batches, then steps every optimizer. Returns the mean loss
+        on this rank as a device tensor, so that no host sync happens here."""
+        s, rt = self.settings, self.rt
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        train_loss = torch.zeros((), device=rt.device)
+        batches = self.loader.next_step()
+        for micro, (inputs, targets) in enumerate(batches):
+            last = micro == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not rt.distributed else self.train_model.no_sync()
+            with sync:
+                loss = self.train_model(inputs, targets).mean()
+                (loss / rt.grad_accum_steps).backward()
+            train_loss += loss.detach() / rt.grad_accum_steps
+        self.all_finite &= torch.isfinite(train_loss)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = muon_momentum(step, s)
+        if s.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        return train_loss
+
+    def check_finite(self, step: int) -> None:
+        flag = self.all_finite.clone().to(torch.int32)
+        if self.rt.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if not flag.item():
+            raise TrainingDiverged(f"the training loss became NaN or inf at or before step {step}; the run stops "
+                                   f"and nothing is exported. Lower the learning rates (MATRIX_LR, SCALAR_LR, "
+                                   f"TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+
+    def warm_up_and_restore(self, steps: int, log) -> None:
+        """Run `steps` real steps so that compilation and allocator warm-up happen outside the timed run,
+        then put back the initial weights, optimizer state and data position."""
+        if steps <= 0:
+            return
+        initial_model = copy.deepcopy(self.model.state_dict())
+        initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for i in range(steps):
+            self.step(0, 1.0)
+            log(f"warmup_step:{i + 1}/{steps}")
+        self.model.load_state_dict(initial_model)
+        for opt, state in zip(self.optimizers, initial_optimizers):
+            opt.load_state_dict(state)
+        self.loader = TrainBatchLoader(self.settings, self.rt)
+        self.all_finite.fill_(True)
+
+
+class RunLog:
+    """Log lines go to stdout and logs/<RUN_ID>.txt, from rank 0 only."""
+
+    def __init__(self, run_id: str, is_master: bool):
+        self.is_master = is_master
+        self.path = Path("logs") / f"{run_id}.txt"
+        if is_master:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "w", encoding="utf-8", newline="")
+
+    def __call__(self, line: str, console: bool = True) -> None:
+        if not self.is_master:
+            return
+        if console:
+            print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: bytes) -> None:
+    log(f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}", console=False)
+    log(code.decode("utf-8") + "end_of_source", console=False)
+    log(f"run_id:{settings.run_id} started:{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    dev = runtime.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    log(f"device:{dev.type} name:{name} world_size:{runtime.world_size} grad_accum_steps:{runtime.grad_accum_steps} "
+        f"compute_dtype:{str(runtime.compute_dtype).removeprefix('torch.')} compile:{int(runtime.compile)} "
+        f"torch:{torch.__version__} python:{platform.python_version()} host:{platform.node()}")
+    log("settings:" + json.dumps({k.upper(): v for k, v in asdict(settings).items()}))
+    env_prefixes = ("CUDA", "NCCL", "TORCH", "OMP", "PYTORCH", "RANK", "LOCAL_", "WORLD_", "MASTER_")
+    log("environment:" + json.dumps({k: v for k, v in sorted(os.environ.items()) if k.startswith(env_prefixes)}))
+
+
+def log_validation_split(log: RunLog, split: ValidationSplit, settings: Settings) -> str:
+    """Log the split's fingerprint; return the suffix that marks a prefix score on every val line."""
+    scope = "full" if split.is_full else "prefix"
+    log(f"val_split tokens:{split.num_scored} sha256:{split.fingerprint()} scope:{scope}")
+    published = PUBLISHED_VAL_TOKENS.get(settings.vocab_size, ())
+    if split.is_full and split.num_scored not in published:
+        log(f"WARNING: {split.num_scored} validation tokens is not the published split's count "
+            f"{published or '(none published for this vocabulary)'}: do not compare this score with records")
+    if split.is_full:
+        return ""
+    log(f"WARNING: MAX_VAL_TOKENS={settings.max_val_tokens} scores only a prefix of the validation split; "
+        f"these val_bpb values are NOT full-split scores")
+    return " val_scope:prefix"
+
+
+def train(settings: Settings, runtime: Runtime) -> None:
+    s, rt = settings, runtime
+    log = RunLog(s.run_id, rt.is_master)
+    code = Path(__file__).read_bytes()
+    log_run_header(log, s, rt, code)
+    byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
+    split = load_validation_split(s)
+    val_suffix = log_validation_split(log, split, s)
+    evaluator = Evaluator(split, byte_table, s, rt)
+    trainer = Trainer(s, rt)
+    log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
+    log(f"train_shards:{len(trainer.loader.stream.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}")
+    ledger = {}
+    t_start = time.perf_counter()
+    trainer.warm_up_and_restore(s.warmup_steps, log)
+    rt.sync()
+    ledger["warmup_compile"] = 1000 * (time.perf_counter() - t_start)
+
+    training_ms, validation_ms, step, stop_after = 0.0, 0.0, 0, None
+    max_wallclock_ms = 1000 * s.max_wallclock_seconds
+    rt.sync()
+    t0 = time.perf_counter()
+    while True:
+        last_step = step == s.iterations or stop_after is not None
+        if last_step or (s.val_loss_every > 0 and step % s.val_loss_every == 0):
+            rt.sync()
+            training_ms += 1000 * (time.perf_counter() - t0)
+            t_val = time.perf_counter()
+            trainer.check_finite(step)
+            val_loss, val_bpb = evaluator.evaluate(trainer.compiled)
+            log(f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms{val_suffix}")
+            validation_ms += 1000 * (time.perf_counter() - t_val)
+            t0 = time.perf_counter()
+        if last_step:
+            if stop_after is not None and step < s.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{s.iterations}")
+            break
+        elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
+        train_loss = trainer.step(step, lr_multiplier(step, elapsed_ms, s))
+        step += 1
+        elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
+        if s.train_log_every > 0 and (step <= 10 or step % s.train_log_every == 0):
+            trainer.check_finite(step)
+            if rt.distributed:  # the loss of the global batch, as one process would log it
+                dist.all_reduce(train_loss)
+                train_loss /= rt.world_size
+            log(f"step:{step}/{s.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms")
+        if max_wallclock_ms > 0 and reached_wallclock_cap(elapsed_ms >= max_wallclock_ms, rt):
+            stop_after = step
+    ledger["training"], ledger["validation"] = training_ms, validation_ms
+    log_peak_memory(log, rt)
+    export_and_rescore(trainer, evaluator, code, val_suffix, ledger, log, s, rt)
+    ledger["total"] = 1000 * (time.perf_counter() - t_start)
+    log("time_ledger " + " ".join(f"{k}:{v:.0f}ms" for k, v in ledger.items()))
+
+
+def reached_wallclock_cap(reached_here: bool, runtime: Runtime) -> bool:
+    """Every rank must stop at the same step, so the slowest clock decides."""
+    if not runtime.distributed:
+        return reached_here
+    reached = torch.tensor(int(reached_here), device=runtime.device)
+    dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+    return bool(reached.item())
+
+
+def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
+            f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    elif sys.platform != "win32":
+        import resource
+        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        log(f"peak_memory process_rss:{rss_kib // (2**20 if sys.platform == 'darwin' else 2**10)}MiB")
+
+
+def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_suffix: str, ledger: dict,
+                       log: RunLog, settings: Settings, runtime: Runtime) -> None:
+    """Write the compressed model, then load those exact bytes back into the model and score it again."""
+    rt, model = runtime, trainer.model
+    t_export = time.perf_counter()
+    artifact_path = Path("logs") / f"{settings.run_id}.int8.ptz"
+    blob = b""
+    if rt.is_master:
+        write_atomically(artifact_path, compress_model(model.state_dict(), model.control_tensor_names()))
+        blob = artifact_path.read_bytes()
+        total = len(blob) + len(code)
+        log(f"Serialized model int8+zlib: {len(blob)} bytes (path:{artifact_path})")
+        log(f"Code size: {len(code)} bytes")
+        log(f"Total submission size int8+zlib: {total} bytes")
+        if total > ARTIFACT_CAP_BYTES:
+            log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes exceeds {ARTIFACT_CAP_BYTES:,} by "
+                f"{total - ARTIFACT_CAP_BYTES} bytes; this run is not a valid submission")
+    if rt.distributed:  # every rank scores the bytes rank 0 wrote, also across nodes without a shared disk
+        blob = broadcast_bytes(blob, rt)
+    ledger["export"] = 1000 * (time.perf_counter() - t_export)
+    model.load_state_dict(decompress_model(blob))
+    rt.sync()
+    t_eval = time.perf_counter()
+    val_loss, val_bpb = evaluator.evaluate(trainer.compiled)
+    rt.sync()
+    ledger["roundtrip_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
+    log(f"final_int8_zlib_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
+        f"{val_suffix}")
+    log(f"final_int8_zlib_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
+
+
+def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=runtime.device)
+    dist.broadcast(size, src=0)
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=runtime.device)
+    if runtime.is_master:
+        data.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+    dist.broadcast(data, src=0)
+    return data.cpu().numpy().tobytes()
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+        if not settings.run_id:
+            settings = Settings(**{**asdict(settings), "run_id": str(uuid.uuid4())})
+        runtime = setup_runtime(settings)
+    except SettingsError as e:
+        sys.exit(f"error: {e}")
+    try:
+        train(settings, runtime)
+    except (TrainingDiverged, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            gc.collect()  # DDP's reducer sits in reference cycles: free it while its process group exists
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
