@@ -324,7 +324,7 @@ def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool
         (staging / "train_gpt.py").write_bytes(runs[0].source)
         (staging / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")
         relative_folder = f"records/{folder.parent.name}/{folder.name}"
-        (staging / "README.md").write_text(render_readme(summary, runs, relative_folder))
+        (staging / "README.md").write_text(render_readme(summary, runs, relative_folder), encoding="utf-8")
         plot_val_bpb(runs, staging / "val_bpb.png")
         if force and folder.exists():
             shutil.rmtree(folder)
@@ -334,6 +334,10 @@ def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool
         raise
 
 
+def iso_date(text: str) -> str:
+    return datetime.date.fromisoformat(text).isoformat()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--track", required=True, choices=TRACKS)
@@ -341,8 +345,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--author", required=True)
     parser.add_argument("--github-id", required=True)
     parser.add_argument("--blurb", default="")
-    parser.add_argument("--date", default=datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-                        type=lambda s: datetime.date.fromisoformat(s).isoformat(), help="YYYY-MM-DD, default today (UTC)")
+    parser.add_argument("--date", type=iso_date, help="YYYY-MM-DD, default today (UTC)",
+                        default=datetime.datetime.now(datetime.timezone.utc).date().isoformat())
     parser.add_argument("--compare-to", help="the record to beat: its val_bpb, or its folder")
     parser.add_argument("--min-delta-nats", type=float, default=MIN_DELTA_NATS)
     parser.add_argument("--alpha", type=float, default=ALPHA)
@@ -378,8 +382,8 @@ def print_summary(folder: Path, summary: dict) -> None:
           + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes")
     if "comparison" in summary:
         comparison = summary["comparison"]
-        claim = "RECORD CLAIM" if comparison["significant"] else "NOT A SIGNIFICANT IMPROVEMENT"
-        print(f"{claim} vs {comparison['baseline']}: {comparison['verdict']}")
+        claim = "SIGNIFICANT IMPROVEMENT" if comparison["significant"] else "NOT A SIGNIFICANT IMPROVEMENT"
+        print(f"{claim} over {comparison['baseline']}: {comparison['verdict']}")
 
 
 if __name__ == "__main__":

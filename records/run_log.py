@@ -26,7 +26,6 @@ TOTAL_BYTES_LINE = re.compile(r"^Total submission size (\S+): (\d+) bytes")
 CODE_BYTES_LINE = re.compile(r"^Code size: (\d+) bytes")
 ROUNDTRIP_LINE = re.compile(r"^final_(\w+?)_roundtrip (.*)$")
 EXACT_LINE = re.compile(r"^final_(\w+?)_roundtrip_exact (.*)$")
-PREFIX_MARK = " val_scope:prefix"
 
 
 class Refusal(ValueError):
@@ -119,7 +118,7 @@ def read_run_log(path: str | Path) -> ScoredRun:
     path = Path(path)
     source, rest = split_source(path, path.read_bytes())
     found: dict = {"val_curve": [], "model_bytes": {}, "artifact_bytes": {}, "eval_time_ms": {}}
-    for line in rest.decode("utf-8").splitlines():
+    for line in rest.decode("utf-8", errors="replace").splitlines():  # a cut-off run may end mid-character
         parse_line(line, found)
 
     def required(key: str, line_format: str):
@@ -140,8 +139,7 @@ def read_run_log(path: str | Path) -> ScoredRun:
     return ScoredRun(
         path=path, source=source, device=f"{device} {device_name}".strip(), world_size=world_size,
         settings=found.get("settings", {}), model_params=found.get("model_params"),
-        # one prefix-scored val line makes the whole run a prefix score
-        val_tokens=val_tokens, val_sha256=val_sha256, val_scope="prefix" if found.get("prefix") else val_scope,
+        val_tokens=val_tokens, val_sha256=val_sha256, val_scope=val_scope,
         val_curve=tuple(found["val_curve"]), steps=steps, iterations=iterations,
         train_time_ms=train_time_ms, step_avg_ms=step_avg_ms,
         stopped_by_wallclock_cap=found.get("stopped", False), export_format_id=score_format,
@@ -153,8 +151,6 @@ def read_run_log(path: str | Path) -> ScoredRun:
 
 def parse_line(line: str, found: dict) -> None:
     """Note in `found` what one log line says; a later line of a kind replaces an earlier one."""
-    if line.endswith(PREFIX_MARK):
-        found["prefix"] = True
     if m := STEP_LINE.match(line):
         fields, step, iterations = key_values(m.group(3)), int(m.group(1)), int(m.group(2))
         train_time_ms = int(milliseconds(fields["train_time"]))

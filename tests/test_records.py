@@ -281,7 +281,7 @@ def test_compare_to_a_val_bpb_tests_the_improvement_in_nats(tmp_path, three_logs
     assert comparison["p_value"] < 0.01 and comparison["significant"] is True
     assert comparison["rule"]["min_delta_nats"] == 0.005 and comparison["rule"]["alpha"] == 0.01
     assert comparison["rule"]["test"] == "one-sample"
-    assert capsys.readouterr().out.splitlines()[-1].startswith("RECORD CLAIM vs val_bpb 1.2244: significant")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("SIGNIFICANT IMPROVEMENT over val_bpb 1.2244: significant")
     readme = (folder_of(tmp_path) / "README.md").read_text()
     assert "H0: improvement <= 0.005 nats per token; H1: improvement > 0.005 nats; " \
            "required: one-sided p < 0.01" in readme

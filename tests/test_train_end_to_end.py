@@ -126,3 +126,9 @@ def test_prefix_scores_are_marked_on_every_val_line(tmp_path, tiny_dataset):
 def test_unpublished_validation_split_is_flagged(tiny_run):
     _, log = tiny_run
     assert values(log, r"^WARNING: \d+ validation tokens is not the published split's count")
+
+
+def test_missing_data_stops_with_the_download_command(tmp_path, tiny_dataset):
+    result = run_trainer(trainer_env(tiny_dataset, RUN_ID="nodata", DATA_PATH=tmp_path / "empty"), tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: no val shards match" in result.stderr and "data/cached_challenge_fineweb.py" in result.stderr
