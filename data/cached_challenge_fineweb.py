@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Download the challenge's FineWeb export from the Hugging Face hub, verified and resumable.
+
+    python3 data/cached_challenge_fineweb.py --variant sp1024 [--train-shards N | N] [--with-docs] [--verify]
+
+The export's manifest.json decides what exists: the variant must be one of its datasets and
+--train-shards a count it has. Files land in data/datasets/fineweb10B_<variant>/, data/tokenizers/
+and data/manifest.json (--output-root moves them). A re-run skips complete files (a shard is
+complete when its header and size agree) and fetches missing, partial or corrupt ones again; every
+file arrives under a temporary name and is renamed, so no interrupted run leaves a file that looks
+complete. See data/README.md for the environment overrides (HF_ENDPOINT, MATCHED_FINEWEB_REPO_ID,
+MATCHED_FINEWEB_REMOTE_ROOT_PREFIX).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shard_io, also when run as `python3 data/...`
+from shard_io import read_shard_header, shard_bytes  # noqa: E402
+
+DATA_ROOT = Path(__file__).resolve().parent
+DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+DEFAULT_REMOTE_PREFIX = "datasets"
+DEFAULT_TRAIN_SHARDS = 80
+MANIFEST_NAME = "manifest.json"
+DOCS_FILE = "docs_selected.jsonl"
+DOCS_SIDECAR_FILE = "docs_selected.source_manifest.json"
+STAGING_DIR_NAME = ".hub_download"  # inside the output root, so the final rename stays on one disk
+
+
+class DownloadError(RuntimeError):
+    """A failure the user can act on; the message says what went wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The hub: where the export lives and how the client's errors read to a user.
+
+@dataclass(frozen=True)
+class HubSource:
+    repo_id: str
+    prefix: str  # the repo folder that mirrors the local output root
+
+    @classmethod
+    def from_env(cls) -> HubSource:
+        return cls(os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
+                   os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_PREFIX).strip("/"))
+
+    def remote_path(self, relpath: str) -> str:
+        return f"{self.prefix}/{relpath}" if self.prefix else relpath
+
+    def describe(self) -> str:
+        return f"dataset repo {self.repo_id}, folder '{self.prefix}/', at {hub_endpoint()}"
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants  # the client reads HF_ENDPOINT when it is imported
+    return constants.ENDPOINT
+
+
+@contextmanager
+def explained_hub_errors(source: HubSource, relpath: str):
+    """Turn the client's exceptions into messages that name the endpoint, the file and the fix."""
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    remote = source.remote_path(relpath)
+    try:
+        yield
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise DownloadError(f"{source.repo_id} is not a dataset repo on {hub_endpoint()} (or it is private): "
+                            f"set MATCHED_FINEWEB_REPO_ID to the repo that holds the export") from e
+    except LocalEntryNotFoundError as e:  # how hf_hub_download reports a hub it could not reach
+        raise DownloadError(unreachable_message(e)) from e
+    except EntryNotFoundError as e:
+        raise DownloadError(f"{remote} is missing on the hub ({source.describe()}); if the export sits in another "
+                            f"folder or repo, set MATCHED_FINEWEB_REMOTE_ROOT_PREFIX / MATCHED_FINEWEB_REPO_ID") from e
+    except HfHubHTTPError as e:
+        raise DownloadError(f"the hub at {hub_endpoint()} refused {remote}: {e}") from e
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DownloadError(f"disk full while downloading {remote}: free some space or pass --output-root "
+                                f"on a bigger disk, then re-run (complete files are kept)") from e
+        if is_network_error(e):
+            raise DownloadError(unreachable_message(e)) from e
+        raise
+
+
+def is_network_error(error: BaseException) -> bool:
+    """A connection or timeout error, of Python or of the HTTP library under the client (httpx2, httpx or
+    requests, depending on its version), as opposed to a local failure that should keep its traceback."""
+    return any(isinstance(e, (ConnectionError, TimeoutError, socket.gaierror))
+               or type(e).__module__.split(".")[0] in ("httpx2", "httpx", "requests", "urllib3")
+               for e in (error, error.__cause__) if e is not None)
+
+
+def unreachable_message(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    return (f"cannot reach the Hugging Face hub at {hub_endpoint()} ({type(cause).__name__}: {cause}); check the "
+            f"network, or point HF_ENDPOINT at a reachable mirror (e.g. HF_ENDPOINT=https://hf-mirror.com)")
+
+
+def probe_hub(source: HubSource) -> None:
+    """One metadata request without retries, so an unreachable hub fails at once rather than after
+    the client's back-off."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    with explained_hub_errors(source, MANIFEST_NAME):
+        get_hf_file_metadata(hf_hub_url(source.repo_id, source.remote_path(MANIFEST_NAME), repo_type="dataset"))
+
+
+class _ByteFeed:
+    """Stands in for the client's per-file progress bar and feeds its byte counts into our overall bar
+    (the hook huggingface_hub's own snapshot_download uses)."""
+
+    def __init__(self, overall, **_):
+        self.overall = overall
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.overall.update(n)
+
+    def close(self):
+        pass
+
+
+def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar) -> None:
+    """Download `relpath` of the export to root/relpath: into a staging folder first, checked, then renamed."""
+    staging = root / STAGING_DIR_NAME
+    try:
+        for attempt in (1, 2):
+            staged = download_to_staging(source, relpath, staging, byte_bar)
+            problem = file_problem(staged, relpath)
+            if problem is None:
+                break
+            if attempt == 2:
+                raise DownloadError(f"{source.remote_path(relpath)} arrived corrupt twice ({problem}); "
+                                    f"the copy on the hub may be broken ({source.describe()})")
+        destination = root / relpath
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_to_staging(source: HubSource, relpath: str, staging: Path, byte_bar) -> Path:
+    from huggingface_hub import hf_hub_download
+    shutil.rmtree(staging, ignore_errors=True)  # an empty staging folder makes the client fetch afresh
+    with explained_hub_errors(source, relpath):
+        return Path(hf_hub_download(repo_id=source.repo_id, filename=source.remote_path(relpath),
+                                    repo_type="dataset", local_dir=staging,
+                                    tqdm_class=partial(_ByteFeed, byte_bar)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The manifest: which files make up a variant.
+
+def load_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DownloadError(f"{path}: cannot read the manifest ({e}); delete it and re-run without --verify") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), list):
+        raise DownloadError(f"{path}: not an export manifest (no 'datasets' list)")
+    return manifest
+
+
+def find_dataset(manifest: dict, variant: str, manifest_path: Path) -> dict:
+    name = f"fineweb10B_{variant}"
+    for dataset in manifest["datasets"]:
+        if dataset.get("name") == name:
+            return dataset
+    known = sorted(d.get("name", "").removeprefix("fineweb10B_") for d in manifest["datasets"])
+    raise DownloadError(f"--variant {variant}: {manifest_path} has no dataset {name}; "
+                        f"variants that exist: {', '.join(known) or 'none'}")
+
+
+def find_tokenizer(manifest: dict, dataset: dict, manifest_path: Path) -> dict:
+    name = dataset.get("tokenizer_name")
+    for tokenizer in manifest.get("tokenizers", []):
+        if tokenizer.get("name") == name:
+            return tokenizer
+    raise DownloadError(f"{manifest_path}: dataset {dataset['name']} names tokenizer {name!r}, "
+                        f"which the manifest's 'tokenizers' list lacks")
+
+
+@dataclass
+class VariantFiles:
+    dataset: dict
+    val_shards: list[str]  # paths relative to the output root, as on the hub under the prefix
+    train_shards: list[str]
+    other_files: list[str]  # tokenizer files, and the documents when asked for
+
+    @property
+    def all(self) -> list[str]:
+        return self.val_shards + self.train_shards + self.other_files
+
+
+def variant_files(manifest: dict, manifest_path: Path, variant: str, train_shards: int,
+                  with_docs: bool) -> VariantFiles:
+    dataset = find_dataset(manifest, variant, manifest_path)
+    stats = dataset.get("stats", {})
+    files_train, files_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
+    if train_shards > files_train:
+        raise DownloadError(f"--train-shards {train_shards}: {dataset['name']} has only {files_train} training "
+                            f"shards; ask for at most {files_train}")
+    folder = dataset.get("path", f"datasets/{dataset['name']}")
+    tokenizer = find_tokenizer(manifest, dataset, manifest_path)
+    tokenizer_files = [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
+    return VariantFiles(dataset,
+                        [f"{folder}/fineweb_val_{i:06d}.bin" for i in range(files_val)],
+                        [f"{folder}/fineweb_train_{i:06d}.bin" for i in range(train_shards)],
+                        tokenizer_files + ([DOCS_FILE, DOCS_SIDECAR_FILE] if with_docs else []))
+
+
+def is_shard(relpath: str) -> bool:
+    return Path(relpath).name.startswith("fineweb_") and relpath.endswith(".bin")
+
+
+def file_problem(path: Path, relpath: str) -> str | None:
+    """Why the file at `path` is not a complete copy of `relpath` (naming the file), or None. Files other
+    than shards only ever appear by rename, so being there means being complete."""
+    if not path.is_file():
+        return f"{path}: missing"
+    if is_shard(relpath):
+        try:
+            read_shard_header(path)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def estimated_shard_bytes(files: VariantFiles, relpaths: list[str]) -> int:
+    """Bytes of the given shards from the manifest's averages (exact for full shards)."""
+    stats = files.dataset.get("stats", {})
+    total = 0
+    wanted = set(relpaths)
+    for split, shards in (("val", files.val_shards), ("train", files.train_shards)):
+        count = len(wanted.intersection(shards))
+        num_files = int(stats.get(f"files_{split}", 0))
+        if count and num_files:
+            total += count * shard_bytes(int(stats.get(f"tokens_{split}", 0)) // num_files)
+    return total
+
+
+def check_free_space(root: Path, needed: int) -> None:
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise DownloadError(f"the shards to download need about {needed / 1e9:.2f} GB but {root} has "
+                            f"{free / 1e9:.2f} GB free: free some space, ask for fewer --train-shards, "
+                            f"or pass --output-root on a bigger disk")
+
+
+# ----------------------------------------------------------------------------------------------
+# The documents file and its sidecar (shared with the re-tokenizer).
+
+def docs_digest(path: Path) -> tuple[str, int]:
+    """sha256 and line count of a documents file, read in chunks (the published one is tens of GB)."""
+    sha, lines, last = hashlib.sha256(), 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return sha.hexdigest(), lines + (last != b"\n")
+
+
+def docs_mismatch(docs_path: Path, sidecar_path: Path, digest: tuple[str, int]) -> str | None:
+    """Where the documents disagree with the `docs_sha256` / `num_docs` their sidecar gives, or None."""
+    if not sidecar_path.is_file():
+        return None
+    sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    sha, num_docs = digest
+    if sidecar.get("docs_sha256") not in (None, sha):
+        return f"{docs_path} has sha256 {sha} but {sidecar_path} says {sidecar['docs_sha256']}"
+    if sidecar.get("num_docs") not in (None, num_docs):
+        return f"{docs_path} has {num_docs} documents but {sidecar_path} says {sidecar['num_docs']}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The two modes: download what is missing, or only check what is on disk.
+
+def incomplete_files(root: Path, relpaths: list[str]) -> list[str]:
+    return [p for p in relpaths if file_problem(root / p, p) is not None]
+
+
+def fetch_all(source: HubSource, root: Path, relpaths: list[str]) -> None:
+    """Fetch the files one after the other under one progress bar over files and bytes."""
+    with tqdm(unit="B", unit_scale=True, bar_format="{desc}{n_fmt}B [{elapsed}, {rate_fmt}]",
+              disable=not relpaths or not sys.stderr.isatty()) as bar:
+        for i, relpath in enumerate(relpaths):
+            bar.set_description(f"files {i}/{len(relpaths)}")
+            fetch_file(source, relpath, root, bar)
+        bar.set_description(f"files {len(relpaths)}/{len(relpaths)}")
+
+
+def download(root: Path, variant: str, train_shards: int, with_docs: bool) -> None:
+    source = HubSource.from_env()
+    root.mkdir(parents=True, exist_ok=True)
+    probe_hub(source)
+    fetch_file(source, MANIFEST_NAME, root, tqdm(disable=True))  # always fresh: it decides everything else
+    manifest_path = root / MANIFEST_NAME
+    files = variant_files(load_manifest(manifest_path), manifest_path, variant, train_shards, with_docs)
+    missing = incomplete_files(root, files.all)
+    check_free_space(root, estimated_shard_bytes(files, missing))
+    fetch_all(source, root, missing)
+    print(f"downloaded {len(missing)} files ({sum((root / p).stat().st_size for p in missing):,} bytes) from "
+          f"{source.describe()}; {len(files.all) - len(missing)} were already complete")
+
+
+def check_on_disk(root: Path, variant: str, train_shards: int, with_docs: bool) -> tuple[VariantFiles, list[str]]:
+    """The variant's files under `root` and every problem with them, without touching the network."""
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DownloadError(f"no manifest at {manifest_path}: download first (without --verify)")
+    files = variant_files(load_manifest(manifest_path), manifest_path, variant, train_shards, with_docs)
+    problems = [problem for p in files.all if (problem := file_problem(root / p, p))]
+    if not problems:
+        problems += split_total_problems(root, files)
+    if with_docs and not problems:
+        mismatch = docs_mismatch(root / DOCS_FILE, root / DOCS_SIDECAR_FILE, docs_digest(root / DOCS_FILE))
+        problems += [mismatch] if mismatch else []
+    return files, problems
+
+
+def split_total_problems(root: Path, files: VariantFiles) -> list[str]:
+    """A split downloaded whole must hold the manifest's token count (catches shards of another export)."""
+    stats = files.dataset.get("stats", {})
+    problems = []
+    for split, shards in (("val", files.val_shards), ("train", files.train_shards)):
+        expected = stats.get(f"tokens_{split}")
+        if expected is None or len(shards) != int(stats.get(f"files_{split}", -1)):
+            continue
+        found = sum(read_shard_header(root / p) for p in shards)
+        if found != int(expected):
+            problems.append(f"{split} shards of {files.dataset['name']} hold {found:,} tokens but the manifest "
+                            f"says {int(expected):,}: they come from another export; delete them and re-run")
+    return problems
+
+
+def summary(root: Path, files: VariantFiles) -> str:
+    val_tokens = sum(read_shard_header(root / p) for p in files.val_shards)
+    train_tokens = sum(read_shard_header(root / p) for p in files.train_shards)
+    num_bytes = sum((root / p).stat().st_size for p in files.all)
+    return (f"{files.dataset['name']}: {len(files.all)} files, {num_bytes:,} bytes, {val_tokens + train_tokens:,} "
+            f"tokens ({len(files.val_shards)} val shards {val_tokens:,}, {len(files.train_shards)} train shards "
+            f"{train_tokens:,}) in {root}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("train_shards_positional", nargs="?", type=non_negative_int, metavar="N",
+                        help="same as --train-shards N (the official script's form)")
+    parser.add_argument("--variant", default="sp1024", help="sp<VOCAB> or byte260, as listed in the manifest")
+    parser.add_argument("--train-shards", type=non_negative_int, default=None,
+                        help=f"how many training shards, a prefix (default {DEFAULT_TRAIN_SHARDS})")
+    parser.add_argument("--with-docs", action="store_true", help="also fetch docs_selected.jsonl and its sidecar")
+    parser.add_argument("--verify", action="store_true", help="check the files on disk; download nothing")
+    parser.add_argument("--output-root", type=Path, default=DATA_ROOT, help="where files land (default: data/)")
+    args = parser.parse_args(argv)
+    if args.train_shards is not None and args.train_shards_positional is not None:
+        parser.error("give the number of training shards once, either as N or as --train-shards N")
+    args.train_shards = next((n for n in (args.train_shards, args.train_shards_positional) if n is not None),
+                             DEFAULT_TRAIN_SHARDS)
+    return args
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of shards (0 or more), got {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if not args.verify:
+            download(args.output_root, args.variant, args.train_shards, args.with_docs)
+        files, problems = check_on_disk(args.output_root, args.variant, args.train_shards, args.with_docs)
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s); run without --verify to fetch those files again", file=sys.stderr)
+        return 1
+    print(("verified " if args.verify else "") + summary(args.output_root, files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""data/cached_challenge_fineweb.py: the real huggingface_hub client against a local HTTP server that
+serves, as a hub dataset repo, a small export made by the re-tokenizer from real FineWeb text."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from download_hf_docs_and_tokenize import TokenizerSpec, build_export
+
+DOWNLOADER = REPO / "data" / "cached_challenge_fineweb.py"
+RETOKENIZER = REPO / "data" / "download_hf_docs_and_tokenize.py"
+REPO_ID = "golf/test-export"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+NUM_VAL_SHARDS, NUM_TRAIN_SHARDS = 2, 4
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (real FineWeb text)")
+
+
+# ----------------------------------------------------------------------------------------------
+# A hub that serves a folder: HEAD and GET on /datasets/<repo>/resolve/<revision>/<path>, with the
+# headers huggingface_hub needs (X-Repo-Commit, ETag, Content-Length) and its error codes.
+
+class HubHandler(BaseHTTPRequestHandler):
+    def do_HEAD(self):
+        self.respond(send_body=False)
+
+    def do_GET(self):
+        self.respond(send_body=True)
+
+    def respond(self, send_body: bool) -> None:
+        hub = self.server
+        hub.requests.append((self.command, unquote(self.path)))
+        prefix = f"/datasets/{REPO_ID}/resolve/"
+        if not self.path.startswith(prefix):
+            return self.send_error_code(404, "RepoNotFound")
+        _revision, _, filename = unquote(self.path[len(prefix):]).partition("/")
+        path = hub.repo_root / filename
+        if not path.is_file():
+            return self.send_error_code(404, "EntryNotFound")
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def send_error_code(self, status: int, error_code: str) -> None:
+        self.send_response(status)
+        self.send_header("X-Error-Code", error_code)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    """The re-tokenizer's export of 400 FineWeb lines (sp1024 reused, byte260) with its documents file and
+    sidecar: the hub's repo folder."""
+    root = tmp_path_factory.mktemp("hub_repo")
+    text = (SHARED_DATA / "fineweb_sample" / "fineweb_edu_sample10BT_prefix_1Mchars.txt").read_text(encoding="utf-8")
+    (root / "datasets").mkdir()
+    docs = root / "datasets" / "docs_selected.jsonl"
+    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()[:400]), encoding="utf-8")
+    (root / "datasets" / "docs_selected.source_manifest.json").write_text(json.dumps(
+        {"docs_sha256": hashlib.sha256(docs.read_bytes()).hexdigest(), "num_docs": 400}))
+    specs = [TokenizerSpec("sp_bpe_1024", "sp1024", 1024,
+                           reuse_model_path=SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"),
+             TokenizerSpec("pure_byte_260", "byte260", 260, kind="byte")]
+    build_export(docs, root / "datasets", specs, num_val_docs=100, shard_tokens=8000)
+    stats = json.loads((root / "datasets" / "manifest.json").read_text())["datasets"][0]["stats"]
+    assert (stats["files_val"], stats["files_train"]) == (NUM_VAL_SHARDS, NUM_TRAIN_SHARDS)  # what the tests assume
+    return root / "datasets"
+
+
+@pytest.fixture
+def hub(export, tmp_path):
+    """A running hub over a private copy of the export (tests may break files in it)."""
+    repo_root = tmp_path / "served"
+    shutil.copytree(export, repo_root / "datasets")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    server.repo_root, server.requests = repo_root, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.export = repo_root / "datasets"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def run_downloader(endpoint: str, output_root: Path, *args: str, **env_overrides: str) -> subprocess.CompletedProcess:
+    return run_tool(DOWNLOADER, endpoint, output_root, *args, **env_overrides)
+
+
+def run_tool(script: Path, endpoint: str, output_root: Path, *args: str, **env_overrides: str):
+    """As a user runs it; HF_ENDPOINT goes through the environment because the client reads it at import."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MATCHED_FINEWEB_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(output_root.parent / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
+               MATCHED_FINEWEB_REPO_ID=REPO_ID)
+    env.update(env_overrides)
+    return subprocess.run([sys.executable, str(script), *args, "--output-root", str(output_root)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def shard_names(split: str, count: int) -> list[str]:
+    return [f"fineweb_{split}_{i:06d}.bin" for i in range(count)]
+
+
+def downloaded_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def shard_gets(hub) -> list[str]:
+    return [path for method, path in hub.requests if method == "GET" and path.endswith(".bin")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_full_download_is_byte_identical_to_the_export(hub, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "--train-shards", str(NUM_TRAIN_SHARDS))
+    assert result.returncode == 0, result.stderr
+    folder = "datasets/fineweb10B_sp1024"
+    expected = sorted(["manifest.json", "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
+                      + [f"{folder}/{n}" for n in shard_names("train", NUM_TRAIN_SHARDS) + shard_names("val", 2)])
+    assert downloaded_files(out) == expected  # nothing else left behind: no staging folder, no temporary files
+    for relpath in expected:
+        assert (out / relpath).read_bytes() == (hub.export / relpath).read_bytes(), relpath
+
+
+def test_remote_folder_override_is_honoured(hub, tmp_path):
+    hub.export.rename(hub.repo_root / "exports")
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "1").returncode == 1  # not under datasets/ any more
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1", MATCHED_FINEWEB_REMOTE_ROOT_PREFIX="exports")
+    assert result.returncode == 0, result.stderr
+    assert (out / "datasets/fineweb10B_sp1024/fineweb_train_000000.bin").is_file()
+
+
+def test_summary_reports_files_bytes_and_tokens(hub, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "--train-shards", "1")
+    stats = json.loads((hub.export / "manifest.json").read_text())["datasets"][0]["stats"]
+    shards = [out / "datasets/fineweb10B_sp1024" / n for n in shard_names("val", 2) + shard_names("train", 1)]
+    tokens = sum((p.stat().st_size - 1024) // 2 for p in shards)
+    assert tokens > stats["tokens_val"]
+    num_bytes = sum(p.stat().st_size for p in shards) + sum(p.stat().st_size for p in (out / "tokenizers").iterdir())
+    assert f"5 files, {num_bytes:,} bytes, {tokens:,} tokens" in result.stdout
+
+
+def test_train_shards_takes_a_prefix(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "--train-shards", "2").returncode == 0
+    folder = out / "datasets" / "fineweb10B_sp1024"
+    assert sorted(p.name for p in folder.iterdir()) == shard_names("train", 2) + shard_names("val", NUM_VAL_SHARDS)
+
+
+def test_bare_number_is_the_train_shard_count(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "1").returncode == 0
+    assert sorted((out / "datasets" / "fineweb10B_sp1024").glob("fineweb_train_*.bin"))[-1].name == \
+        "fineweb_train_000000.bin"
+
+
+def test_byte260_variant_brings_its_json_tokenizer(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "byte260", "--train-shards", "1").returncode == 0
+    assert json.loads((out / "tokenizers" / "fineweb_pure_byte_260.json").read_text()) == {
+        "kind": "byte", "vocab_size": 260, "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "byte_offset": 4}
+
+
+def test_rerun_downloads_no_complete_file(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "2").returncode == 0
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.bin")}
+    hub.requests.clear()
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "2")
+    assert result.returncode == 0, result.stderr
+    assert [path for method, path in hub.requests if method == "GET"] == \
+        [f"/datasets/{REPO_ID}/resolve/main/datasets/manifest.json"]
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.bin")} == before
+
+
+def test_truncated_shard_is_fetched_again(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "2").returncode == 0
+    shard = out / "datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-100])  # as an interrupted copy would leave it
+    hub.requests.clear()
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "2").returncode == 0
+    assert shard_gets(hub) == [f"/datasets/{REPO_ID}/resolve/main/datasets/datasets/fineweb10B_sp1024/{shard.name}"]
+    assert shard.read_bytes() == (hub.export / "datasets/fineweb10B_sp1024" / shard.name).read_bytes()
+
+
+def test_corrupt_shard_on_the_hub_is_never_installed(hub, tmp_path):
+    served = hub.export / "datasets/fineweb10B_sp1024/fineweb_val_000001.bin"
+    served.write_bytes(served.read_bytes()[:-2])  # the header now promises one token more than the file holds
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1")
+    assert result.returncode == 1
+    assert "fineweb_val_000001.bin arrived corrupt" in result.stderr
+    assert not (out / "datasets/fineweb10B_sp1024/fineweb_val_000001.bin").exists()
+    assert not list(out.rglob("*.incomplete")) and not (out / ".hub_download").exists()
+
+
+def test_too_many_train_shards_fails_before_any_shard_download(hub, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "--train-shards", "99")
+    assert result.returncode == 1
+    assert f"has only {NUM_TRAIN_SHARDS} training shards" in result.stderr
+    assert shard_gets(hub) == [] and not (out / "datasets").exists()
+
+
+def test_default_of_80_train_shards_is_checked_against_the_manifest(hub, tmp_path):
+    result = run_downloader(hub.url, tmp_path / "data", "--variant", "sp1024")
+    assert result.returncode == 1 and "--train-shards 80" in result.stderr
+
+
+def test_unknown_variant_lists_the_existing_ones(hub, tmp_path):
+    result = run_downloader(hub.url, tmp_path / "data", "--variant", "sp4096", "1")
+    assert result.returncode == 1
+    assert "no dataset fineweb10B_sp4096" in result.stderr and "byte260, sp1024" in result.stderr
+
+
+def test_manifest_without_the_variants_tokenizer_is_reported(hub, tmp_path):
+    manifest_path = hub.export / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizers"] = [t for t in manifest["tokenizers"] if t["name"] != "sp_bpe_1024"]
+    manifest_path.write_text(json.dumps(manifest))
+    result = run_downloader(hub.url, tmp_path / "data", "--variant", "sp1024", "1")
+    assert result.returncode == 1
+    assert "names tokenizer 'sp_bpe_1024', which the manifest's 'tokenizers' list lacks" in result.stderr
+
+
+def test_unknown_repo_names_the_repo_override(hub, tmp_path):
+    result = run_downloader(hub.url, tmp_path / "data", "--variant", "sp1024", "1",
+                            MATCHED_FINEWEB_REPO_ID="someone/elsewhere")
+    assert result.returncode == 1
+    assert "someone/elsewhere is not a dataset repo" in result.stderr and "MATCHED_FINEWEB_REPO_ID" in result.stderr
+
+
+def test_file_missing_on_the_hub_is_named(hub, tmp_path):
+    (hub.export / "tokenizers" / "fineweb_1024_bpe.vocab").unlink()
+    result = run_downloader(hub.url, tmp_path / "data", "--variant", "sp1024", "1")
+    assert result.returncode == 1
+    assert "datasets/tokenizers/fineweb_1024_bpe.vocab is missing on the hub" in result.stderr
+
+
+def test_server_down_names_the_endpoint_and_the_override(tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_downloader(endpoint, tmp_path / "data", "--variant", "sp1024", "1")
+    assert result.returncode == 1
+    assert f"cannot reach the Hugging Face hub at {endpoint}" in result.stderr and "HF_ENDPOINT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_verify_reports_a_corrupt_shard_without_network(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "2").returncode == 0
+    dead_endpoint = f"http://127.0.0.1:{free_port()}"
+    assert run_downloader(dead_endpoint, out, "--variant", "sp1024", "2", "--verify").returncode == 0
+    shard = out / "datasets/fineweb10B_sp1024/fineweb_val_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:2000])
+    result = run_downloader(dead_endpoint, out, "--variant", "sp1024", "2", "--verify")
+    assert result.returncode == 1
+    assert f"BAD {shard}: size 2000 bytes does not match" in result.stderr
+    assert shard.stat().st_size == 2000  # --verify changes nothing
+
+
+def test_with_docs_fetches_the_documents_and_checks_their_sha256(hub, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "byte260", "0", "--with-docs")
+    assert result.returncode == 0, result.stderr
+    assert (out / "docs_selected.jsonl").read_bytes() == (hub.export / "docs_selected.jsonl").read_bytes()
+    with open(out / "docs_selected.jsonl", "ab") as f:
+        f.write(b'{"text": "one more"}\n')
+    result = run_downloader(hub.url, out, "--variant", "byte260", "0", "--with-docs", "--verify")
+    assert result.returncode == 1 and "docs_selected.jsonl has sha256" in result.stderr
+
+
+def test_retokenizer_fetches_the_published_documents_through_the_hub(hub, tmp_path):
+    config = tmp_path / "specs.json"
+    config.write_text(json.dumps({"tokenizers": [{"name": "bytes", "dataset_suffix": "byte260", "vocab_size": 260,
+                                                  "kind": "byte"}]}))
+    out = tmp_path / "export"
+    result = run_tool(RETOKENIZER, hub.url, out, "--tokenizer-config", str(config), "--num-val-docs", "100")
+    assert result.returncode == 0, result.stderr
+    assert (out / "docs_selected.jsonl").read_bytes() == (hub.export / "docs_selected.jsonl").read_bytes()
+    built, served = (json.loads((root / "manifest.json").read_text()) for root in (out, hub.export))
+    assert built["docs_sha256"] == served["docs_sha256"]
+    assert built["datasets"][0]["stats"]["tokens_val"] == served["datasets"][1]["stats"]["tokens_val"]
