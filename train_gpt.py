@@ -120,6 +120,7 @@ class Settings:
     ema_decay: float = 0.997  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
     export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
+    export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -167,7 +168,7 @@ class Settings:
         for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
                      "muon_momentum_warmup_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -575,8 +576,9 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: per-row quantisation of matrices (int8, or int6 with the embedding in int8), small tensors in
-# 16 bits, then zlib or lzma. The compressor is told apart by its own header (xz magic), so loading is unambiguous.
+# Export: per-row quantisation of matrices (int8, or int6 with the embedding in int8 and fewer bits when
+# int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The compressor is told apart by
+# its own header (xz magic), so loading is unambiguous.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -592,18 +594,18 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8).reshape(t.shape), scale.to(torch.float16 if t.ndim == 2 else torch.float32)
 
 
-INT6_CLIP_SIGMAS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)  # clip candidates, in units of the row's RMS
+CLIP_SIGMAS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)  # clip candidates, in units of the row's RMS
 
 
-def quantize_int6(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric int6 (-31..31, stored in int8): each row takes, of the clips k x its RMS (and its
-    max |w|), the one with the least squared round-trip error; a few outliers no longer widen every step."""
-    t32 = t.float().reshape(t.shape[0], -1)
+def quantize_clip_search(t: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int<bits> (int6: -31..31, stored in int8): each row takes, of the clips k x its RMS
+    (and its max |w|), the one with the least squared round-trip error, as its spread dictates."""
+    t32, qmax = t.float().reshape(t.shape[0], -1), 2 ** (bits - 1) - 1
     rms, max_abs = t32.square().mean(1).sqrt(), t32.abs().amax(1)
     best_err, best_q, best_scale = None, None, None
-    for clip in [torch.minimum(k * rms, max_abs) for k in INT6_CLIP_SIGMAS] + [max_abs]:
-        scale = (clip / 31.0).clamp_min(2.0**-14).half().float()
-        q = torch.round(torch.clamp(t32, -clip[:, None], clip[:, None]) / scale[:, None]).clamp(-31, 31)
+    for clip in [torch.minimum(k * rms, max_abs) for k in CLIP_SIGMAS] + [max_abs]:
+        scale = (clip / qmax).clamp_min(2.0**-14).half().float()
+        q = torch.round(torch.clamp(t32, -clip[:, None], clip[:, None]) / scale[:, None]).clamp(-qmax, qmax)
         err = (q * scale[:, None] - t32).square().sum(1)
         if best_err is None:
             best_err, best_q, best_scale = err, q, scale
@@ -619,9 +621,10 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     return rows.reshape(q.shape)
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8) -> dict:
-    """Matrices to int<bits> + fp16 row scales (the embedding, also the tied output head, always int8);
-    control tensors stay fp32; other small tensors go fp16. int6 values sit in int8 storage."""
+def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
+                        mlp_bits: int | None = None) -> dict:
+    """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales; the embedding, also the tied
+    output head, stays int8; control tensors stay fp32; other small tensors go fp16. All in int8 storage."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
         t = t.detach().cpu()
@@ -632,8 +635,9 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], 
             packed["float"][name] = t.float()
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
             packed["float"][name] = t.half()
-        elif bits == 6 and t.ndim == 2 and name != "tok_emb.weight":
-            packed["int8"][name], packed["scales"][name] = quantize_int6(t)
+        elif bits < 8 and t.ndim == 2 and name != "tok_emb.weight":
+            row_bits = mlp_bits if mlp_bits and ".mlp." in name else bits
+            packed["int8"][name], packed["scales"][name] = quantize_clip_search(t, row_bits)
         else:
             packed["int8"][name], packed["scales"][name] = quantize_int8(t)
     return packed
@@ -649,10 +653,13 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
-def compress_model(state_dict: dict[str, Tensor], control_names: set[str], export_format: str = "int8+zlib") -> bytes:
-    bits, compressor = export_format.split("+")
+def compress_model(state_dict: dict[str, Tensor], control_names: set[str], export_format: str = "int8+zlib",
+                   bits: int | None = None, mlp_bits: int | None = None) -> bytes:
+    """The quantised state dict, serialised and compressed; `bits` (and `mlp_bits`) override the format's."""
+    format_bits, compressor = export_format.split("+")
+    bits = bits or int(format_bits.removeprefix("int"))
     buffer = io.BytesIO()
-    torch.save(quantize_state_dict(state_dict, control_names, int(bits.removeprefix("int"))), buffer)
+    torch.save(quantize_state_dict(state_dict, control_names, bits, mlp_bits), buffer)
     if compressor == "lzma":  # stronger than zlib on quantised weights (range coder with wider context)
         return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
     return zlib.compress(buffer.getvalue(), level=9)
@@ -661,6 +668,24 @@ def compress_model(state_dict: dict[str, Tensor], control_names: set[str], expor
 def decompress_model(blob: bytes) -> dict[str, Tensor]:
     raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
     return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
+
+
+FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
+
+
+def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log) -> bytes:
+    """The compressed model. With EXPORT_FIT_CAP=1, while an int6 artifact overflows the cap, matrices
+    (MLP first: two thirds of the weights) take fewer bits: how compressible trained weights are is only
+    known after training, and an artifact over the cap is no submission at all."""
+    state, control = model.state_dict(), model.control_tensor_names()
+    blob = compress_model(state, control, settings.export_format)
+    for bits, mlp_bits in FIT_CAP_STEPS if settings.export_fit_cap and settings.export_bits == 6 else ():
+        if len(blob) + code_bytes <= ARTIFACT_CAP_BYTES:
+            break
+        log(f"export_fit: {len(blob) + code_bytes} bytes > {ARTIFACT_CAP_BYTES}; now int{bits} matrices, "
+            f"int{mlp_bits} MLP matrices")
+        blob = compress_model(state, control, settings.export_format, bits, mlp_bits)
+    return blob
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -1139,7 +1164,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     artifact_path = Path("logs") / f"{settings.run_id}.int{settings.export_bits}.ptz"
     blob = b""
     if rt.is_master:
-        write_atomically(artifact_path, compress_model(model.state_dict(), model.control_tensor_names(), fmt))
+        write_atomically(artifact_path, export_artifact(model, settings, len(code), log))
         blob = artifact_path.read_bytes()
         total = len(blob) + len(code)
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
