@@ -127,7 +127,7 @@ class Settings:
         """Defaults, then the PRESET's overrides, then every variable that is set."""
         preset = env.get("PRESET", "").strip() or "strong"
         require(preset in PRESETS, "PRESET", preset, f"one of {', '.join(PRESETS)}")
-        values = {**asdict(cls()), **PRESETS[preset]}
+        values = {**asdict(cls()), **PRESETS[preset], "preset": preset}
         for f in fields(cls):
             raw = env.get(f.name.upper(), "").strip()
             if raw:
@@ -138,7 +138,7 @@ class Settings:
 
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> Settings:
-        return cls(**{**asdict(cls()), **PRESETS[preset], **overrides})
+        return cls(**{**asdict(cls()), **PRESETS[preset], "preset": preset, **overrides})
 
     @property
     def recur_layer_ids(self) -> list[int]:

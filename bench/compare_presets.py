@@ -114,8 +114,8 @@ def main() -> None:
             data = build_split(split, root, sp)
             for preset in ("baseline", "strong"):
                 rows = [run(preset, seed, data, args.iterations, root) for seed in args.seeds]
-                table.append(f"| {split} | {preset} | {mean_std([r['val_loss'] for r in rows])} | "
-                             f"{mean_std([r['val_bpb'] for r in rows])} | {mean_std([r['pre_export_bpb'] for r in rows])} "
+                columns = [mean_std([r[k] for r in rows]) for k in ("val_loss", "val_bpb", "pre_export_bpb")]
+                table.append(f"| {split} | {preset} | {' | '.join(columns)} "
                              f"| {statistics.mean(r['model_bytes'] for r in rows):,.0f} |")
     print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.iterations} steps, size {SIZE}\n")
     print("\n".join(table))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 
 import numpy as np
@@ -36,10 +37,12 @@ def perturbed_model(settings: Settings, seed: int = 0, scale: float = 0.1) -> tr
 def test_baseline_preset_restores_the_naive_baseline_with_every_technique_off():
     s = Settings.from_env({"PRESET": "baseline"})
     assert sum(p.numel() for p in train_gpt.GPT(s).parameters()) == 17_059_912  # SPEC.md
-    assert (s.num_layers, s.mlp_mult, s.train_seq_len, s.train_batch_tokens, s.qk_gain_init) == (9, 2, 1024, 524_288, 1.5)
+    assert (s.preset, s.num_layers, s.mlp_mult, s.train_seq_len, s.train_batch_tokens, s.qk_gain_init) == \
+        ("baseline", 9, 2, 1024, 524_288, 1.5)
     assert (s.matrix_lr, s.scalar_lr, s.tied_embed_lr, s.muon_momentum, s.muon_momentum_warmup_start) == \
         (0.04, 0.04, 0.05, 0.95, 0.85)
-    assert (s.warmdown_iters, s.muon_momentum_warmup_steps, s.grad_clip_norm, s.muon_ns_coeffs) == (1200, 500, 0, "fixed")
+    assert (s.warmdown_iters, s.muon_momentum_warmup_steps, s.grad_clip_norm, s.muon_ns_coeffs) == \
+        (1200, 500, 0, "fixed")
     assert (s.export_format, s.eval_stride) == ("int8+zlib", 0)
     off = dict(warmdown_frac=0, min_lr_frac=0, lr_warmup_frac=0, muon_momentum_warmup_frac=0, mlp_leaky_slope=0,
                muon_weight_decay=0, muon_row_norm=0, ema_decay=0, rope_dims=0, ln_scale=0, xsa_last_n=0,
@@ -50,7 +53,9 @@ def test_baseline_preset_restores_the_naive_baseline_with_every_technique_off():
 def test_strong_is_the_default_and_variables_override_either_preset():
     strong = Settings.from_env({})
     assert strong == Settings() and strong.preset == "strong"
-    assert (strong.num_layers, strong.mlp_mult, strong.train_seq_len, strong.export_format) == (11, 3, 2048, "int6+lzma")
+    assert (strong.num_layers, strong.mlp_mult, strong.train_seq_len, strong.export_format) == \
+        (11, 3, 2048, "int6+lzma")
+    assert Settings.for_preset("baseline") == Settings.from_env({"PRESET": "baseline"})
     assert Settings.from_env({"PRESET": "baseline", "EMA_DECAY": "0.9"}).ema_decay == 0.9
     assert Settings.from_env({"PRESET": "strong", "NUM_LAYERS": "7", "RECUR_LAYERS": "3"}).num_layers == 7
     with pytest.raises(train_gpt.SettingsError, match="^PRESET="):
@@ -74,7 +79,9 @@ def test_baseline_preset_trains_the_same_math_as_the_original_script(tmp_path, t
         pytest.skip(f"the original script's commit {ORIGINAL_COMMIT[:8]} is not in this checkout")
     (tmp_path / "original.py").write_text(original.stdout)
     env = trainer_env(tiny_dataset, RUN_ID="same", ITERATIONS=12, VAL_LOSS_EVERY=6, GRAD_CLIP_NORM=0)
-    scores = [[line for line in run_script(script, env, tmp_path) if "val_loss" in line or "train_loss" in line]
+    score = re.compile(r"^(step:\d+/\d+ train_loss:\S+|step:\d+/\d+ val_loss:\S+ val_bpb:\S+|"
+                       r"final_int8_zlib_roundtrip(_exact)? val_loss:\S+ val_bpb:\S+)")  # not the timings
+    scores = [[m.group(1) for line in run_script(script, env, tmp_path) if (m := score.match(line))]
               for script in (tmp_path / "original.py", REPO / "train_gpt.py")]
     assert len(scores[0]) == 12 + 3 + 2 and scores[1] == scores[0]
 
