@@ -1,11 +1,12 @@
-"""Parameter Golf trainer: one file, from shards to a scored int8+zlib artifact.
+"""Parameter Golf trainer: one file, from shards to a scored, compressed artifact.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py       # 8xH100 (NCCL)
     python3 train_gpt.py                                         # one GPU, a laptop CPU or Apple MPS
 
-Every setting is an environment variable (see Settings). The run writes logs/<RUN_ID>.txt, which
-holds this file's source, the settings, the device and every log line, and logs/<RUN_ID>.int8.ptz,
-the compressed model whose bytes plus this file's bytes form the artifact.
+Every setting is an environment variable (see Settings). The defaults are the strong configuration
+(the techniques that won Parameter Golf); PRESET=baseline restores the naive baseline exactly. The run
+writes logs/<RUN_ID>.txt, which holds this file's source, the settings, the device and every log line,
+and logs/<RUN_ID>.<int6|int8>.ptz, the compressed model whose bytes plus this file's bytes form the artifact.
 Sections: settings, runtime, optimizer, data, evaluation, export, model, training.
 """
 from __future__ import annotations
@@ -17,15 +18,18 @@ import glob
 import hashlib
 import io
 import json
+import lzma
 import math
 import os
 import platform
+import re
 import sys
 import time
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +53,8 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
+    preset: str = "strong"  # strong | baseline (PRESETS): applied before the other variables
     # Data and run bookkeeping.
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -62,63 +68,114 @@ class Settings:
     train_log_every: int = 200
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
     # Schedule and batch.
+    eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
+    # Schedule and batch.
     iterations: int = 20_000
-    warmdown_iters: int = 1200
+    warmdown_iters: int = 1200  # used when WARMDOWN_FRAC=0
+    warmdown_frac: float = 0.6  # linear LR decay over this last fraction of training
+    min_lr_frac: float = 0.1  # LR floor, as a fraction of the peak LR
+    lr_warmup_frac: float = 0.0  # linear LR warm-up over this first fraction of training
     warmup_steps: int = 20
-    train_batch_tokens: int = 524_288
-    train_seq_len: int = 1024
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
     max_wallclock_seconds: float = 600.0
     # Model.
     vocab_size: int = 1024
-    num_layers: int = 9
+    num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: int = 2
+    mlp_mult: int = 3
+    mlp_leaky_slope: float = 0.5  # MLP activation leaky_relu(x, slope)^2; 0 is relu^2
     tie_embeddings: int = 1
     rope_base: float = 10000.0
+    rope_dims: int = 16  # rotate only the first this-many dims of each head; 0: all
+    ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
+    xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
+    parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
+    recur_layers: str = "4,5"  # contiguous block indices run a second time (shared weights); "": none
+    recur_start_frac: float = 0.5  # ... from this fraction of training on
     logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
+    qk_gain_init: float = 5.0
     tied_embed_init_std: float = 0.005
     # Optimizers.
     embed_lr: float = 0.6
     head_lr: float = 0.008
-    tied_embed_lr: float = 0.05
-    matrix_lr: float = 0.04
-    scalar_lr: float = 0.04
-    muon_momentum: float = 0.95
+    tied_embed_lr: float = 0.035
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    muon_momentum: float = 0.99
     muon_backend_steps: int = 5
-    muon_momentum_warmup_start: float = 0.85
-    muon_momentum_warmup_steps: int = 500
+    muon_ns_coeffs: str = "polar"  # polar: per-iteration Polar Express coefficients | fixed: one quintic
+    muon_row_norm: int = 1  # 1: normalise each row of the update before Newton-Schulz
+    muon_weight_decay: float = 0.04  # decoupled: W <- W (1 - lr wd) - lr update
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 500  # used when MUON_MOMENTUM_WARMUP_FRAC=0
+    muon_momentum_warmup_frac: float = 0.3
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.0
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997  # export an EMA of the weights, updated every step; 0: the raw weights
+    # Export.
+    export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
+    export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
-        values = {}
+        """Defaults, then the PRESET's overrides, then every variable that is set."""
+        preset = env.get("PRESET", "").strip() or "strong"
+        require(preset in PRESETS, "PRESET", preset, f"one of {', '.join(PRESETS)}")
+        values = {**asdict(cls()), **PRESETS[preset], "preset": preset}
         for f in fields(cls):
             raw = env.get(f.name.upper(), "").strip()
-            values[f.name] = parse_setting(f.name.upper(), raw, type(f.default)) if raw else f.default
+            if raw:
+                values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
         settings = cls(**values)
         settings.validate()
         return settings
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> Settings:
+        return cls(**{**asdict(cls()), **PRESETS[preset], "preset": preset, **overrides})
+
+    @property
+    def recur_layer_ids(self) -> list[int]:
+        return [int(i) for i in self.recur_layers.split(",") if i.strip()]
+
+    @property
+    def export_bits(self) -> int:
+        return int(self.export_format.split("+")[0].removeprefix("int"))
 
     def validate(self) -> None:
         s = self
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
+        for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS))):
+            require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps"):
             require(getattr(s, name) >= 1, name.upper(), getattr(s, name), "a whole number >= 1")
         for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "max_val_tokens",
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
-                     "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std"):
+                     "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
+                     "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
+                     "muon_weight_decay"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
-        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2"):
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
+        for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
+                     "muon_momentum_warmup_frac"):
+            require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap"):
+            require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
+        require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
+                s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
+        ids = s.recur_layer_ids
+        require(ids == list(range(ids[0], ids[0] + len(ids))) and ids[-1] < s.num_layers if ids else True,
+                "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
+        require(s.rope_dims % 2 == 0, "ROPE_DIMS", s.rope_dims, "even (rotary embeddings rotate pairs)")
         for name in ("rope_base", "logit_softcap", "adam_eps"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
         require("/" not in s.run_id and "\\" not in s.run_id, "RUN_ID", s.run_id, "a name without path separators")
@@ -138,6 +195,16 @@ class Settings:
                 f"{self.train_seq_len} x {world_size} x {grad_accum_steps} = {unit}")
         require(self.val_batch_size >= unit, "VAL_BATCH_SIZE", self.val_batch_size,
                 f"at least TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = {unit}")
+
+
+# What PRESET=baseline changes: the naive baseline of SPEC.md, with every technique off.
+PRESETS = {"strong": {}, "baseline": dict(
+    eval_stride=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024, num_layers=9,
+    mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="",
+    qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
+    muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0, muon_momentum_warmup_start=0.85,
+    muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib")}
+EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 
 def parse_setting(name: str, raw: str, kind: type):
@@ -217,25 +284,40 @@ def setup_runtime(settings: Settings) -> Runtime:
 # Optimizer: Muon for the block matrices (momentum, then an orthogonalised update).
 
 
-def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately U V^T of G = U S V^T, by a quintic Newton-Schulz iteration tuned for speed."""
-    a, b, c = (3.4445, -4.7750, 2.0315)
+NS_COEFFS = {  # (a, b, c) of the quintic a X + b (X X^T) X + c (X X^T)^2 X, per iteration (the last repeats)
+    "fixed": ((3.4445, -4.7750, 2.0315),),  # the baseline: one quintic tuned for speed
+    # Polar Express (Amsel et al. 2025, as in modded-nanogpt): a different quintic per iteration lands
+    # the singular values closer to 1 in the same 5 iterations.
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+
+
+def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7, coeffs=NS_COEFFS["fixed"]) -> Tensor:
+    """Approximately U V^T of G = U S V^T, by quintic Newton-Schulz iterations."""
     X = G / (G.norm() + eps)
     transposed = X.size(0) > X.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
     return X.T if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum SGD whose update is orthogonalised; ranks split the orthogonalisation work."""
+    """Momentum SGD whose update is orthogonalised; ranks split the orthogonalisation work.
+    Optionally the rows of the update are normalised first, and the weights decay (decoupled)."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int, world_size: int,
-                 ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+                 ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize, row_norm: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      row_norm=row_norm, weight_decay=weight_decay))
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
 
     @torch.no_grad()
@@ -249,6 +331,8 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    if group["row_norm"]:  # equal-norm rows: every output unit gets a comparable step
+                        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
                     g = self.orthogonalize(g.to(self.ns_dtype), group["backend_steps"])
                     g = g * max(1, g.size(0) / g.size(1)) ** 0.5  # same RMS step size for tall matrices
                     updates[offset:offset + p.numel()] = g.reshape(-1)
@@ -257,6 +341,8 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
+                if group["weight_decay"] > 0:  # shrinks weights towards 0: smaller, more compressible rows
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
@@ -424,8 +510,17 @@ def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
     return ByteTable(base, space, boundary)
 
 
+def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
+    """Where the evaluation windows end (exclusive, as indices of scored tokens). Window k sees the seq_len
+    tokens before ends[k] and scores only the targets after ends[k-1] (the first scores all of its own), so
+    every token is scored exactly once, with at least seq_len - stride tokens of context once it can have
+    them. stride = seq_len gives the plain evaluation: disjoint windows, every token scored."""
+    return np.minimum(np.arange(seq_len, num_scored + stride, stride), num_scored)
+
+
 class Evaluator:
-    """Scores the validation split; one code path for periodic, final and round-trip evaluation."""
+    """Scores the validation split; one code path for periodic, final and round-trip evaluation, plain
+    (disjoint windows) or sliding (overlapping windows, each scoring only its last `stride` targets)."""
 
     def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime):
         self.split, self.settings, self.rt = split, settings, runtime
@@ -437,29 +532,43 @@ class Evaluator:
         self.batch_seqs = settings.val_batch_size // (seq_len * runtime.world_size * runtime.grad_accum_steps)
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        """Returns (val_loss in nats per token, val_bpb) over the whole split, all ranks together."""
-        seq_len, rt = self.settings.train_seq_len, self.rt
-        total_seqs = self.split.num_scored // seq_len
-        first, last = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
-        sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nats, tokens, bytes
-        was_training = model.training
-        model.eval()
-        for start in range(first, last, self.batch_seqs):
-            end = min(start + self.batch_seqs, last)
-            chunk = torch.from_numpy(self.split.tokens[start * seq_len:end * seq_len + 1].astype(np.int64))
-            chunk = chunk.to(rt.device, non_blocking=True)
-            inputs, targets = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-            nats = model(inputs, targets)
-            sums[0] += nats.double().sum()
-            sums[1] += targets.numel()
-            sums[2] += self.target_bytes(inputs, targets).double().sum()
-        model.train(was_training)
-        if rt.distributed:
+    def evaluate(self, model: nn.Module, stride: int = 0) -> tuple[float, float]:
+        """Returns (val_loss in nats per token, val_bpb) over the whole split, all ranks together.
+        stride 0 (or >= TRAIN_SEQ_LEN): plain evaluation; else sliding windows advancing `stride` tokens."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # nats, tokens, bytes
+        for nats, num_bytes, scored in self.scored_windows(model, stride):
+            sums[0] += (nats.double() * scored).sum()
+            sums[1] += scored.sum()
+            sums[2] += (num_bytes.double() * scored).sum()
+        if self.rt.distributed:
             dist.all_reduce(sums)
         nats, tokens, num_bytes = sums.tolist()
         val_loss = nats / tokens
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
+
+    @torch.inference_mode()
+    def token_nats(self, model: nn.Module, stride: int = 0) -> Tensor:
+        """The nats of every token this rank scores, in token order (for tests and analysis)."""
+        return torch.cat([nats[scored.bool()] for nats, _, scored in self.scored_windows(model, stride)])
+
+    def scored_windows(self, model: nn.Module, stride: int):
+        """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch."""
+        seq_len, rt = self.settings.train_seq_len, self.rt
+        ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
+        new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
+        first, last = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
+        positions = torch.arange(seq_len, device=rt.device)
+        was_training = model.training
+        model.eval()
+        for start in range(first, last, self.batch_seqs):
+            end = min(start + self.batch_seqs, last)
+            rows = (ends[start:end] - seq_len)[:, None] + np.arange(seq_len + 1)
+            windows = torch.from_numpy(self.split.tokens[rows].astype(np.int64)).to(rt.device, non_blocking=True)
+            inputs, targets = windows[:, :-1], windows[:, 1:]
+            new = torch.from_numpy(new_targets[start:end]).to(rt.device)
+            scored = (positions[None, :] >= seq_len - new[:, None]).double()
+            yield model(inputs, targets), self.target_bytes(inputs, targets), scored
+        model.train(was_training)
 
     def target_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
         leading_space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
@@ -467,7 +576,9 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: int8 per-row quantisation of matrices, small tensors in 16 bits, then zlib.
+# Export: per-row quantisation of matrices (int8, or int6 with the embedding in int8 and fewer bits when
+# int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The compressor is told apart by
+# its own header (xz magic), so loading is unambiguous.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -483,13 +594,37 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8).reshape(t.shape), scale.to(torch.float16 if t.ndim == 2 else torch.float32)
 
 
+CLIP_SIGMAS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)  # clip candidates, in units of the row's RMS
+
+
+def quantize_clip_search(t: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int<bits> (int6: -31..31, stored in int8): each row takes, of the clips k x its RMS
+    (and its max |w|), the one with the least squared round-trip error, as its spread dictates."""
+    t32, qmax = t.float().reshape(t.shape[0], -1), 2 ** (bits - 1) - 1
+    rms, max_abs = t32.square().mean(1).sqrt(), t32.abs().amax(1)
+    best_err, best_q, best_scale = None, None, None
+    for clip in [torch.minimum(k * rms, max_abs) for k in CLIP_SIGMAS] + [max_abs]:
+        scale = (clip / qmax).clamp_min(2.0**-14).half().float()
+        q = torch.round(torch.clamp(t32, -clip[:, None], clip[:, None]) / scale[:, None]).clamp(-qmax, qmax)
+        err = (q * scale[:, None] - t32).square().sum(1)
+        if best_err is None:
+            best_err, best_q, best_scale = err, q, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q, best_scale = torch.where(better[:, None], q, best_q), torch.where(better, scale, best_scale)
+    return best_q.to(torch.int8).reshape(t.shape), best_scale.half()
+
+
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     rows = q.float().reshape(scale.numel(), -1) * scale.float()[:, None]
     return rows.reshape(q.shape)
 
 
-def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str]) -> dict:
-    """Matrices to int8 + fp16 row scales; control tensors stay fp32; other small tensors go fp16."""
+def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
+                        mlp_bits: int | None = None) -> dict:
+    """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales; the embedding, also the tied
+    output head, stays int8; control tensors stay fp32; other small tensors go fp16. All in int8 storage."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
         t = t.detach().cpu()
@@ -500,6 +635,9 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str]) 
             packed["float"][name] = t.float()
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
             packed["float"][name] = t.half()
+        elif bits < 8 and t.ndim == 2 and name != "tok_emb.weight":
+            row_bits = mlp_bits if mlp_bits and ".mlp." in name else bits
+            packed["int8"][name], packed["scales"][name] = quantize_clip_search(t, row_bits)
         else:
             packed["int8"][name], packed["scales"][name] = quantize_int8(t)
     return packed
@@ -512,14 +650,42 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
     return {name: t.to(getattr(torch, packed["dtypes"][name])) for name, t in state_dict.items()}
 
 
-def compress_model(state_dict: dict[str, Tensor], control_names: set[str]) -> bytes:
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
+def compress_model(state_dict: dict[str, Tensor], control_names: set[str], export_format: str = "int8+zlib",
+                   bits: int | None = None, mlp_bits: int | None = None) -> bytes:
+    """The quantised state dict, serialised and compressed; `bits` (and `mlp_bits`) override the format's."""
+    format_bits, compressor = export_format.split("+")
+    bits = bits or int(format_bits.removeprefix("int"))
     buffer = io.BytesIO()
-    torch.save(quantize_state_dict(state_dict, control_names), buffer)
+    torch.save(quantize_state_dict(state_dict, control_names, bits, mlp_bits), buffer)
+    if compressor == "lzma":  # stronger than zlib on quantised weights (range coder with wider context)
+        return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
     return zlib.compress(buffer.getvalue(), level=9)
 
 
 def decompress_model(blob: bytes) -> dict[str, Tensor]:
-    return dequantize_state_dict(torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu"))
+    raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
+    return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
+
+
+FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
+
+
+def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log) -> bytes:
+    """The compressed model. With EXPORT_FIT_CAP=1, while an int6 artifact overflows the cap, matrices
+    (MLP first: two thirds of the weights) take fewer bits: how compressible trained weights are is only
+    known after training, and an artifact over the cap is no submission at all."""
+    state, control = model.state_dict(), model.control_tensor_names()
+    blob = compress_model(state, control, settings.export_format)
+    for bits, mlp_bits in FIT_CAP_STEPS if settings.export_fit_cap and settings.export_bits == 6 else ():
+        if len(blob) + code_bytes <= ARTIFACT_CAP_BYTES:
+            break
+        log(f"export_fit: {len(blob) + code_bytes} bytes > {ARTIFACT_CAP_BYTES}; now int{bits} matrices, "
+            f"int{mlp_bits} MLP matrices")
+        blob = compress_model(state, control, settings.export_format, bits, mlp_bits)
+    return blob
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -549,32 +715,44 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """Rotary embedding of the first `dims` dims of each head (all when 0). Partial RoPE: the other dims
+    carry position-free content, which attends by meaning alone."""
+
+    def __init__(self, head_dim: int, base: float, dims: int = 0):
         super().__init__()
-        self.head_dim, self.base = head_dim, base
+        self.dims, self.base = min(dims, head_dim) or head_dim, base
 
     def forward(self, x: Tensor) -> Tensor:
-        """Rotate pairs (i, i + head_dim/2) of x: (batch, heads, seq, head_dim) by position-dependent angles."""
-        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32)
-                                 / self.head_dim)
+        """Rotate pairs (i, i + dims/2) of x: (batch, heads, seq, head_dim) by position-dependent angles."""
+        inv_freq = self.base ** (-torch.arange(0, self.dims, 2, device=x.device, dtype=torch.float32) / self.dims)
         angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=torch.float32), inv_freq)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:]), dim=-1)
+
+
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output y its component along the token's own value v, both (B, H, T, D)
+    (v has the key-value heads, shared by groups of query heads). Why: the residual stream already holds
+    the token itself; attention should bring in what the other tokens add."""
+    v_unit = F.normalize(v.repeat_interleave(y.size(1) // v.size(1), dim=1), dim=-1)
+    return y - (y * v_unit).sum(-1, keepdim=True) * v_unit
 
 
 class CausalSelfAttention(nn.Module):
     """Grouped-query attention; q and k are RMS-normalised, rotated, and q gets a learned per-head gain."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
+                 rope_dims: int = 0, exclusive: bool = False):
         super().__init__()
+        self.exclusive = exclusive
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, num_kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.rotary = Rotary(self.head_dim, rope_base, rope_dims)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -585,27 +763,38 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.exclusive:
+            y = exclude_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: int):
+    """proj(leaky_relu(fc x)^2). A slope of 0 is the baseline's relu^2; LeakyReLU(0.5)^2 keeps a gradient
+    for negative pre-activations, so fewer hidden units die."""
+
+    def __init__(self, dim: int, mult: int, leaky_slope: float = 0.0):
         super().__init__()
         self.fc = CastedLinear(dim, mult * dim)
         self.proj = CastedLinear(mult * dim, dim, zero_init=True)
+        self.leaky_slope = leaky_slope
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
 
 
 class Block(nn.Module):
-    """Pre-norm block that first re-mixes its input with the embedding x0, with learned per-channel scales."""
+    """Pre-norm block that first re-mixes its input with the embedding x0, with learned per-channel scales.
+    LN scale: block i multiplies its normalised inputs by 1/sqrt(i+1), so deep blocks add smaller updates.
+    Parallel lanes (last blocks): attention and MLP both read the block input, not one after the other."""
 
-    def __init__(self, dim: int, settings: Settings):
+    def __init__(self, dim: int, settings: Settings, layer: int = 0):
         super().__init__()
         s = settings
-        self.attn = CausalSelfAttention(dim, s.num_heads, s.num_kv_heads, s.rope_base, s.qk_gain_init)
-        self.mlp = MLP(dim, s.mlp_mult)
+        self.attn = CausalSelfAttention(dim, s.num_heads, s.num_kv_heads, s.rope_base, s.qk_gain_init, s.rope_dims,
+                                        exclusive=layer >= s.num_layers - s.xsa_last_n)
+        self.mlp = MLP(dim, s.mlp_mult, s.mlp_leaky_slope)
+        self.norm_scale = 1 / math.sqrt(layer + 1) if s.ln_scale else 1.0
+        self.parallel = layer >= s.num_layers - s.parallel_last_n
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -613,12 +802,15 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        after_attn = x + self.attn_scale.to(x.dtype) * self.attn(self.norm_scale * rms_norm(x))
+        mlp_input = x if self.parallel else after_attn
+        return after_attn + self.mlp_scale.to(x.dtype) * self.mlp(self.norm_scale * rms_norm(mlp_input))
 
 
 class GPT(nn.Module):
-    """Blocks in a U-Net: outputs of the first half are added, with learned weights, to the second half."""
+    """Blocks in a U-Net: outputs of the first half are added, with learned weights, to the second half.
+    Depth recurrence: once `recurrence_active` is set, the blocks RECUR_LAYERS run a second time (same weights)
+    right after their first pass: more depth for no bytes. Under torch.compile, switching it on recompiles."""
 
     def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -628,7 +820,8 @@ class GPT(nn.Module):
         self.num_encoder_layers = s.num_layers // 2
         num_skips = min(self.num_encoder_layers, s.num_layers - self.num_encoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
-        self.blocks = nn.ModuleList(Block(dim, s) for _ in range(s.num_layers))
+        self.blocks = nn.ModuleList(Block(dim, s, i) for i in range(s.num_layers))
+        self.recur_layers, self.recurrence_active = s.recur_layer_ids, False
         self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
         if s.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=s.tied_embed_init_std)
@@ -642,6 +835,9 @@ class GPT(nn.Module):
             x = block(x, x0)
             if i < self.num_encoder_layers:
                 skips.append(x)
+            if self.recurrence_active and i == self.recur_layers[-1]:
+                for j in self.recur_layers:
+                    x = self.blocks[j](x, x0)
         x = rms_norm(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))  # (B, T, V)
@@ -672,18 +868,40 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
     groups = [[model.tok_emb.weight], scalars] + ([[model.lm_head.weight]] if model.lm_head is not None else [])
     lrs = [token_lr, s.scalar_lr] + ([s.head_lr] if model.lm_head is not None else [])
     optimizers = [torch.optim.Adam([dict(params=g, lr=lr, base_lr=lr)], **adam) for g, lr in zip(groups, lrs)]
+    orthogonalize = partial(newton_schulz_orthogonalize, coeffs=NS_COEFFS[s.muon_ns_coeffs])
     muon = Muon(matrices, s.matrix_lr, s.muon_momentum, s.muon_backend_steps, runtime.rank, runtime.world_size,
                 ns_dtype=runtime.compute_dtype,
-                orthogonalize=torch.compile(newton_schulz_orthogonalize) if runtime.compile else
-                newton_schulz_orthogonalize)
+                orthogonalize=torch.compile(orthogonalize) if runtime.compile else orthogonalize,
+                row_norm=bool(s.muon_row_norm), weight_decay=s.muon_weight_decay)
     for group in muon.param_groups:
         group["base_lr"] = s.matrix_lr
     return optimizers + [muon]
 
 
+def training_progress(step: int, elapsed_ms: float, settings: Settings) -> float:
+    """How far training is, from 0 to 1: by steps or by the wall-clock cap, whichever is further. Schedules
+    given as fractions of this have the same shape on slower hardware under the cap."""
+    s = settings
+    by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
+    return min(max(step / s.iterations, by_clock), 1.0)
+
+
 def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """Linear warmdown over the last WARMDOWN_ITERS steps, whichever end comes first: ITERATIONS, or the
-    wall-clock cap (there the remaining steps are estimated from the mean step time so far)."""
+    """Warm-up over the first LR_WARMUP_FRAC, then a linear warmdown over the last WARMDOWN_FRAC of training
+    (or the last WARMDOWN_ITERS steps when WARMDOWN_FRAC=0) down to the floor MIN_LR_FRAC."""
+    s = settings
+    progress = training_progress(step, elapsed_ms, s)
+    warmup = min(progress / s.lr_warmup_frac, 1.0) if s.lr_warmup_frac > 0 else 1.0
+    if s.warmdown_frac > 0:
+        warmdown = min((1.0 - progress) / s.warmdown_frac, 1.0)
+    else:
+        warmdown = step_based_warmdown(step, elapsed_ms, s)
+    return warmup * (s.min_lr_frac + (1.0 - s.min_lr_frac) * warmdown)
+
+
+def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> float:
+    """The baseline's: linear warmdown over the last WARMDOWN_ITERS steps, whichever end comes first:
+    ITERATIONS, or the wall-clock cap (there the remaining steps are estimated from the mean step time)."""
     s = settings
     if s.warmdown_iters <= 0:
         return 1.0
@@ -695,10 +913,33 @@ def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
     return min(by_steps, min(remaining_ms / max(warmdown_ms, 1e-9), 1.0))
 
 
-def muon_momentum(step: int, settings: Settings) -> float:
+def muon_momentum(step: int, settings: Settings, progress: float = 0.0) -> float:
+    """Linear from MUON_MOMENTUM_WARMUP_START over the first MUON_MOMENTUM_WARMUP_FRAC of training (or the
+    first MUON_MOMENTUM_WARMUP_STEPS steps when that fraction is 0)."""
     s = settings
-    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    if s.muon_momentum_warmup_frac > 0:
+        frac = min(progress / s.muon_momentum_warmup_frac, 1.0)
+    else:
+        frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
+
+
+class WeightEMA:
+    """An exponential moving average of the weights, ema <- decay x ema + (1 - decay) x w after every step,
+    starting from the initial weights; the export takes it. Why: it averages out the last steps' noise."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.params = decay, list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, avg in zip(self.params, self.shadow):
+            p.copy_(avg.to(p.dtype))
 
 
 class TrainingDiverged(RuntimeError):
@@ -719,11 +960,16 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, settings, runtime)
         self.loader = TrainBatchLoader(settings, runtime)
         self.all_finite = torch.ones((), dtype=torch.bool, device=runtime.device)
+        self.ema = WeightEMA(self.model, settings.ema_decay) if settings.ema_decay > 0 else None
 
-    def step(self, step: int, lr_scale: float) -> Tensor:
-        """Accumulates gradients over the micro-batches, then steps every optimizer. Returns the mean loss
-        on this rank as a device tensor, so that no host sync happens here."""
+    def step(self, step: int, lr_scale: float, progress: float | None = None) -> Tensor:
+        """Accumulates gradients over the micro-batches, then steps every optimizer. `progress` (0..1, default
+        step / ITERATIONS) drives the fraction schedules. Returns the mean loss on this rank as a device
+        tensor, so that no host sync happens here."""
         s, rt = self.settings, self.rt
+        progress = step / s.iterations if progress is None else progress
+        if s.recur_layers and progress >= s.recur_start_frac:
+            self.model.recurrence_active = True
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         train_loss = torch.zeros((), device=rt.device)
@@ -740,11 +986,13 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
                 if isinstance(opt, Muon):
-                    group["momentum"] = muon_momentum(step, s)
+                    group["momentum"] = muon_momentum(step, s, progress)
         if s.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
+        if self.ema is not None:
+            self.ema.update()
         return train_loss
 
     def check_finite(self, step: int) -> None:
@@ -757,16 +1005,19 @@ class Trainer:
                                    f"TIED_EMBED_LR) or set GRAD_CLIP_NORM")
 
     def warm_up_and_restore(self, steps: int, log) -> None:
-        """Run `steps` real steps so that compilation and allocator warm-up happen outside the timed run,
-        then put back the initial weights, optimizer state and data position."""
+        """Run `steps` real steps so that compilation and allocator warm-up happen outside the timed run
+        (the second half with depth recurrence on, to compile that graph too), then put back the initial
+        weights, optimizer state, EMA, recurrence switch and data position."""
         if steps <= 0:
             return
         initial_model = copy.deepcopy(self.model.state_dict())
         initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         for i in range(steps):
-            self.step(0, 1.0)
+            self.step(0, 1.0, progress=1.0 if 2 * i >= steps else 0.0)
             log(f"warmup_step:{i + 1}/{steps}")
         self.model.load_state_dict(initial_model)
+        self.model.recurrence_active = False
+        self.ema = WeightEMA(self.model, self.settings.ema_decay) if self.ema is not None else None
         for opt, state in zip(self.optimizers, initial_optimizers):
             opt.load_state_dict(state)
         self.loader = TrainBatchLoader(self.settings, self.rt)
@@ -850,6 +1101,9 @@ def train(settings: Settings, runtime: Runtime) -> None:
             training_ms += 1000 * (time.perf_counter() - t0)
             t_val = time.perf_counter()
             trainer.check_finite(step)
+            if last_step and trainer.ema is not None:
+                trainer.ema.copy_to_model()  # the last val line scores the weights the export will take
+                log(f"ema:applied decay:{s.ema_decay}")
             val_loss, val_bpb = evaluator.evaluate(trainer.compiled)
             log(f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms{val_suffix}")
@@ -860,7 +1114,10 @@ def train(settings: Settings, runtime: Runtime) -> None:
                 log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{s.iterations}")
             break
         elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
-        train_loss = trainer.step(step, lr_multiplier(step, elapsed_ms, s))
+        recurring = trainer.model.recurrence_active
+        train_loss = trainer.step(step, lr_multiplier(step, elapsed_ms, s), training_progress(step, elapsed_ms, s))
+        if trainer.model.recurrence_active and not recurring:
+            log(f"recurrence:on layers:{s.recur_layers} step:{step}")
         step += 1
         elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
         if s.train_log_every > 0 and (step <= 10 or step % s.train_log_every == 0):
@@ -901,17 +1158,18 @@ def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
 def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_suffix: str, ledger: dict,
                        log: RunLog, settings: Settings, runtime: Runtime) -> None:
     """Write the compressed model, then load those exact bytes back into the model and score it again."""
-    rt, model = runtime, trainer.model
+    rt, model, fmt = runtime, trainer.model, settings.export_format
+    format_id = re.sub(r"\W", "_", fmt)  # int6+lzma -> int6_lzma, as the final lines spell it
     t_export = time.perf_counter()
-    artifact_path = Path("logs") / f"{settings.run_id}.int8.ptz"
+    artifact_path = Path("logs") / f"{settings.run_id}.int{settings.export_bits}.ptz"
     blob = b""
     if rt.is_master:
-        write_atomically(artifact_path, compress_model(model.state_dict(), model.control_tensor_names()))
+        write_atomically(artifact_path, export_artifact(model, settings, len(code), log))
         blob = artifact_path.read_bytes()
         total = len(blob) + len(code)
-        log(f"Serialized model int8+zlib: {len(blob)} bytes (path:{artifact_path})")
+        log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
         log(f"Code size: {len(code)} bytes")
-        log(f"Total submission size int8+zlib: {total} bytes")
+        log(f"Total submission size {fmt}: {total} bytes")
         if total > ARTIFACT_CAP_BYTES:
             log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes exceeds {ARTIFACT_CAP_BYTES:,} by "
                 f"{total - ARTIFACT_CAP_BYTES} bytes; this run is not a valid submission")
@@ -921,12 +1179,15 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     model.load_state_dict(decompress_model(blob))
     rt.sync()
     t_eval = time.perf_counter()
-    val_loss, val_bpb = evaluator.evaluate(trainer.compiled)
+    stride = settings.eval_stride if 0 < settings.eval_stride < settings.train_seq_len else 0
+    log(f"eval_mode:{'sliding' if stride else 'plain'} stride:{stride or settings.train_seq_len} "
+        f"window:{settings.train_seq_len}")
+    val_loss, val_bpb = evaluator.evaluate(trainer.compiled, stride)
     rt.sync()
     ledger["roundtrip_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
-    log(f"final_int8_zlib_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
+    log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
         f"{val_suffix}")
-    log(f"final_int8_zlib_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
+    log(f"final_{format_id}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
 
 
 def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:

@@ -24,6 +24,7 @@ TINY_MODEL_ENV = {
     "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "1024", "VAL_BATCH_SIZE": "4096", "ITERATIONS": "20",
     "WARMUP_STEPS": "2", "WARMDOWN_ITERS": "5", "VAL_LOSS_EVERY": "10", "TRAIN_LOG_EVERY": "1",
     "MAX_WALLCLOCK_SECONDS": "0", "MUON_MOMENTUM_WARMUP_STEPS": "5", "DEVICE": "cpu",
+    "PRESET": "baseline",  # the naive baseline's math; tests of the strong default set PRESET=strong
 }
 SPEC_SENTENCEPIECE = dict(  # the published tokenizers' training settings (SPEC.md)
     model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",

@@ -30,7 +30,7 @@ def test_bad_setting_is_rejected_with_its_name(env, variable):
 
 
 def test_batch_that_does_not_split_into_sequences_and_ranks_is_rejected():
-    settings = Settings.from_env({"TRAIN_BATCH_TOKENS": str(516 * 1024)})
+    settings = Settings.from_env({"TRAIN_BATCH_TOKENS": str(516 * 1024), "TRAIN_SEQ_LEN": "1024"})
     settings.check_batch_layout(world_size=4, grad_accum_steps=1)  # 516 sequences split over 4 ranks
     with pytest.raises(SettingsError, match=r"TRAIN_BATCH_TOKENS=528384 .* 1024 x 8 x 1 = 8192"):
         settings.check_batch_layout(world_size=8, grad_accum_steps=1)
@@ -40,8 +40,8 @@ def test_empty_values_fall_back_to_defaults():
     assert Settings.from_env({"ITERATIONS": "", "SEED": " "}) == Settings()
 
 
-def test_defaults_are_the_reference_baseline():
-    s = Settings()
+def test_baseline_preset_is_the_reference_baseline():
+    s = Settings.from_env({"PRESET": "baseline"})
     assert (s.num_layers, s.model_dim, s.num_heads, s.num_kv_heads, s.mlp_mult, s.vocab_size) == (9, 512, 8, 4, 2, 1024)
     assert (s.train_batch_tokens, s.train_seq_len, s.warmdown_iters, s.warmup_steps) == (524_288, 1024, 1200, 20)
     assert (s.matrix_lr, s.scalar_lr, s.tied_embed_lr, s.muon_momentum, s.max_wallclock_seconds) == \
@@ -59,10 +59,10 @@ def test_script_exits_with_the_error_and_no_traceback(tmp_path):
 
 
 def test_lr_warmdown_follows_whichever_end_comes_first():
-    by_steps = Settings(iterations=1000, warmdown_iters=100, max_wallclock_seconds=0)
+    by_steps = Settings.for_preset("baseline", iterations=1000, warmdown_iters=100, max_wallclock_seconds=0)
     assert train_gpt.lr_multiplier(800, 0, by_steps) == 1.0
     assert train_gpt.lr_multiplier(950, 0, by_steps) == pytest.approx(0.5)
-    by_clock = Settings(iterations=10**6, warmdown_iters=100, max_wallclock_seconds=10)
+    by_clock = Settings.for_preset("baseline", iterations=10**6, warmdown_iters=100, max_wallclock_seconds=10)
     # 10 ms per step so far: 100 warmdown steps take 1000 ms, so the warmdown starts 1 s before the cap.
     assert train_gpt.lr_multiplier(500, 5000, by_clock) == 1.0
     assert train_gpt.lr_multiplier(950, 9500, by_clock) == pytest.approx(0.5)
@@ -70,5 +70,6 @@ def test_lr_warmdown_follows_whichever_end_comes_first():
 
 
 def test_muon_momentum_warms_up_linearly():
-    s = Settings(muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500)
+    s = Settings.for_preset("baseline", muon_momentum=0.95, muon_momentum_warmup_start=0.85,
+                            muon_momentum_warmup_steps=500)
     assert [train_gpt.muon_momentum(k, s) for k in (0, 250, 500, 900)] == pytest.approx([0.85, 0.90, 0.95, 0.95])

@@ -1,0 +1,125 @@
+"""CPU evidence: PRESET=strong vs PRESET=baseline at equal tiny size and equal steps, over several seeds.
+
+    python3 bench/compare_presets.py                        # 3 seeds, the fineweb split, ~12 minutes on 2 cores
+    python3 bench/compare_presets.py --splits shakespeare --seeds 1337 1338
+
+Data (built in a temporary folder from ../shared/data, tokenized with the published sp1024):
+- `fineweb` (default): the FineWeb-Edu sample's paragraphs, the first 80% for training and the last 20% for
+  validation: disjoint documents of the challenge's own distribution.
+- `shakespeare`: train on tiny-shakespeare, validate on the whole FineWeb-Edu sample; the validation text
+  is another domain, so it measures transfer to it as much as modelling.
+300 steps of 2048 tokens read the fineweb split's 304K training tokens twice.
+
+Both presets get the same size overrides (layers, width, heads, MLP, sequence, batch, steps). Each preset's
+step-counted constants, set for a 8xH100 run, are mapped to this run's length so both keep the shape they
+have there: the baseline's WARMDOWN_ITERS 1200 and MUON_MOMENTUM_WARMUP_STEPS 500 of its 13,780 steps, and
+the strong default's EMA horizon (decay 0.997, ~333 steps of ~5,000). The strong default's layer choices are
+mapped to 4 layers in proportion (RECUR_LAYERS 4,5 of 11 -> 1,2 of 4; PARALLEL_LAST_N 4 of 11 -> 1;
+ROPE_DIMS 16 of 64 head dims -> 8 of 32).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "data"))
+from shard_io import write_shard  # noqa: E402
+
+SIZE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, TRAIN_SEQ_LEN=256,
+            TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=65536, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=100, WARMUP_STEPS=0,
+            MAX_WALLCLOCK_SECONDS=0, DEVICE="cpu", VOCAB_SIZE=1024)
+
+
+def preset_overrides(preset: str, iterations: int) -> dict:
+    if preset == "baseline":
+        return dict(WARMDOWN_ITERS=round(1200 / 13780 * iterations),
+                    MUON_MOMENTUM_WARMUP_STEPS=round(500 / 13780 * iterations))
+    ema_steps = 333 / 5000 * iterations  # the same horizon 1 / (1 - decay) as a fraction of training
+    return dict(EMA_DECAY=f"{1 - 1 / ema_steps:.4f}", RECUR_LAYERS="1,2", PARALLEL_LAST_N=1, ROPE_DIMS=8)
+
+
+def write_documents(folder: Path, split: str, docs_ids: list[list[int]]) -> int:
+    stream = np.concatenate([np.concatenate(([1], ids)) for ids in docs_ids]).astype(np.uint16)
+    write_shard(folder / f"fineweb_{split}_000000.bin", stream)
+    return stream.size
+
+
+def build_split(name: str, root: Path, sp) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    fineweb = [line for line in (SHARED / "fineweb_sample" / "fineweb_edu_sample10BT_prefix_1Mchars.txt")
+               .read_text(encoding="utf-8").split("\n") if line.strip()]
+    if name == "shakespeare":
+        plays = (SHARED / "fallback" / "tinyshakespeare_input.txt").read_text(encoding="utf-8")
+        train_docs, val_docs = [p for p in plays.split("\n\n") if p.strip()], fineweb
+    else:
+        cut = len(fineweb) * 4 // 5
+        train_docs, val_docs = fineweb[:cut], fineweb[cut:]
+    n_train = write_documents(folder, "train", sp.encode(train_docs))
+    n_val = write_documents(folder, "val", sp.encode(val_docs))
+    print(f"split {name}: train {n_train} tokens ({len(train_docs)} docs), val {n_val} tokens ({len(val_docs)} docs)",
+          flush=True)
+    return folder
+
+
+def run(preset: str, seed: int, data: Path, iterations: int, workdir: Path) -> dict:
+    run_id = f"{data.name}_{preset}_{seed}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update({k: str(v) for k, v in {**SIZE, **preset_overrides(preset, iterations)}.items()})
+    env.update(PRESET=preset, SEED=str(seed), ITERATIONS=str(iterations), RUN_ID=run_id, DATA_PATH=str(data),
+               TOKENIZER_PATH=str(SHARED / "tokenizers" / "fineweb_1024_bpe.model"))
+    t0 = time.time()
+    result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=workdir,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{run_id} failed:\n{result.stderr[-3000:]}")
+    log = (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").split("\nend_of_source\n", 1)[1]
+    loss, bpb = map(float, re.search(r"^final_\w+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", log, re.M).groups())
+    pre = float(re.findall(rf"^step:{iterations}/{iterations} val_loss:\S+ val_bpb:(\S+)", log, re.M)[-1])
+    size = int(re.search(r"^Serialized model \S+: (\d+) bytes", log, re.M).group(1))
+    row = dict(val_loss=loss, val_bpb=bpb, pre_export_bpb=pre, model_bytes=size, seconds=time.time() - t0)
+    print(f"{run_id}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+          flush=True)
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--splits", nargs="+", default=["fineweb"], choices=["fineweb", "shakespeare"])
+    args = parser.parse_args()
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(SHARED / "tokenizers" / "fineweb_1024_bpe.model"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        table = ["| split | preset | final val_loss | final val_bpb (sliding for strong) | pre-export val_bpb (plain) "
+                 "| model bytes |", "|---|---|---|---|---|---|"]
+        for split in args.splits:
+            data = build_split(split, root, sp)
+            for preset in ("baseline", "strong"):
+                rows = [run(preset, seed, data, args.iterations, root) for seed in args.seeds]
+                columns = [mean_std([r[k] for r in rows]) for k in ("val_loss", "val_bpb", "pre_export_bpb")]
+                table.append(f"| {split} | {preset} | {' | '.join(columns)} "
+                             f"| {statistics.mean(r['model_bytes'] for r in rows):,.0f} |")
+    print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.iterations} steps, size {SIZE}\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
