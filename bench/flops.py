@@ -5,6 +5,9 @@ take part in a matrix multiply for every token:
 
     flops_per_token = 6 * N_matmul + 6 * L * T * d
 
+L counts block passes: NUM_LAYERS, plus the RECUR_LAYERS blocks once depth recurrence is on (they run a
+second time with the same weights, so their matrices count twice in N_matmul as well).
+
 Matrix multiplies, 6 * N_matmul. A weight of m x n entries costs 2*m*n FLOPs per token forward (one
 multiply and one add per entry) and 4*m*n backward (the gradient of the input and of the weight),
 so 6 FLOPs per parameter. N_matmul is, per block, c_q (d x d), c_k and c_v (d x kv each, kv =
@@ -39,25 +42,30 @@ PEAK_BF16_DENSE_TFLOPS = (
 )
 
 
-def matmul_params(settings) -> int:
+def block_passes(settings, recurrence: bool = False) -> int:
+    """Blocks run per token: every block once, the RECUR_LAYERS blocks twice while recurrence is on."""
+    return settings.num_layers + (len(settings.recur_layer_ids) if recurrence else 0)
+
+
+def matmul_params(settings, recurrence: bool = False) -> int:
     """N_matmul: the parameters that a matrix multiply uses for every token (the head included)."""
     s = settings
     head_dim = s.model_dim // s.num_heads
     kv_dim = s.num_kv_heads * head_dim
     attention = s.model_dim * s.model_dim + 2 * s.model_dim * kv_dim + s.model_dim * s.model_dim
     mlp = 2 * s.model_dim * (s.mlp_mult * s.model_dim)
-    return s.num_layers * (attention + mlp) + s.vocab_size * s.model_dim
+    return block_passes(s, recurrence) * (attention + mlp) + s.vocab_size * s.model_dim
 
 
-def attention_flops_per_token(settings) -> int:
+def attention_flops_per_token(settings, recurrence: bool = False) -> int:
     """Causal QK^T and AV, forward + backward: 6 * L * T * d."""
     s = settings
-    return 6 * s.num_layers * s.train_seq_len * s.model_dim
+    return 6 * block_passes(s, recurrence) * s.train_seq_len * s.model_dim
 
 
-def flops_per_token(settings) -> int:
+def flops_per_token(settings, recurrence: bool = False) -> int:
     """Model FLOPs of one trained token, forward + backward: 6 * N_matmul + 6 * L * T * d."""
-    return 6 * matmul_params(settings) + attention_flops_per_token(settings)
+    return 6 * matmul_params(settings, recurrence) + attention_flops_per_token(settings, recurrence)
 
 
 def peak_tflops(device_type: str, device_name: str, override: float = 0.0) -> tuple[float | None, str | None]:

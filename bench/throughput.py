@@ -44,6 +44,8 @@ class BenchKnobs:
     steps: int = 20  # BENCH_STEPS: timed optimizer steps
     warmup_steps: int = 5  # BENCH_WARMUP_STEPS: untimed steps before them
     peak_tflops: float = 0.0  # BENCH_PEAK_TFLOPS: peak of one device for MFU; 0 = the device table
+    progress: float = 0.0  # BENCH_PROGRESS: the training progress (0..1) the steps run at, e.g. 0.6 to time
+    #                         the phase after depth recurrence switches on (RECUR_START_FRAC)
 
     @classmethod
     def from_env(cls, env=os.environ) -> BenchKnobs:
@@ -56,6 +58,7 @@ class BenchKnobs:
         train_gpt.require(knobs.warmup_steps >= 0, "BENCH_WARMUP_STEPS", knobs.warmup_steps, "a whole number >= 0")
         train_gpt.require(knobs.peak_tflops >= 0, "BENCH_PEAK_TFLOPS", knobs.peak_tflops,
                           "a number >= 0 (TFLOP/s of one device; 0 = look the device up)")
+        train_gpt.require(0 <= knobs.progress <= 1, "BENCH_PROGRESS", knobs.progress, "a fraction in [0, 1]")
         return knobs
 
 
@@ -76,8 +79,8 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def time_steps(trainer: train_gpt.Trainer, runtime: train_gpt.Runtime, first_step: int,
-               steps: int) -> tuple[list[float], float]:
+def time_steps(trainer: train_gpt.Trainer, runtime: train_gpt.Runtime, first_step: int, steps: int,
+               progress: float) -> tuple[list[float], float]:
     """Milliseconds of each step, and of all of them on the wall clock between two device syncs.
     CUDA: events between steps, so that no host sync happens inside the timed region (train_gpt.train
     does not sync per step either on one GPU); elsewhere the host clock with a sync after each step."""
@@ -87,7 +90,7 @@ def time_steps(trainer: train_gpt.Trainer, runtime: train_gpt.Runtime, first_ste
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         marks[0].record()
         for i in range(steps):
-            trainer.step(first_step + i, 1.0)
+            trainer.step(first_step + i, 1.0, progress)
             marks[i + 1].record()
         runtime.sync()
         step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
@@ -95,7 +98,7 @@ def time_steps(trainer: train_gpt.Trainer, runtime: train_gpt.Runtime, first_ste
         step_ms = []
         for i in range(steps):
             t = time.perf_counter()
-            trainer.step(first_step + i, 1.0)
+            trainer.step(first_step + i, 1.0, progress)
             runtime.sync()
             step_ms.append(1000 * (time.perf_counter() - t))
     return step_ms, 1000 * (time.perf_counter() - t_start)
@@ -125,11 +128,11 @@ def measure(settings: train_gpt.Settings, runtime: train_gpt.Runtime, knobs: Ben
     s = dataclasses.replace(s, data_path=str(token_folder))
     trainer = train_gpt.Trainer(s, rt)
     for step in range(knobs.warmup_steps):
-        trainer.step(step, 1.0)
+        trainer.step(step, 1.0, knobs.progress)
     rt.sync()
     if rt.device.type == "cuda":  # the peak of the timed steps, not of compilation
         torch.cuda.reset_peak_memory_stats(rt.device)
-    step_ms, wall_ms = time_steps(trainer, rt, knobs.warmup_steps, knobs.steps)
+    step_ms, wall_ms = time_steps(trainer, rt, knobs.warmup_steps, knobs.steps, knobs.progress)
     per_rank = step_ms + [wall_ms] + peak_memory_mib(rt)
     if rt.distributed:  # a step ends when its slowest rank ends; memory: the fullest rank
         reduced = torch.tensor(per_rank, dtype=torch.float64, device=rt.device)
@@ -141,7 +144,8 @@ def measure(settings: train_gpt.Settings, runtime: train_gpt.Runtime, knobs: Ben
     tokens_per_s = s.train_batch_tokens / (median / 1000)
     tokens_per_s_per_device = tokens_per_s / rt.world_size
     name = device_name(rt.device)
-    flops = flops_per_token(s)
+    recurrence = trainer.model.recurrence_active
+    flops = flops_per_token(s, recurrence)
     peak, peak_source = peak_tflops(rt.device.type, name, knobs.peak_tflops)
     mfu = model_flops_utilisation(flops, tokens_per_s_per_device, peak)
     mib = [None if m != m else round(m, 1) for m in memory]  # NaN -> null
@@ -158,6 +162,7 @@ def measure(settings: train_gpt.Settings, runtime: train_gpt.Runtime, knobs: Ben
         },
         "bench_steps": knobs.steps,
         "bench_warmup_steps": knobs.warmup_steps,
+        "bench_progress": knobs.progress,
         "ms_per_step": {"median": round(median, 3), "mean": round(wall_ms / knobs.steps, 3),
                         "min": round(min(step_ms), 3), "max": round(max(step_ms), 3),
                         "p10": round(p10, 3), "p90": round(p90, 3)},
@@ -165,7 +170,8 @@ def measure(settings: train_gpt.Settings, runtime: train_gpt.Runtime, knobs: Ben
         "tokens_per_s_per_device": round(tokens_per_s_per_device, 1),
         "peak_memory_mib": {"cuda_max_allocated": mib[0], "cuda_max_reserved": mib[1], "process_rss": mib[2]},
         "model_params": sum(p.numel() for p in trainer.model.parameters()),
-        "matmul_params": matmul_params(s),
+        "depth_recurrence": recurrence,
+        "matmul_params": matmul_params(s, recurrence),
         "flops_per_token": flops,
         "model_tflops_per_s_per_device": round(flops * tokens_per_s_per_device / 1e12, 4),
         "peak_tflops_per_device": peak,

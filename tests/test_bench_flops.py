@@ -9,9 +9,10 @@ from bench.flops import (attention_flops_per_token, flops_per_token, matmul_para
                          peak_tflops)
 from train_gpt import GPT, Settings
 
-BASELINE = Settings()  # SPEC.md: 9 x 512, 8 heads, 4 KV heads, MLP 2x, vocab 1024, seq 1024, tied
+BASELINE = Settings.for_preset("baseline")  # SPEC.md: 9 x 512, 8 heads, 4 KV heads, MLP 2x, vocab 1024, seq 1024, tied
 # An 11 x 512 model with MLP 3x, vocab 8192, seq 2048 and an untied head.
-WIDE_UNTIED = Settings(num_layers=11, mlp_mult=3, vocab_size=8192, train_seq_len=2048, tie_embeddings=0)
+WIDE_UNTIED = Settings.for_preset("baseline", num_layers=11, mlp_mult=3, vocab_size=8192, train_seq_len=2048,
+                                  tie_embeddings=0)
 
 
 def test_matmul_params_of_the_baseline():
@@ -99,3 +100,11 @@ def test_peak_tflops_by_device_name(device_type, name, expected):
 def test_bench_peak_tflops_overrides_the_table_and_serves_cpus():
     assert peak_tflops("cuda", "NVIDIA H100 80GB HBM3", 500.0) == (500.0, "BENCH_PEAK_TFLOPS")
     assert peak_tflops("cpu", "AMD EPYC", 2.5) == (2.5, "BENCH_PEAK_TFLOPS")
+
+
+def test_depth_recurrence_counts_the_rerun_blocks_twice():
+    strong = Settings()  # 11 x 512, MLP 3x, seq 2048, RECUR_LAYERS=4,5
+    block = 512 * 512 * 2 + 512 * 256 * 2 + 512 * 1536 * 2  # 2,359,296
+    assert matmul_params(strong) == 11 * block + 1024 * 512
+    assert matmul_params(strong, recurrence=True) == 13 * block + 1024 * 512
+    assert attention_flops_per_token(strong, recurrence=True) == 6 * 13 * 2048 * 512

@@ -14,6 +14,7 @@ from train_gpt import SettingsError
 BENCH_ENV = {**TINY_MODEL_ENV, "VOCAB_SIZE": "512", "BENCH_STEPS": "3", "BENCH_WARMUP_STEPS": "1",
              "OMP_NUM_THREADS": "1", "DATA_PATH": "/nonexistent/real/data"}  # the bench must not read it
 FIELDS = {"device", "world_size", "grad_accum_steps", "settings", "bench_steps", "bench_warmup_steps",
+          "bench_progress", "depth_recurrence",
           "ms_per_step", "tokens_per_s", "tokens_per_s_per_device", "peak_memory_mib", "model_params",
           "matmul_params", "flops_per_token", "model_tflops_per_s_per_device", "peak_tflops_per_device",
           "peak_tflops_source", "mfu", "tokens", "torch"}
@@ -73,6 +74,16 @@ def test_reports_the_trainers_settings_and_layout(one_process):
     # parameters; + 2 x (64 + 64 + 128 + 4) + 64 control = 584: 90,696 in all.
     assert report["matmul_params"] == 90_112 and report["model_params"] == 90_696
     assert report["flops_per_token"] == 6 * 90_112 + 6 * 2 * 64 * 64
+    assert report["bench_progress"] == 0.0 and report["depth_recurrence"] is False
+
+
+def test_late_progress_times_the_depth_recurrence_phase_and_counts_its_flops(tmp_path):
+    report = only_json_line(run_bench(tmp_path, nproc=1, cwd=REPO, PRESET="strong", RECUR_LAYERS="1",
+                                      BENCH_PROGRESS="0.6", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024"))
+    assert report["depth_recurrence"] is True
+    # Block 1 runs twice: 3 block passes of 64x64 x 2 + 64x32 x 2 + 64x128 x 2 (MLP_MULT=2) = 28,672 each.
+    assert report["matmul_params"] == 3 * 28_672 + 512 * 64
+    assert report["flops_per_token"] == 6 * (3 * 28_672 + 512 * 64) + 6 * 3 * 64 * 64
 
 
 def test_step_times_are_positive_and_ordered(one_process):
