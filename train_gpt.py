@@ -297,21 +297,23 @@ NS_COEFFS = {  # (a, b, c) of the quintic a X + b (X X^T) X + c (X X^T)^2 X, per
 
 
 def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7, coeffs=NS_COEFFS["fixed"]) -> Tensor:
-    """Approximately U V^T of G = U S V^T, by quintic Newton-Schulz iterations."""
-    X = G / (G.norm() + eps)
-    transposed = X.size(0) > X.size(1)
+    """Approximately U V^T of G = U S V^T, by quintic Newton-Schulz iterations; G may be a batch (..., m, n)."""
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T
+        X = X.mT
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
     """Momentum SGD whose update is orthogonalised; ranks split the orthogonalisation work.
-    Optionally the rows of the update are normalised first, and the weights decay (decoupled)."""
+    Optionally the rows of the update are normalised first, and the weights decay (decoupled).
+    Speed: same-shaped matrices are orthogonalised in one batched call (a few large kernels instead of
+    many small ones), each rank taking every world_size-th matrix of each shape."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int, world_size: int,
                  ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize, row_norm: bool = False,
@@ -324,27 +326,36 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=self.ns_dtype)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    if group["row_norm"]:  # equal-norm rows: every output unit gets a comparable step
-                        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = self.orthogonalize(g.to(self.ns_dtype), group["backend_steps"])
-                    g = g * max(1, g.size(0) / g.size(1)) ** 0.5  # same RMS step size for tall matrices
-                    updates[offset:offset + p.numel()] = g.reshape(-1)
-                offset += p.numel()
+            offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
+            updates = torch.zeros(offsets[-1], device=params[0].device, dtype=self.ns_dtype)
+            for shape, indices in same_shape_indices(params).items():
+                mine = [i for i in indices[self.rank::self.world_size] if params[i].grad is not None]
+                if not mine:
+                    continue
+                grads = [params[i].grad for i in mine]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                g = torch.stack(grads).add_(torch.stack(bufs), alpha=group["momentum"])  # Nesterov
+                if group["row_norm"]:  # equal-norm rows: every output unit gets a comparable step
+                    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                g = self.orthogonalize(g.to(self.ns_dtype), group["backend_steps"])
+                g = g * max(1, shape[0] / shape[1]) ** 0.5  # same RMS step size for tall matrices
+                for update, i in zip(g, mine):
+                    updates[offsets[i]:offsets[i + 1]] = update.reshape(-1)
             if self.world_size > 1:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                if group["weight_decay"] > 0:  # shrinks weights towards 0: smaller, more compressible rows
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            if group["weight_decay"] > 0:  # shrinks weights towards 0: smaller, more compressible rows
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            steps = [updates[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype) for i, p in enumerate(params)]
+            torch._foreach_add_(params, steps, alpha=-group["lr"])
+
+
+def same_shape_indices(params: list[Tensor]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(tuple(p.shape), []).append(i)
+    return groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,12 +431,12 @@ class TrainBatchLoader:
         self.micro_seqs = self.batch_tokens // (self.seq_len * runtime.world_size * runtime.grad_accum_steps)
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
-        block = torch.from_numpy(self.stream.take(self.batch_tokens + 1).astype(np.int64))
+        block = self.stream.take(self.batch_tokens + 1)
         span = self.micro_seqs * self.seq_len
         batches = []
         for micro in range(self.rt.grad_accum_steps):
             start = (micro * self.rt.world_size + self.rt.rank) * span
-            local = block[start:start + span + 1]
+            local = torch.from_numpy(block[start:start + span + 1].astype(np.int64))  # only this rank's part
             if self.rt.device.type == "cuda":
                 local = local.pin_memory().to(self.rt.device, non_blocking=True)
             else:
@@ -871,7 +882,7 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
     orthogonalize = partial(newton_schulz_orthogonalize, coeffs=NS_COEFFS[s.muon_ns_coeffs])
     muon = Muon(matrices, s.matrix_lr, s.muon_momentum, s.muon_backend_steps, runtime.rank, runtime.world_size,
                 ns_dtype=runtime.compute_dtype,
-                orthogonalize=torch.compile(orthogonalize) if runtime.compile else orthogonalize,
+                orthogonalize=torch.compile(orthogonalize, dynamic=False) if runtime.compile else orthogonalize,
                 row_norm=bool(s.muon_row_norm), weight_decay=s.muon_weight_decay)
     for group in muon.param_groups:
         group["base_lr"] = s.matrix_lr
@@ -1091,7 +1102,7 @@ def train(settings: Settings, runtime: Runtime) -> None:
     ledger["warmup_compile"] = 1000 * (time.perf_counter() - t_start)
 
     training_ms, validation_ms, step, stop_after = 0.0, 0.0, 0, None
-    max_wallclock_ms = 1000 * s.max_wallclock_seconds
+    wallclock = WallclockStop(s, rt)
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -1127,7 +1138,7 @@ def train(settings: Settings, runtime: Runtime) -> None:
                 train_loss /= rt.world_size
             log(f"step:{step}/{s.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms")
-        if max_wallclock_ms > 0 and reached_wallclock_cap(elapsed_ms >= max_wallclock_ms, rt):
+        if wallclock.should_stop(step, elapsed_ms):
             stop_after = step
     ledger["training"], ledger["validation"] = training_ms, validation_ms
     log_peak_memory(log, rt)
@@ -1136,13 +1147,35 @@ def train(settings: Settings, runtime: Runtime) -> None:
     log("time_ledger " + " ".join(f"{k}:{v:.0f}ms" for k, v in ledger.items()))
 
 
-def reached_wallclock_cap(reached_here: bool, runtime: Runtime) -> bool:
-    """Every rank must stop at the same step, so the slowest clock decides."""
-    if not runtime.distributed:
-        return reached_here
-    reached = torch.tensor(int(reached_here), device=runtime.device)
-    dist.all_reduce(reached, op=dist.ReduceOp.MAX)
-    return bool(reached.item())
+class WallclockStop:
+    """Picks the last step, the same on every rank: the one after which the steps that may still run would
+    cross MAX_WALLCLOCK_SECONDS, so that train_time stays within the cap. Ranks vote and the slowest clock
+    decides; a vote is read one step later, when it has long arrived, so the host never waits here."""
+
+    def __init__(self, settings: Settings, runtime: Runtime):
+        self.cap_ms, self.rt, self.pending = 1000 * settings.max_wallclock_seconds, runtime, None
+        # Steps that may still end after a vote: the next one, one queued ahead of the device, and with
+        # several ranks one more while the vote is in flight.
+        self.margin_steps = 3 if runtime.distributed else 2
+
+    def should_stop(self, step: int, elapsed_ms: float) -> bool:
+        if self.cap_ms <= 0:
+            return False
+        reached = elapsed_ms * (1 + self.margin_steps / step) >= self.cap_ms
+        if not self.rt.distributed:
+            return reached
+        vote = torch.full((), int(reached), dtype=torch.int32, device=self.rt.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        vote = vote.to("cpu", non_blocking=True)  # into pinned memory, without waiting for the device
+        arrived = torch.cuda.Event() if self.rt.device.type == "cuda" else None
+        if arrived is not None:
+            arrived.record()
+        previous, self.pending = self.pending, (vote, arrived)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return bool(previous[0])
 
 
 def log_peak_memory(log: RunLog, runtime: Runtime) -> None:

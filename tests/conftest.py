@@ -1,8 +1,8 @@
 """Shared test fixtures: a tiny dataset built from the repository's own text, and a trainer launcher."""
 from __future__ import annotations
 
-import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +93,23 @@ def run_trainer(env: dict, cwd, nproc: int = 1, timeout: float = 300) -> subproc
 
 def read_log(cwd, run_id: str) -> str:
     return (Path(cwd) / "logs" / f"{run_id}.txt").read_text(encoding="utf-8")
+
+
+def script_at_commit(commit: str, destination: Path) -> Path:
+    """train_gpt.py as it was at `commit` (from git history), written to `destination`; skips without it."""
+    original = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:train_gpt.py"], capture_output=True,
+                              text=True)
+    if original.returncode != 0:
+        pytest.skip(f"commit {commit[:8]} of train_gpt.py is not in this checkout")
+    destination.write_text(original.stdout)
+    return destination
+
+
+def score_lines(script: Path, env: dict, cwd) -> list[str]:
+    """The losses and scores a run prints (not its timings), for comparing two versions of the trainer."""
+    result = subprocess.run([sys.executable, str(script)], env=env, cwd=cwd, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    score = re.compile(r"^(step:\d+/\d+ train_loss:\S+|step:\d+/\d+ val_loss:\S+ val_bpb:\S+|"
+                       r"final_\w+_roundtrip(_exact)? val_loss:\S+ val_bpb:\S+)")
+    return [m.group(1) for line in result.stdout.splitlines() if (m := score.match(line))]
