@@ -481,12 +481,17 @@ def load_validation_split(settings: Settings) -> ValidationSplit:
 @dataclass
 class ByteTable:
     """Per token id: UTF-8 bytes of its piece without the leading-space marker, whether it has that
-    marker (one more byte unless the previous token is a boundary), and whether it is a boundary."""
-    base_bytes: np.ndarray
-    has_leading_space: np.ndarray
-    is_boundary: np.ndarray
+    marker (one more byte unless the previous token is a boundary), and whether it is a boundary.
+    numpy arrays as built; `on(device)` gives the same table as tensors, for ids that are tensors."""
+    base_bytes: np.ndarray | Tensor
+    has_leading_space: np.ndarray | Tensor
+    is_boundary: np.ndarray | Tensor
 
-    def target_bytes(self, prev_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+    def on(self, device: torch.device) -> ByteTable:
+        return ByteTable(*(torch.from_numpy(a).to(device) for a in (self.base_bytes, self.has_leading_space,
+                                                                      self.is_boundary)))
+
+    def target_bytes(self, prev_ids, target_ids):
         return self.base_bytes[target_ids] + (self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids])
 
 
@@ -535,10 +540,7 @@ class Evaluator:
 
     def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime):
         self.split, self.settings, self.rt = split, settings, runtime
-        dev = runtime.device
-        self.base_bytes = torch.from_numpy(table.base_bytes).to(dev)
-        self.has_leading_space = torch.from_numpy(table.has_leading_space).to(dev)
-        self.is_boundary = torch.from_numpy(table.is_boundary).to(dev)
+        self.table = table.on(runtime.device)
         seq_len = settings.train_seq_len
         self.batch_seqs = settings.val_batch_size // (seq_len * runtime.world_size * runtime.grad_accum_steps)
 
@@ -578,12 +580,8 @@ class Evaluator:
             inputs, targets = windows[:, :-1], windows[:, 1:]
             new = torch.from_numpy(new_targets[start:end]).to(rt.device)
             scored = (positions[None, :] >= seq_len - new[:, None]).double()
-            yield model(inputs, targets), self.target_bytes(inputs, targets), scored
+            yield model(inputs, targets), self.table.target_bytes(inputs, targets), scored
         model.train(was_training)
-
-    def target_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
-        leading_space = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
-        return self.base_bytes[target_ids] + leading_space.long()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -963,7 +961,6 @@ class Trainer:
     def __init__(self, settings: Settings, runtime: Runtime):
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
-        np.random.seed(settings.seed)
         self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
         self.compiled = torch.compile(self.model, dynamic=False) if runtime.compile else self.model
         self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
@@ -1246,9 +1243,13 @@ def main() -> None:
     except (TrainingDiverged, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:
-        if dist.is_initialized():
-            gc.collect()  # DDP's reducer sits in reference cycles: free it while its process group exists
-            dist.destroy_process_group()
+        close_process_group()
+
+
+def close_process_group() -> None:
+    if dist.is_initialized():
+        gc.collect()  # DDP's reducer sits in reference cycles: free it while its process group exists
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

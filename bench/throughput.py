@@ -14,7 +14,6 @@ on stdout; bench/README.md explains every field and bench/flops.py the FLOP coun
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -195,9 +194,7 @@ def main() -> None:
         if runtime.is_master:
             print(json.dumps(result), flush=True)
     finally:
-        if dist.is_initialized():
-            gc.collect()  # DDP's reducer sits in reference cycles: free it while its process group exists
-            dist.destroy_process_group()
+        train_gpt.close_process_group()
 
 
 if __name__ == "__main__":
