@@ -67,7 +67,6 @@ class Settings:
     val_loss_every: int = 1000
     train_log_every: int = 200
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
-    # Schedule and batch.
     eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
     # Schedule and batch.
     iterations: int = 20_000
@@ -175,7 +174,8 @@ class Settings:
         ids = s.recur_layer_ids
         require(ids == list(range(ids[0], ids[0] + len(ids))) and ids[-1] < s.num_layers if ids else True,
                 "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
-        require(s.rope_dims % 2 == 0, "ROPE_DIMS", s.rope_dims, "even (rotary embeddings rotate pairs)")
+        require(s.rope_dims % 2 == 0 and s.rope_dims <= s.model_dim // s.num_heads, "ROPE_DIMS", s.rope_dims,
+                f"even (rotary embeddings rotate pairs) and at most the head dim {s.model_dim // s.num_heads}")
         for name in ("rope_base", "logit_softcap", "adam_eps"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
         require("/" not in s.run_id and "\\" not in s.run_id, "RUN_ID", s.run_id, "a name without path separators")
