@@ -174,8 +174,6 @@ class Settings:
         ids = s.recur_layer_ids
         require(ids == list(range(ids[0], ids[0] + len(ids))) and ids[-1] < s.num_layers if ids else True,
                 "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
-        require(s.rope_dims % 2 == 0 and s.rope_dims <= s.model_dim // s.num_heads, "ROPE_DIMS", s.rope_dims,
-                f"even (rotary embeddings rotate pairs) and at most the head dim {s.model_dim // s.num_heads}")
         for name in ("rope_base", "logit_softcap", "adam_eps"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
         require("/" not in s.run_id and "\\" not in s.run_id, "RUN_ID", s.run_id, "a name without path separators")
@@ -186,6 +184,8 @@ class Settings:
                 "such that MODEL_DIM / NUM_HEADS is even (rotary embeddings rotate pairs)")
         require(s.num_heads % s.num_kv_heads == 0, "NUM_KV_HEADS", s.num_kv_heads,
                 f"a divisor of NUM_HEADS={s.num_heads}")
+        require(s.rope_dims % 2 == 0 and s.rope_dims <= s.model_dim // s.num_heads, "ROPE_DIMS", s.rope_dims,
+                f"even (rotary embeddings rotate pairs) and at most the head dim {s.model_dim // s.num_heads}")
 
     def check_batch_layout(self, world_size: int, grad_accum_steps: int) -> None:
         """The global batch must split evenly into sequences per rank and per accumulation step."""
