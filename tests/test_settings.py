@@ -17,6 +17,7 @@ from train_gpt import Settings, SettingsError
     ({"MODEL_DIM": "500"}, "MODEL_DIM"),  # not a multiple of NUM_HEADS=8
     ({"MODEL_DIM": "48", "NUM_HEADS": "16", "NUM_KV_HEADS": "4"}, "MODEL_DIM"),  # odd head dim: RoPE pairs
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS"),
+    ({"MODEL_DIM": "64", "NUM_HEADS": "8", "NUM_KV_HEADS": "4"}, "ROPE_DIMS"),  # 16 rotary dims, heads of 8
     ({"MUON_MOMENTUM": "1.5"}, "MUON_MOMENTUM"),
     ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
