@@ -559,11 +559,6 @@ class Evaluator:
         val_loss = nats / tokens
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
-    @torch.inference_mode()
-    def token_nats(self, model: nn.Module, stride: int = 0) -> Tensor:
-        """The nats of every token this rank scores, in token order (for tests and analysis)."""
-        return torch.cat([nats[scored.bool()] for nats, _, scored in self.scored_windows(model, stride)])
-
     def scored_windows(self, model: nn.Module, stride: int):
         """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch."""
         seq_len, rt = self.settings.train_seq_len, self.rt

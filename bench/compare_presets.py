@@ -1,6 +1,6 @@
 """CPU evidence: PRESET=strong vs PRESET=baseline at equal tiny size and equal steps, over several seeds.
 
-    python3 bench/compare_presets.py                        # 3 seeds, the fineweb split, ~12 minutes on 2 cores
+    python3 bench/compare_presets.py                        # 3 seeds, the fineweb split, ~8 minutes on 2 cores
     python3 bench/compare_presets.py --splits shakespeare --seeds 1337 1338
 
 Data (built in a temporary folder from ../shared/data, tokenized with the published sp1024):
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO / "data"))
+sys.path[:0] = [str(REPO / "data"), str(REPO / "records")]
+from run_log import read_run_log  # noqa: E402
 from shard_io import write_shard  # noqa: E402
 
 SIZE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, TRAIN_SEQ_LEN=256,
@@ -84,11 +84,9 @@ def run(preset: str, seed: int, data: Path, iterations: int, workdir: Path) -> d
                             capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{run_id} failed:\n{result.stderr[-3000:]}")
-    log = (workdir / "logs" / f"{run_id}.txt").read_text(encoding="utf-8").split("\nend_of_source\n", 1)[1]
-    loss, bpb = map(float, re.search(r"^final_\w+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)", log, re.M).groups())
-    pre = float(re.findall(rf"^step:{iterations}/{iterations} val_loss:\S+ val_bpb:(\S+)", log, re.M)[-1])
-    size = int(re.search(r"^Serialized model \S+: (\d+) bytes", log, re.M).group(1))
-    row = dict(val_loss=loss, val_bpb=bpb, pre_export_bpb=pre, model_bytes=size, seconds=time.time() - t0)
+    scored = read_run_log(workdir / "logs" / f"{run_id}.txt")
+    row = dict(val_loss=scored.val_loss, val_bpb=scored.val_bpb, pre_export_bpb=scored.pre_export_val_bpb,
+               model_bytes=scored.model_bytes, seconds=time.time() - t0)
     print(f"{run_id}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
           flush=True)
     return row

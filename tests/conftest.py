@@ -16,6 +16,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
 
+from build_smoke_dataset import repository_documents  # noqa: E402
+from download_hf_docs_and_tokenize import SPEC_SENTENCEPIECE  # noqa: E402
 from shard_io import write_shard  # noqa: E402
 
 # Settings small enough for a CPU step in milliseconds; tests add what they are about.
@@ -26,20 +28,6 @@ TINY_MODEL_ENV = {
     "MAX_WALLCLOCK_SECONDS": "0", "MUON_MOMENTUM_WARMUP_STEPS": "5", "DEVICE": "cpu",
     "PRESET": "baseline",  # the naive baseline's math; tests of the strong default set PRESET=strong
 }
-SPEC_SENTENCEPIECE = dict(  # the published tokenizers' training settings (SPEC.md)
-    model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-    add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.999,
-)
-
-
-def repo_documents() -> list[str]:
-    """Paragraphs of the repository's own text files: real, varied text that every checkout has."""
-    docs = []
-    for path in sorted(REPO.glob("**/*")):
-        if path.suffix in (".py", ".md") and ".git" not in path.parts:
-            docs += [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 40]
-    return docs
-
 
 def train_sentencepiece(docs: list[str], vocab_size: int, model_prefix: Path) -> Path:
     import sentencepiece as spm
@@ -57,10 +45,11 @@ def write_split_shards(folder: Path, split: str, token_lists: list[np.ndarray], 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
-    """A SentencePiece tokenizer trained on the repository's text, and shards of that text."""
+    """A SentencePiece tokenizer (the published tokenizers' settings) trained on the repository's own text,
+    real and varied text that every checkout has, and shards of that text."""
     import sentencepiece as spm
     root = tmp_path_factory.mktemp("tiny_dataset")
-    docs = repo_documents()
+    docs = repository_documents(REPO)
     vocab_size = 384
     model = train_sentencepiece(docs, vocab_size, root / "tiny_bpe")
     sp = spm.SentencePieceProcessor(model_file=str(model))

@@ -257,11 +257,17 @@ def evaluator(split, settings, table=None) -> train_gpt.Evaluator:
     return train_gpt.Evaluator(split, table, settings, cpu_runtime())
 
 
+@torch.inference_mode()
+def token_nats(evaluator: train_gpt.Evaluator, model, stride: int) -> torch.Tensor:
+    """The nats of every token the evaluator scores, in token order."""
+    return torch.cat([nats[scored.bool()] for nats, _, scored in evaluator.scored_windows(model, stride)])
+
+
 def test_sliding_evaluation_with_stride_1_scores_each_token_after_a_full_window():
     settings = tiny(train_seq_len=16, val_batch_size=16 * 5)
     model = perturbed_model(settings)
     tokens = np.random.default_rng(0).integers(0, 96, 3 * 16 + 1)
-    nats = evaluator(split_of(tokens), settings).token_nats(model, stride=1)
+    nats = token_nats(evaluator(split_of(tokens), settings), model, stride=1)
     with torch.no_grad():
         first = F.log_softmax(model.logits(torch.tensor(tokens[None, :16])).double(), -1)[0]
         expected = [-first[j, tokens[j + 1]] for j in range(16)]
@@ -288,8 +294,8 @@ def test_every_eval_mode_is_causal_and_scores_a_normalised_distribution(stride):
     changed = tokens.copy()
     t = 37
     changed[t + 1:] = (changed[t + 1:] + 1 + np.arange(changed.size - t - 1)) % 96
-    before = evaluator(split_of(tokens), settings).token_nats(model, stride)
-    after = evaluator(split_of(changed), settings).token_nats(model, stride)
+    before = token_nats(evaluator(split_of(tokens), settings), model, stride)
+    after = token_nats(evaluator(split_of(changed), settings), model, stride)
     assert before.numel() == 64
     assert torch.equal(before[:t], after[:t])  # targets 0..t-1 are tokens 1..t
     assert not torch.allclose(before[t:], after[t:])
