@@ -16,11 +16,10 @@ split (a record's val_bpb is taken to B's split with B's tokens per byte); else 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-from run_log import (Record, Refusal, ScoredRun, check_same_val_split, read_record, read_run_logs,
+from run_log import (Record, Refusal, ScoredRun, check_same_val_split, nats_per_bpb, read_record, read_run_logs,
                      training_time_check)
 from significance import Difference, mean_difference
 
@@ -49,12 +48,6 @@ def describe_logs(name: str, runs: list[ScoredRun]) -> str:
 
 def group_split(runs: list[ScoredRun]) -> str:
     return runs[0].val_split if len({r.val_split for r in runs}) == 1 else "unknown"
-
-
-def nats_per_bpb(runs: list[ScoredRun]) -> float | None:
-    if any(r.val_loss is None for r in runs):
-        return None
-    return math.log(2) / (sum(r.tokens_per_byte for r in runs) / len(runs))
 
 
 def nats_baseline(a: list[ScoredRun] | Record, b: list[ScoredRun]) -> tuple[float | list[float] | None, str]:

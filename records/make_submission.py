@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from run_log import (TIME_CAP_MS, Record, Refusal, ScoredRun, check_same_val_split, read_record, read_run_logs,
-                     training_time_check)
+from run_log import (TIME_CAP_MS, Record, Refusal, ScoredRun, check_same_val_split, nats_per_bpb, read_record,
+                     read_run_logs, training_time_check)
 from significance import NEEDS_TWO_SEEDS, Difference, mean_difference
 
 TRACKS = ("10min_16mb", "non_record_16mb")
@@ -111,27 +111,25 @@ def check_distinct(runs: list[ScoredRun]) -> None:
 # Significance against the best record (or any baseline).
 
 
-def compare_with_baseline(runs: list[ScoredRun], record: Record, min_delta: float, unit: str,
+def compare_with_baseline(runs: list[ScoredRun], record: Record, unit: str, min_delta: float,
                           alpha: float) -> dict:
     # The record's val_bpb is converted to nats per token of these logs' split, so both sides share
     # one unit, also when the record used another tokenizer; in bpb no conversion is needed.
-    tokens_per_byte = float(np.mean([run.tokens_per_byte for run in runs]))
-    nats_per_bpb = math.log(2) / tokens_per_byte
+    factor = nats_per_bpb(runs)
     if unit == "bpb":
         bpb = mean_difference(record.baseline, [run.val_bpb for run in runs], margin=min_delta)
-        nats, tested = bpb.scaled(nats_per_bpb), bpb
+        nats, tested = bpb.scaled(factor), bpb
     else:
         baseline = record.baseline
-        baseline_nats = ([x * nats_per_bpb for x in baseline] if isinstance(baseline, list)
-                         else baseline * nats_per_bpb)
+        baseline_nats = [x * factor for x in baseline] if isinstance(baseline, list) else baseline * factor
         nats = mean_difference(baseline_nats, [run.val_loss for run in runs], margin=min_delta)
-        bpb, tested = nats.scaled(1 / nats_per_bpb), nats
+        bpb, tested = nats.scaled(1 / factor), nats
     significant = tested.p_beats_margin is not None and tested.p_beats_margin < alpha
     return {
         "baseline": record.describe(),
         "baseline_val_bpb": record.val_bpb,
         "baseline_seeds": len(record.baseline) if isinstance(record.baseline, list) else None,
-        "tokens_per_byte": tokens_per_byte,
+        "tokens_per_byte": math.log(2) / factor,
         "rule": {"unit": unit, "min_delta": min_delta, "alpha": alpha,
                  "h0": f"improvement <= {min_delta} {unit}", "h1": f"improvement > {min_delta} {unit}",
                  "test": tested.test, "t": tested.t_beats_margin, "df": tested.df},
@@ -378,6 +376,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def record_margin(args: argparse.Namespace) -> tuple[str, float]:
+    """(unit, margin) of the record rule: nats per token unless --min-delta-bpb is given."""
+    return ("bpb", args.min_delta_bpb) if args.min_delta_bpb is not None else ("nats", args.min_delta_nats)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -386,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.records_dir / f"track_{args.track}" / folder_name(args.date, args.name)
         if folder.exists() and not args.force:
             raise Refusal(f"{folder} already exists; pass --force to replace it")
-        unit, min_delta = ("bpb", args.min_delta_bpb) if args.min_delta_bpb is not None else ("nats", args.min_delta_nats)
-        comparison = (compare_with_baseline(runs, read_record(args.compare_to), min_delta, unit, args.alpha)
+        comparison = (compare_with_baseline(runs, read_record(args.compare_to), *record_margin(args), args.alpha)
                       if args.compare_to else None)
         summary = submission_summary(args, runs, comparison)
         write_folder(folder, runs, summary, args.force)

@@ -231,14 +231,14 @@ def chosen_score(path: Path, scores: list, score_line: str | None) -> tuple[str,
         chosen = [s for s in scores if s[0] == score_line]
         if not chosen:
             raise Refusal(f"{path}: no '{score_line} ... val_bpb:...' line (--score-line {score_line})")
-    name, number_in_log, line, fields = chosen[-1]
+    name, number_in_file, line, fields = chosen[-1]
     values = {key: number(fields.get(key)) for key in ("val_loss", "val_bpb")}
     if values["val_bpb"] is None or any(v is not None and not (math.isfinite(v) and v > 0) for v in values.values()):
-        raise Refusal(f"{path}: line {number_in_log} {line!r}: the score is not a positive finite number "
+        raise Refusal(f"{path}: line {number_in_file} {line!r}: the score is not a positive finite number "
                       "(a diverged run has no score)")
-    rounded = [s for s in scores if s[0] == name.removesuffix("_exact") and s[1] < number_in_log]
+    rounded = [s for s in scores if s[0] == name.removesuffix("_exact") and s[1] < number_in_file]
     if name.endswith("_exact") and rounded:
-        check_rounding(path, (number_in_log, line), values, rounded[-1])
+        check_rounding(path, (number_in_file, line), values, rounded[-1])
         return name, values, rounded[-1][3]
     return name, values, {}
 
@@ -251,7 +251,7 @@ def check_rounding(path: Path, exact: tuple[int, str], values: dict, rounded: tu
         if exact_value is None or number(printed) is None:
             continue
         decimals = len(printed.partition(".")[2])
-        if abs(exact_value - number(printed)) > 0.5 * 10 ** -decimals + 1e-12:
+        if not abs(exact_value - number(printed)) <= 0.5 * 10 ** -decimals + 1e-12:  # nan printed: never
             raise Refusal(f"{path}: line {exact[0]} {exact[1]!r} contradicts line {rounded_number} "
                           f"{rounded_line!r}: {key} {exact_value} does not round to {printed} "
                           "(the log was edited)")
@@ -278,6 +278,13 @@ def check_same_val_split(runs: list[ScoredRun]) -> None:
                           f"({run.val_split} vs {known[0].val_split}); all logs must score the same split")
 
 
+def nats_per_bpb(runs: list[ScoredRun]) -> float | None:
+    """ln 2 / (tokens per byte): turns val_bpb into nats per token of these runs' split (None without val_loss)."""
+    if any(run.val_loss is None for run in runs):
+        return None
+    return math.log(2) / (sum(run.tokens_per_byte for run in runs) / len(runs))
+
+
 def training_time_check(run: ScoredRun) -> tuple[str, str | None]:
     """("within", None), ("overshoot", warning) or ("over", the rule broken) for the 10-minute track.
 
@@ -290,12 +297,12 @@ def training_time_check(run: ScoredRun) -> tuple[str, str | None]:
     if ms is None or ms <= TIME_CAP_MS:
         return "within", None
     allowance = 2 * run.step_avg_ms if run.stopped_by_wallclock_cap and run.step_avg_ms else 0.0
-    rule = (f"600,000 ms, or up to two steps more (here 2 x {run.step_avg_ms} ms) for a run that stopped "
-            "on the wallclock cap (the official stop rule's overshoot)")
+    steps = f", here 2 x {run.step_avg_ms} ms" if run.step_avg_ms else ""
     if ms - TIME_CAP_MS <= allowance:
-        return "overshoot", (f"{run.path}: training took {ms:,} ms, {ms - TIME_CAP_MS:,} ms over 600 s: "
-                             f"accepted as the official stop rule's overshoot (limit: {rule})")
-    return "over", f"{run.path}: training took {ms:,} ms, over the 10-minute track's limit of {rule}"
+        return "overshoot", (f"{run.path}: training took {ms:,} ms, {ms - TIME_CAP_MS:,} ms over 600 s: accepted "
+                             f"as the official stop rule's overshoot (at most two steps after a wallclock stop{steps})")
+    return "over", (f"{run.path}: training took {ms:,} ms, over the 10-minute track's limit of {TIME_CAP_MS:,} ms "
+                    f"(or two steps more after a wallclock stop, the official stop rule's overshoot{steps})")
 
 
 def describe_run(run: ScoredRun) -> list[str]:

@@ -123,6 +123,15 @@ def test_reader_takes_the_last_step_line_and_the_scored_format(tmp_path):
     assert run.source == SOURCE.encode()
 
 
+def test_a_later_score_pair_of_the_same_name_is_the_score_with_its_own_eval_time(tmp_path):
+    # a test-time-training score printed after the round trip's, as `final_<format>_roundtrip(_exact)` again
+    ttt = ("final_int8_zlib_roundtrip val_loss:2.0500 val_bpb:1.2126 eval_time:450000ms\n"
+           f"final_int8_zlib_roundtrip_exact val_loss:2.05000000 val_bpb:{bpb_of(2.05):.8f}\n")
+    text = render_log(1, 2.0727).replace("time_ledger", ttt + "time_ledger")
+    run = read_run_log(write_logs(tmp_path, text)[0])
+    assert (run.val_loss, run.val_bpb, run.eval_time_ms) == (2.05, bpb_of(2.05), 450_000)
+
+
 # ----------------------------------------------------------------------------------------------
 # The folder and its contents.
 
@@ -248,7 +257,8 @@ def line_number(text: str, prefix: str) -> int:
 
 def test_refuses_a_nan_score_naming_the_log_and_the_line(tmp_path, capsys):
     # a diverged run: the trainer prints nan in both final lines
-    text = re.sub(r"(final_int8_zlib_roundtrip(?:_exact)? val_loss:)\S+ val_bpb:\S+", r"\1nan val_bpb:nan", render_log(2))
+    text = re.sub(r"(final_int8_zlib_roundtrip(?:_exact)? val_loss:)\S+ val_bpb:\S+", r"\1nan val_bpb:nan",
+                  render_log(2))
     logs = write_logs(tmp_path / "logs", render_log(1), text)
     assert submit(tmp_path, logs) == 2
     err = capsys.readouterr().err
@@ -270,6 +280,12 @@ def test_refuses_an_exact_score_its_rounded_line_contradicts(tmp_path, capsys):
     assert f"contradicts line {rounded_line} 'final_int8_zlib_roundtrip val_loss:2.0727 val_bpb:1.2260" in err
     assert "val_bpb 1.2 does not round to 1.2260" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "records").exists()
+
+
+def test_refuses_an_exact_score_written_over_a_nan_rounded_line(tmp_path, capsys):
+    text = re.sub(r"(final_int8_zlib_roundtrip val_loss:)\S+ val_bpb:\S+", r"\1nan val_bpb:nan", render_log(1))
+    assert submit(tmp_path, write_logs(tmp_path / "logs", text)) == 2
+    assert "val_loss 2.0727 does not round to nan (the log was edited)" in capsys.readouterr().err
 
 
 def test_an_exact_score_that_rounds_to_its_rounded_line_is_accepted(tmp_path):

@@ -134,7 +134,8 @@ def test_newer_step_lines_without_prefix_and_with_spaced_values_are_read(tmp_pat
 
 
 def test_unknown_line_forms_do_not_crash_the_kit_reader(tmp_path):
-    text = render_log(1).replace("step:1/20000 train_loss", "step:1000/10000 loss:3.3 t:91682ms\nstep:1/20000 train_loss")
+    unknown_form = "step:1000/10000 loss:3.3 t:91682ms\n"  # today's reader: KeyError 'train_time'
+    text = render_log(1).replace("step:1/20000 train_loss", unknown_form + "step:1/20000 train_loss")
     assert read_run_log(write_logs(tmp_path, text)[0]).steps == 13_780
 
 
@@ -309,7 +310,8 @@ def test_published_one_sample_test_in_bpb_with_make_submission(tmp_path):
     logs = our_logs(tmp_path, ONE_SAMPLE_SEEDS)
     assert submit(tmp_path, logs, "--compare-to", str(RECORD_BEFORE), "--min-delta-bpb", "0.005") == 0
     comparison = read_summary(tmp_path)["comparison"]
-    assert (comparison["rule"]["unit"], comparison["rule"]["test"], comparison["rule"]["df"]) == ("bpb", "one-sample", 2)
+    rule = comparison["rule"]
+    assert (rule["unit"], rule["min_delta"], rule["test"], rule["df"]) == ("bpb", 0.005, "one-sample", 2)
     assert comparison["rule"]["t"] == pytest.approx(31.42, abs=0.005)
     assert comparison["p_value"] == pytest.approx(0.00051, abs=5e-6) and comparison["significant"]
 
