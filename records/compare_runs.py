@@ -73,7 +73,7 @@ def compare(a: list[ScoredRun] | Record, b: list[ScoredRun], margin: tuple[str, 
     for group in groups:
         check_same_val_split(group)
     lines = [f"A: record {a.describe()}" if isinstance(a, Record) else describe_logs("A", a), describe_logs("B", b)]
-    lines += [f"warning: {note}" for group in groups for run in group if (note := training_time_check(run)[1])]
+    lines += [f"warning: {run.path}: {note}" for group in groups for run in group if (note := training_time_check(run)[1])]
     unit, min_delta = margin or ("bpb", 0.0)
     a_nats, why_no_nats = nats_baseline(a, b)
     if margin and unit == "nats" and a_nats is None:

@@ -62,7 +62,7 @@ def check_run(run: ScoredRun, track: str) -> None:
     if track == "10min_16mb":
         status, note = training_time_check(run)
         if status == "over":
-            raise Refusal(f"{note}; submit to non_record_16mb instead")
+            raise Refusal(f"{run.path}: {note}; submit to non_record_16mb instead")
         if run.eval_time_ms > TIME_CAP_MS:
             raise Refusal(f"{run.path}: evaluation took {run.eval_time_ms:,} ms, over the 10-minute track's "
                           f"limit of {TIME_CAP_MS:,} ms (600 s); submit to non_record_16mb instead")
@@ -178,7 +178,8 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
             "eval_time_under_cap": all(run.eval_time_ms <= TIME_CAP_MS for run in runs),
         },
     }
-    if warnings := [note for run in runs if (note := training_time_check(run)[1]) and args.track == "10min_16mb"]:
+    if warnings := [f"{run.path.name}: {note}" for run in runs
+                    if (note := training_time_check(run)[1]) and args.track == "10min_16mb"]:
         summary["warnings"] = warnings
     if comparison is not None:
         summary["comparison"] = comparison
@@ -244,8 +245,9 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         f"- artifact <= {ARTIFACT_CAP_BYTES:,} bytes: {yes_no[compliance['artifact_under_cap']]}; "
         f"training <= {TIME_CAP_MS // 1000} s: {training_compliance(compliance)}; "
         f"evaluation <= {TIME_CAP_MS // 1000} s: {yes_no[compliance['eval_time_under_cap']]}", "",
-        *(f"- **warning**: {warning}" for warning in summary.get("warnings", [])),
     ]
+    if summary.get("warnings"):
+        lines += [*(f"- **warning**: {warning}" for warning in summary["warnings"]), ""]
     if "comparison" in summary:
         lines += comparison_section(summary["comparison"])
     lines += [
@@ -282,8 +284,9 @@ def comparison_section(comparison: dict) -> list[str]:
     ci = comparison["ci95_nats"]
     return [
         "## Significance", "",
-        f"Compared against {comparison['baseline']}; in nats per token through these logs' "
-        f"{comparison['tokens_per_byte']:.6f} tokens per byte.",
+        f"Compared against {comparison['baseline']}; "
+        + (f"its val_bpb taken to nats per token with these logs' {comparison['tokens_per_byte']:.6f} tokens per byte."
+           if rule["unit"] == "nats" else "tested in bits per byte."),
         "",
         f"- H0: improvement <= {rule['min_delta']} {rule['unit']}; "
         f"H1: improvement > {rule['min_delta']} {rule['unit']}; required: one-sided p < {rule['alpha']} "

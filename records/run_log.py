@@ -286,7 +286,7 @@ def nats_per_bpb(runs: list[ScoredRun]) -> float | None:
 
 
 def training_time_check(run: ScoredRun) -> tuple[str, str | None]:
-    """("within", None), ("overshoot", warning) or ("over", the rule broken) for the 10-minute track.
+    """("within", None), ("overshoot", a warning) or ("over", the rule broken) for the 10-minute track.
 
     The official script reads its clock after queuing each step, before the GPU has finished it,
     and stops after the first step at which that reading is >= 600 s; the train_time it logs is
@@ -299,9 +299,9 @@ def training_time_check(run: ScoredRun) -> tuple[str, str | None]:
     allowance = 2 * run.step_avg_ms if run.stopped_by_wallclock_cap and run.step_avg_ms else 0.0
     steps = f", here 2 x {run.step_avg_ms} ms" if run.step_avg_ms else ""
     if ms - TIME_CAP_MS <= allowance:
-        return "overshoot", (f"{run.path}: training took {ms:,} ms, {ms - TIME_CAP_MS:,} ms over 600 s: accepted "
+        return "overshoot", (f"training took {ms:,} ms, {ms - TIME_CAP_MS:,} ms over 600 s: accepted "
                              f"as the official stop rule's overshoot (at most two steps after a wallclock stop{steps})")
-    return "over", (f"{run.path}: training took {ms:,} ms, over the 10-minute track's limit of {TIME_CAP_MS:,} ms "
+    return "over", (f"training took {ms:,} ms, over the 10-minute track's limit of {TIME_CAP_MS:,} ms "
                     f"(or two steps more after a wallclock stop, the official stop rule's overshoot{steps})")
 
 
