@@ -4,8 +4,9 @@
         --github-id ada --compare-to 1.2244 logs/seed1.txt logs/seed2.txt logs/seed3.txt
 
 writes records/track_<track>/<YYYY-MM-DD>_<Name>/ with the logs, train_gpt.py recovered from
-them, submission.json, README.md and val_bpb.png. It refuses (exit code 2, nothing written)
-when the logs cannot back a valid score; the message names the log and the rule.
+them, submission.json, README.md and val_bpb.png. It refuses (exit code 2, an `error: ...`
+line, nothing written) when the logs cannot back a valid score; the message names the log and the rule.
+Only logs of this kit's train_gpt.py can back a submission (records/README.md, "Logs").
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from run_log import Refusal, ScoredRun, check_same_val_split, read_run_logs
+from run_log import (TIME_CAP_MS, Record, Refusal, ScoredRun, check_same_val_split, nats_per_bpb, read_record,
+                     read_run_logs, training_time_check)
 from significance import NEEDS_TWO_SEEDS, Difference, mean_difference
 
 TRACKS = ("10min_16mb", "non_record_16mb")
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
-TIME_CAP_MS = 600_000            # 10-minute track: training and evaluation, each
 MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
 ALPHA = 0.01                     # ... with a one-sided p-value below this
 FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "val_bpb.png")
@@ -48,6 +49,7 @@ def check_runs(runs: list[ScoredRun], track: str) -> None:
 
 
 def check_run(run: ScoredRun, track: str) -> None:
+    require_kit_log(run)
     if run.val_scope != "full":
         raise Refusal(f"{run.path}: scored only a prefix of the validation split (MAX_VAL_TOKENS); "
                       "a submission needs the full split")
@@ -58,10 +60,31 @@ def check_run(run: ScoredRun, track: str) -> None:
         raise Refusal(f"{run.path}: artifact of {run.artifact_bytes:,} bytes exceeds the cap of "
                       f"{ARTIFACT_CAP_BYTES:,} bytes (code plus compressed model)")
     if track == "10min_16mb":
-        for what, ms in (("training", run.train_time_ms), ("evaluation", run.eval_time_ms)):
-            if ms > TIME_CAP_MS:
-                raise Refusal(f"{run.path}: {what} took {ms:,} ms, over the 10-minute track's limit of "
-                              f"{TIME_CAP_MS:,} ms (600 s); submit to non_record_16mb instead")
+        status, note = training_time_check(run)
+        if status == "over":
+            raise Refusal(f"{run.path}: {note}; submit to non_record_16mb instead")
+        if run.eval_time_ms > TIME_CAP_MS:
+            raise Refusal(f"{run.path}: evaluation took {run.eval_time_ms:,} ms, over the 10-minute track's "
+                          f"limit of {TIME_CAP_MS:,} ms (600 s); submit to non_record_16mb instead")
+
+
+def require_kit_log(run: ScoredRun) -> None:
+    """A submission is built only from the kit's logs: their code and validation split can be verified."""
+    if run.layout != "kit":
+        layout = ("the official script's layout: its source, a line of 100 '=', then the run"
+                  if run.layout == "official" else "no source of the script that ran")
+        raise Refusal(f"{run.path}: not a log of this kit's train_gpt.py ({layout}); make_submission.py builds "
+                      "a submission only from the kit's own logs, which carry a 'source train_gpt.py bytes:N "
+                      "sha256:H' header, the val_split fingerprint and the settings; read other logs with "
+                      "records/run_log.py or compare them with records/compare_runs.py")
+    for value, line_format in ((run.train_time_ms, "step:<s>/<n> ... train_time:<ms>ms"),
+                               (run.val_sha256, "val_split tokens:<N> sha256:<hex> scope:<scope>"),
+                               (run.code_bytes, "Code size: <bytes> bytes"),
+                               (run.artifact_bytes, "Total submission size <format>: <bytes> bytes"),
+                               (run.eval_time_ms, f"{run.score_line.removesuffix('_exact')} ... eval_time:<ms>ms"),
+                               (run.val_loss, f"{run.score_line} val_loss:<x> val_bpb:<x>")):
+        if value is None:
+            raise Refusal(f"{run.path}: no '{line_format}' line")
 
 
 def check_same_source(runs: list[ScoredRun]) -> None:
@@ -88,58 +111,44 @@ def check_distinct(runs: list[ScoredRun]) -> None:
 # Significance against the best record (or any baseline).
 
 
-def baseline_val_bpbs(compare_to: str) -> tuple[float | list[float], str]:
-    """The baseline's val_bpb, exact (a number) or per seed (a list), and a description of it."""
-    try:
-        return float(compare_to), f"val_bpb {float(compare_to)}"
-    except ValueError:
-        pass
-    path = Path(compare_to)
-    summary_path = path if path.name == "submission.json" else path / "submission.json"
-    if not summary_path.is_file():
-        raise Refusal(f"--compare-to {compare_to}: neither a val_bpb number nor a record folder "
-                      "with a submission.json")
-    record = json.loads(summary_path.read_text())
-    seed_bpbs = [seed["val_bpb"] for seed in record.get("seeds", []) if "val_bpb" in seed]
-    # with fewer than two seeds only the published mean is usable, as an exact number
-    return (seed_bpbs if len(seed_bpbs) >= 2 else float(record["val_bpb"])), str(summary_path.parent)
-
-
-def compare_with_baseline(runs: list[ScoredRun], compare_to: str, min_delta_nats: float, alpha: float) -> dict:
-    # Baselines are taken as val_bpb and converted to nats per token of these logs' split, so all
-    # scores share one unit, also when the baseline used another tokenizer.
-    tokens_per_byte = float(np.mean([run.tokens_per_byte for run in runs]))
-    nats_per_bpb = math.log(2) / tokens_per_byte
-    baseline_bpb, description = baseline_val_bpbs(compare_to)
-    baseline_nats = ([bpb * nats_per_bpb for bpb in baseline_bpb] if isinstance(baseline_bpb, list)
-                     else baseline_bpb * nats_per_bpb)
-    nats = mean_difference(baseline_nats, [run.val_loss for run in runs], margin=min_delta_nats)
-    bpb = nats.scaled(1 / nats_per_bpb)
-    significant = nats.p_beats_margin is not None and nats.p_beats_margin < alpha
+def compare_with_baseline(runs: list[ScoredRun], record: Record, unit: str, min_delta: float,
+                          alpha: float) -> dict:
+    # The record's val_bpb is converted to nats per token of these logs' split, so both sides share
+    # one unit, also when the record used another tokenizer; in bpb no conversion is needed.
+    factor = nats_per_bpb(runs)
+    if unit == "bpb":
+        bpb = mean_difference(record.baseline, [run.val_bpb for run in runs], margin=min_delta)
+        nats, tested = bpb.scaled(factor), bpb
+    else:
+        baseline = record.baseline
+        baseline_nats = [x * factor for x in baseline] if isinstance(baseline, list) else baseline * factor
+        nats = mean_difference(baseline_nats, [run.val_loss for run in runs], margin=min_delta)
+        bpb, tested = nats.scaled(1 / factor), nats
+    significant = tested.p_beats_margin is not None and tested.p_beats_margin < alpha
     return {
-        "baseline": description,
-        "baseline_val_bpb": float(np.mean(baseline_bpb)),
-        "baseline_seeds": len(baseline_bpb) if isinstance(baseline_bpb, list) else None,
-        "tokens_per_byte": tokens_per_byte,
-        "rule": {"min_delta_nats": min_delta_nats, "alpha": alpha,
-                 "h0": f"improvement <= {min_delta_nats} nats per token",
-                 "h1": f"improvement > {min_delta_nats} nats per token",
-                 "test": nats.test},
+        "baseline": record.describe(),
+        "baseline_val_bpb": record.val_bpb,
+        "baseline_seeds": len(record.baseline) if isinstance(record.baseline, list) else None,
+        "tokens_per_byte": math.log(2) / factor,
+        "rule": {"unit": unit, "min_delta": min_delta, "alpha": alpha,
+                 "h0": f"improvement <= {min_delta} {unit}", "h1": f"improvement > {min_delta} {unit}",
+                 "test": tested.test, "t": tested.t_beats_margin, "df": tested.df},
         "improvement_nats": nats.mean,
         "improvement_bpb": bpb.mean,
         "ci95_nats": nats.ci95,
-        "p_value": nats.p_beats_margin,
+        "p_value": tested.p_beats_margin,
         "significant": significant,
-        "verdict": verdict(nats, alpha, significant),
+        "verdict": verdict(tested, unit, alpha, significant),
     }
 
 
-def verdict(nats: Difference, alpha: float, significant: bool) -> str:
-    if nats.p_beats_margin is None:
-        return NEEDS_TWO_SEEDS if nats.test == NEEDS_TWO_SEEDS else "not significant: no spread to test"
+def verdict(tested: Difference, unit: str, alpha: float, significant: bool) -> str:
+    if tested.p_beats_margin is None:
+        return NEEDS_TWO_SEEDS if tested.test == NEEDS_TWO_SEEDS else "not significant: no spread to test"
     relation = "<" if significant else ">="
-    return (f"{'significant' if significant else 'not significant'}: improvement {nats.mean:.5f} nats, "
-            f"p = {nats.p_beats_margin:.3g} {relation} {alpha} for H0 improvement <= {nats.margin} nats")
+    return (f"{'significant' if significant else 'not significant'}: improvement {tested.mean:.5f} {unit}, "
+            f"t = {tested.t_beats_margin:.2f}, df = {tested.df:.2f}, p = {tested.p_beats_margin:.3g} {relation} "
+            f"{alpha} for H0 improvement <= {tested.margin} {unit}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,9 +174,13 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
             "artifact_under_cap": all(run.artifact_bytes <= ARTIFACT_CAP_BYTES for run in runs),
             "time_cap_s": TIME_CAP_MS // 1000,
             "train_time_under_cap": all(run.train_time_ms <= TIME_CAP_MS for run in runs),
+            "train_time_within_stop_rule": all(training_time_check(run)[0] != "over" for run in runs),
             "eval_time_under_cap": all(run.eval_time_ms <= TIME_CAP_MS for run in runs),
         },
     }
+    if warnings := [f"{run.path.name}: {note}" for run in runs
+                    if (note := training_time_check(run)[1]) and args.track == "10min_16mb"]:
+        summary["warnings"] = warnings
     if comparison is not None:
         summary["comparison"] = comparison
     return summary
@@ -230,16 +243,18 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         f"- artifact {summary['bytes_total']:,} bytes (largest seed; code {summary['bytes_code']:,} bytes, "
         f"format {summary['export_format']})",
         f"- artifact <= {ARTIFACT_CAP_BYTES:,} bytes: {yes_no[compliance['artifact_under_cap']]}; "
-        f"training <= {TIME_CAP_MS // 1000} s: {yes_no[compliance['train_time_under_cap']]}; "
+        f"training <= {TIME_CAP_MS // 1000} s: {training_compliance(compliance)}; "
         f"evaluation <= {TIME_CAP_MS // 1000} s: {yes_no[compliance['eval_time_under_cap']]}", "",
     ]
+    if summary.get("warnings"):
+        lines += [*(f"- **warning**: {warning}" for warning in summary["warnings"]), ""]
     if "comparison" in summary:
         lines += comparison_section(summary["comparison"])
     lines += [
         "## Seeds", "",
         "| seed | steps | ms/step | pre-export val_bpb | round-trip val_bpb | artifact bytes | log |",
         "|---:|---:|---:|---:|---:|---:|---|",
-        *(f"| {s['seed']} | {s['steps']} | {s['step_avg_ms']:.2f} | {fmt(s['pre_export_val_bpb'], '.4f')} | "
+        *(f"| {s['seed']} | {s['steps']} | {fmt(s['step_avg_ms'], '.2f')} | {fmt(s['pre_export_val_bpb'], '.4f')} | "
           f"{s['val_bpb']:.8f} | {s['bytes_total']:,} | [{s['log']}]({s['log']}) |" for s in summary["seeds"]),
         "", "## Configuration", "",
         f"- device: {first.device}, world size {first.world_size}",
@@ -258,18 +273,23 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
     return "\n".join(lines)
 
 
+def training_compliance(compliance: dict) -> str:
+    if compliance["train_time_under_cap"]:
+        return "yes"
+    return "yes, within the official stop rule's overshoot" if compliance["train_time_within_stop_rule"] else "**no**"
+
+
 def comparison_section(comparison: dict) -> list[str]:
     rule = comparison["rule"]
     ci = comparison["ci95_nats"]
     return [
         "## Significance", "",
-        f"Baseline: {comparison['baseline']}"
-        + (f", mean val_bpb {comparison['baseline_val_bpb']:.8f} over {comparison['baseline_seeds']} seeds"
-           if comparison["baseline_seeds"] else " (taken as exact)")
-        + f", converted to nats per token with these logs' {comparison['tokens_per_byte']:.6f} tokens per byte.",
+        f"Compared against {comparison['baseline']}; "
+        + (f"its val_bpb taken to nats per token with these logs' {comparison['tokens_per_byte']:.6f} tokens per byte."
+           if rule["unit"] == "nats" else "tested in bits per byte."),
         "",
-        f"- H0: improvement <= {rule['min_delta_nats']} nats per token; "
-        f"H1: improvement > {rule['min_delta_nats']} nats; required: one-sided p < {rule['alpha']} "
+        f"- H0: improvement <= {rule['min_delta']} {rule['unit']}; "
+        f"H1: improvement > {rule['min_delta']} {rule['unit']}; required: one-sided p < {rule['alpha']} "
         f"({rule['test']} t-test over the seeds)",
         f"- improvement: {comparison['improvement_nats']:.5f} nats per token, "
         f"{comparison['improvement_bpb']:.5f} bpb"
@@ -322,7 +342,7 @@ def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool
         for run in runs:
             shutil.copyfile(run.path, staging / run.path.name)
         (staging / "train_gpt.py").write_bytes(runs[0].source)
-        (staging / "submission.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (staging / "submission.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         relative_folder = f"records/{folder.parent.name}/{folder.name}"
         (staging / "README.md").write_text(render_readme(summary, runs, relative_folder), encoding="utf-8")
         plot_val_bpb(runs, staging / "val_bpb.png")
@@ -347,13 +367,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blurb", default="")
     parser.add_argument("--date", type=iso_date, help="YYYY-MM-DD, default today (UTC)",
                         default=datetime.datetime.now(datetime.timezone.utc).date().isoformat())
-    parser.add_argument("--compare-to", help="the record to beat: its val_bpb, or its folder")
-    parser.add_argument("--min-delta-nats", type=float, default=MIN_DELTA_NATS)
+    parser.add_argument("--compare-to", help="the record to beat: its val_bpb, its folder or its submission json")
+    margin = parser.add_mutually_exclusive_group()
+    margin.add_argument("--min-delta-nats", type=float, default=MIN_DELTA_NATS,
+                        help=f"the margin to beat, in nats per token (the default rule: {MIN_DELTA_NATS})")
+    margin.add_argument("--min-delta-bpb", type=float, help="the margin to beat, in bits per byte instead")
     parser.add_argument("--alpha", type=float, default=ALPHA)
     parser.add_argument("--records-dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
     parser.add_argument("logs", nargs="+", type=Path)
     return parser.parse_args(argv)
+
+
+def record_margin(args: argparse.Namespace) -> tuple[str, float]:
+    """(unit, margin) of the record rule: nats per token unless --min-delta-bpb is given."""
+    return ("bpb", args.min_delta_bpb) if args.min_delta_bpb is not None else ("nats", args.min_delta_nats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.records_dir / f"track_{args.track}" / folder_name(args.date, args.name)
         if folder.exists() and not args.force:
             raise Refusal(f"{folder} already exists; pass --force to replace it")
-        comparison = (compare_with_baseline(runs, args.compare_to, args.min_delta_nats, args.alpha)
+        comparison = (compare_with_baseline(runs, read_record(args.compare_to), *record_margin(args), args.alpha)
                       if args.compare_to else None)
         summary = submission_summary(args, runs, comparison)
         write_folder(folder, runs, summary, args.force)
     except Refusal as refusal:
-        print(f"refused: {refusal}", file=sys.stderr)
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     print_summary(folder, summary)
     return 0
@@ -378,12 +406,15 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(folder: Path, summary: dict) -> None:
     std = summary["val_bpb_std"]
     print(f"wrote {folder}")
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
     print(f"val_bpb {summary['val_bpb']:.8f}" + (f" +- {std:.8f} (sample std)" if std is not None else "")
           + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes")
     if "comparison" in summary:
         comparison = summary["comparison"]
         claim = "SIGNIFICANT IMPROVEMENT" if comparison["significant"] else "NOT A SIGNIFICANT IMPROVEMENT"
-        print(f"{claim} over {comparison['baseline']}: {comparison['verdict']}")
+        print(f"compared against {comparison['baseline']}")
+        print(f"{claim}: {comparison['verdict']}")
 
 
 if __name__ == "__main__":

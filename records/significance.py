@@ -28,12 +28,15 @@ class Difference:
     p_beats_margin: float | None      # H0: mean <= margin, H1: mean > margin
     margin: float
     test: str                         # "welch", "one-sample", or why there is no test
+    t: float | None = None            # t statistic of H0 mean == 0 ...
+    t_beats_margin: float | None = None  # ... and of H0 mean <= margin
+    df: float | None = None           # degrees of freedom (Welch-Satterthwaite for "welch")
 
     def scaled(self, factor: float) -> "Difference":
         """The same difference in another unit (nats per token -> bits per byte); p-values keep."""
         ci = None if self.ci95 is None else (self.ci95[0] * factor, self.ci95[1] * factor)
         return Difference(self.mean * factor, ci, self.p_two_sided, self.p_beats_margin,
-                          self.margin * factor, self.test)
+                          self.margin * factor, self.test, self.t, self.t_beats_margin, self.df)
 
 
 def finite_or_none(value: float) -> float | None:
@@ -61,4 +64,5 @@ def mean_difference(baseline: float | Sequence[float], candidate: Sequence[float
     ci = two_sided.confidence_interval(0.95)
     ci95 = (finite_or_none(ci.low), finite_or_none(ci.high))
     return Difference(mean, None if None in ci95 else ci95, finite_or_none(two_sided.pvalue),
-                      finite_or_none(beats_margin.pvalue), margin, test)
+                      finite_or_none(beats_margin.pvalue), margin, test, finite_or_none(two_sided.statistic),
+                      finite_or_none(beats_margin.statistic), float(two_sided.df))

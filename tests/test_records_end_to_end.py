@@ -99,5 +99,5 @@ def test_a_real_prefix_scored_log_is_refused(real_logs, tmp_path, capsys):
     code = make_submission.main(["--track", "non_record_16mb", "--name", "Prefix", "--author", "Ada",
                                  "--github-id", "ada", "--records-dir", str(tmp_path), str(real_logs["prefix"])])
     assert code == 2
-    assert f"refused: {real_logs['prefix']}: scored only a prefix of the validation split" in capsys.readouterr().err
+    assert f"error: {real_logs['prefix']}: scored only a prefix of the validation split" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
