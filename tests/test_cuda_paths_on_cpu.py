@@ -158,6 +158,21 @@ def test_model_traces_as_one_graph_for_training_and_evaluation(preset):
             compiled(inputs, inputs)
 
 
+def test_evaluation_compiles_one_graph_per_recurrence_state():
+    from torch._dynamo.utils import counters
+    model = perturbed_model(tiny())
+    compiled = torch.compile(model, backend="eager", dynamic=False, fullgraph=True)  # dynamo counts graphs
+    ev = evaluator(5, batch_windows=3)  # plain: 3 + 2 windows; sliding: 17 = 5 x 3 + 2
+    graphs = []
+    for recurrence in (False, True):
+        model.recurrence_active = recurrence
+        before = counters["stats"]["unique_graphs"]
+        ev.evaluate(compiled)
+        ev.evaluate(compiled, stride=4)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert graphs == [1, 1]
+
+
 def test_trainer_compiles_the_model_so_that_a_graph_break_is_an_error(tiny_dataset, monkeypatch):
     settings = tiny(data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size, train_batch_tokens=64)
     trainer = train_gpt.Trainer(settings, cpu_runtime(compile_model=True))
