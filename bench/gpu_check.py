@@ -94,6 +94,8 @@ class Check:
         if limit < 10 and name != "multi_rank":
             result["error"] = f"skipped: {self.time_left():.0f} s of --budget-s left, too little for this step"
         else:
+            self.report["steps"][name] = {"status": "running", "seconds": 0.0, "limit_s": round(limit)}
+            self.write()  # if the whole check is killed, the report names the step it was in
             t0 = time.monotonic()
             try:
                 result.update(step(self, limit))

@@ -15,7 +15,7 @@ import train_gpt
 from bench import gpu_check
 from conftest import REPO, SHARED_DATA
 
-STATUSES = {"ok", "failed", "timeout", "skipped", "not_possible"}
+STATUSES = {"ok", "failed", "timeout", "skipped", "not_possible"}  # and "running" while a step runs
 
 
 @pytest.fixture(scope="module")
