@@ -180,8 +180,8 @@ class Settings:
         require(s.tie_embeddings in (0, 1), "TIE_EMBEDDINGS", s.tie_embeddings, "0 or 1")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
         require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
-        require((s.model_dim // s.num_heads) % 2 == 0, "MODEL_DIM", s.model_dim,
-                "such that MODEL_DIM / NUM_HEADS is even (rotary embeddings rotate pairs)")
+        require((s.model_dim // s.num_heads) % 8 == 0 and s.model_dim // s.num_heads <= 256, "MODEL_DIM", s.model_dim,
+                "such that MODEL_DIM / NUM_HEADS is a multiple of 8 up to 256 (the head sizes FlashAttention takes)")
         require(s.num_heads % s.num_kv_heads == 0, "NUM_KV_HEADS", s.num_kv_heads,
                 f"a divisor of NUM_HEADS={s.num_heads}")
         require(s.rope_dims % 2 == 0 and s.rope_dims <= s.model_dim // s.num_heads, "ROPE_DIMS", s.rope_dims,
@@ -258,6 +258,14 @@ def pick_device_type(requested: str) -> str:
     return requested
 
 
+def pin_flash_attention() -> None:
+    """Attention on CUDA runs FlashAttention or fails (as in the official script): never the math kernel's
+    silent fallback, whose T x T scores run out of memory at the default sizes."""
+    torch.backends.cuda.enable_flash_sdp(True)
+    for other in ("math", "mem_efficient", "cudnn"):
+        getattr(torch.backends.cuda, f"enable_{other}_sdp")(False)
+
+
 def setup_runtime(settings: Settings) -> Runtime:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -267,6 +275,7 @@ def setup_runtime(settings: Settings) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        pin_flash_attention()
     grad_accum_steps = settings.grad_accum_steps or max(1, 8 // world_size)
     settings.check_batch_layout(world_size, grad_accum_steps)
     if world_size > 1:
@@ -321,6 +330,8 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       row_norm=row_norm, weight_decay=weight_decay))
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        for p in (p for group in self.param_groups for p in group["params"]):  # once, not every step
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     @torch.no_grad()
     def step(self):
@@ -333,7 +344,7 @@ class Muon(torch.optim.Optimizer):
                 if not mine:
                     continue
                 grads = [params[i].grad for i in mine]
-                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(params[i])) for i in mine]
+                bufs = [self.state[params[i]]["momentum_buffer"] for i in mine]
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
                 g = torch.stack(grads).add_(torch.stack(bufs), alpha=group["momentum"])  # Nesterov
@@ -560,7 +571,9 @@ class Evaluator:
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
     def scored_windows(self, model: nn.Module, stride: int):
-        """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch."""
+        """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch.
+        A short last batch is padded with unscored copies of its last window: every batch has the same shape,
+        so a compiled model has one evaluation graph (a new shape would compile inside the timed evaluation)."""
         seq_len, rt = self.settings.train_seq_len, self.rt
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
@@ -569,11 +582,12 @@ class Evaluator:
         was_training = model.training
         model.eval()
         for start in range(first, last, self.batch_seqs):
-            end = min(start + self.batch_seqs, last)
-            rows = (ends[start:end] - seq_len)[:, None] + np.arange(seq_len + 1)
+            index = np.arange(start, start + self.batch_seqs)
+            real = np.minimum(index, last - 1)  # padding rows repeat the last window and score nothing
+            rows = (ends[real] - seq_len)[:, None] + np.arange(seq_len + 1)
             windows = torch.from_numpy(self.split.tokens[rows].astype(np.int64)).to(rt.device, non_blocking=True)
             inputs, targets = windows[:, :-1], windows[:, 1:]
-            new = torch.from_numpy(new_targets[start:end]).to(rt.device)
+            new = torch.from_numpy(np.where(index < last, new_targets[real], 0)).to(rt.device)
             scored = (positions[None, :] >= seq_len - new[:, None]).double()
             yield model(inputs, targets), self.table.target_bytes(inputs, targets), scored
         model.train(was_training)
@@ -957,7 +971,8 @@ class Trainer:
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
         self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
-        self.compiled = torch.compile(self.model, dynamic=False) if runtime.compile else self.model
+        # fullgraph: a graph break would be a silent slowdown; make it an error instead.
+        self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
         self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
                                 else None) if runtime.distributed else self.compiled)
         self.optimizers = build_optimizers(self.model, settings, runtime)

@@ -1,0 +1,175 @@
+"""bench/gpu_check.py: its dry run on the CPU writes a report with a status for every step; its parts
+(log facts, the reference comparison, shards, failures, limits) behave as the report says."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train_gpt
+from bench import gpu_check
+from conftest import REPO, SHARED_DATA
+
+STATUSES = {"ok", "failed", "timeout", "skipped", "not_possible"}  # and "running" while a step runs
+
+
+@pytest.fixture(scope="module")
+def dry_run_report(tmp_path_factory) -> tuple[dict, Path]:
+    """One dry run for the module (the slowest test here: about 30 s of CPU time, 4 to 7 child processes)."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    data = ["--data", str(SHARED_DATA)] if SHARED_DATA.exists() else []
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), "--dry-run",
+                           *data], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_dry_run_reports_a_status_for_every_step(dry_run_report):
+    report, out = dry_run_report
+    assert report["dry_run"] is True
+    assert list(report["steps"]) == list(gpu_check.STEPS)
+    assert all(step["status"] in STATUSES and "seconds" in step for step in report["steps"].values())
+    markdown = (out / "report.md").read_text()
+    assert all(f"| {name} | **" in markdown for name in gpu_check.STEPS)
+
+
+def test_dry_run_runs_every_step_on_the_cpu(dry_run_report):
+    steps = dry_run_report[0]["steps"]
+    assert steps["environment"]["status"] == "ok" and steps["environment"]["facts"]["cuda_available"] is False
+    assert steps["cuda_tests"]["status"] == "skipped"  # collected, and skipped on the CPU
+    assert steps["cuda_tests"]["counts"]["skipped"] >= 5 and steps["cuda_tests"]["counts"]["failed"] == 0
+    assert steps["throughput"]["status"] == "ok"
+    assert set(steps["throughput"]["runs"]) == {"baseline", "strong", "strong_recurrence"}
+    assert steps["throughput"]["runs"]["strong_recurrence"]["measured"]["depth_recurrence"] is True
+    assert steps["timed_run"]["status"] == "ok"
+    assert steps["multi_rank"]["status"] == "not_possible"
+
+
+def test_dry_run_timed_run_goes_through_export_and_the_round_trip_within_its_cap(dry_run_report):
+    facts = dry_run_report[0]["steps"]["timed_run"]["facts"]
+    assert facts["stopped_by_wallclock_cap"] and facts["train_time_within_cap"]
+    assert facts["final_scores"] and facts["eval_mode"].startswith("eval_mode:sliding")
+    assert facts["artifact"]["total_bytes"] > facts["artifact"]["model_bytes"] > 0
+    assert facts["artifact"]["over_the_cap"] is False  # the warning text in the logged source does not count
+
+
+# ---- the parts ------------------------------------------------------------------------------------
+
+LOG_LINES = """val_split tokens:1048576 sha256:0123456789abcdef scope:full
+warmup_step:20/20
+step:100/20000 train_loss:3.0000 train_time:119000ms step_avg:1190.00ms
+stopping_early: wallclock_cap train_time:121500ms step:102/20000
+step:102/20000 val_loss:3.1000 val_bpb:1.9000 train_time:121500ms step_avg:1191.18ms
+peak_memory allocated:30000MiB reserved:32000MiB
+export_fit: 16100000 bytes > 16000000; now int6 matrices, int5 MLP matrices
+Serialized model int6+lzma: 15900000 bytes (path:logs/x.int6.ptz)
+Total submission size int6+lzma: 15960000 bytes
+eval_mode:sliding stride:64 window:2048
+final_int6_lzma_roundtrip val_loss:3.2000 val_bpb:1.9500 eval_time:2000ms
+final_int6_lzma_roundtrip_exact val_loss:3.20000000 val_bpb:1.95000000
+time_ledger warmup_compile:80000ms training:121500ms validation:3000ms export:40000ms roundtrip_eval:2000ms total:250000ms
+"""
+
+
+def test_timed_run_log_facts_flag_a_train_time_over_the_cap_and_a_stepped_down_export():
+    facts = gpu_check.read_timed_run_log(LOG_LINES, cap_s=120, vocab_size=1024)
+    assert (facts["train_time_ms"], facts["steps"], facts["train_time_within_cap"]) == (121500, 102, False)
+    assert facts["warmup_compile_ms"] == 80000
+    assert facts["artifact"]["export_fit_steps"] == ["16100000 bytes > 16000000; now int6 matrices, int5 MLP matrices"]
+    assert not facts["artifact"]["fit_without_stepping_down"] and not facts["artifact"]["over_the_cap"]
+    assert (facts["artifact"]["model_bytes"], facts["artifact"]["total_bytes"]) == (15_900_000, 15_960_000)
+
+
+def test_timed_run_eval_time_scales_to_the_full_split_on_8_gpus():
+    facts = gpu_check.read_timed_run_log(LOG_LINES, cap_s=600, vocab_size=1024)
+    # 2000 ms for 1,048,576 tokens = 1907.35 ms per million; 62,021,632 tokens over 8 GPUs = 14.79 s
+    assert facts["eval"]["ms_per_million_tokens_1_gpu"] == pytest.approx(1907.3, abs=0.1)
+    assert facts["eval"]["estimate_s_sp1024_split_62021632_tokens_8_gpus"] == pytest.approx(14.8, abs=0.05)
+    assert facts["train_time_within_cap"] is True
+
+
+def test_reference_is_1_505m_tokens_per_s_per_gpu_at_mfu_0_199():
+    ref = gpu_check.reference_figures()
+    # 524,288 tokens / 43.54 ms / 8 GPUs; 130,547,712 FLOPs per token (bench/README.md) / 989.4 TFLOP/s
+    assert ref["tokens_per_s_per_gpu"] == 1_505_191
+    assert ref["mfu"] == pytest.approx(130_547_712 * 1_505_190.6 / 989.4e12, abs=1e-4)
+    assert ref["same_work_on_1_gpu_ms_per_step"] == pytest.approx(348.32)
+
+
+def test_throughput_comparison_is_the_ratio_of_tokens_per_s_per_device():
+    measured = {"tokens_per_s_per_device": 752_595.3, "mfu": 0.1, "ms_per_step": {"median": 696.6}}
+    comparison = gpu_check.compare_with_reference(measured)
+    assert comparison["ratio_to_reference_tokens_per_s_per_gpu"] == pytest.approx(0.5, abs=1e-4)
+    assert comparison["ms_per_step"] == 696.6
+
+
+def test_shards_come_from_the_sample_text_with_the_tokenizer_the_settings_name(tmp_path, tiny_dataset):
+    data = tmp_path / "data"
+    (data / "tokenizers").mkdir(parents=True)
+    (data / "tokenizers" / "tiny_bpe.model").write_bytes(Path(tiny_dataset.tokenizer_path).read_bytes())
+    (data / "sample.txt").write_text("\n".join(tiny_dataset.docs))
+    settings = train_gpt.Settings(vocab_size=tiny_dataset.vocab_size, tokenizer_path="./elsewhere/tiny_bpe.model")
+    made = gpu_check.make_shards(settings, data, tmp_path / "shards", val_tokens=640, train_tokens=5000)
+    val = train_gpt.read_shard(tmp_path / "shards" / "fineweb_val_000000.bin")
+    train = train_gpt.read_shard(tmp_path / "shards" / "fineweb_train_000000.bin")
+    assert made["tokenizer_path"] == str(data / "tokenizers" / "tiny_bpe.model") and "tokenized" in made["source"]
+    assert (val.size, train.size) == (641, 5000) and val[0] == train[0] == 1  # documents start with BOS
+    assert max(val.max(), train.max()) < tiny_dataset.vocab_size
+
+
+def test_without_data_the_shards_are_random_ids_with_a_table_of_vocab_size(tmp_path):
+    settings = train_gpt.Settings(vocab_size=1024)
+    made = gpu_check.make_shards(settings, None, tmp_path, val_tokens=256, train_tokens=1000)
+    table = train_gpt.build_byte_table(made["tokenizer_path"], 1024)
+    assert "random" in made["source"] and table.base_bytes[-256:].tolist() == [1] * 256
+    assert train_gpt.read_shard(tmp_path / "fineweb_val_000000.bin").max() < 1024
+
+
+def make_check(tmp_path, budget_s: float = 600) -> gpu_check.Check:
+    args = argparse.Namespace(dry_run=True, budget_s=budget_s, data=None)
+    return gpu_check.Check(tmp_path, tmp_path, args)
+
+
+def test_a_failing_step_is_recorded_and_the_next_step_still_runs(tmp_path):
+    check = make_check(tmp_path)
+
+    def broken(check, limit_s):
+        raise RuntimeError("no kernel image")
+
+    check.run_step("environment", broken)
+    check.run_step("multi_rank", gpu_check.step_multi_rank)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"]["environment"]["status"] == "failed"
+    assert "RuntimeError: no kernel image" in report["steps"]["environment"]["error"]
+    assert report["steps"]["multi_rank"]["status"] == "not_possible"
+
+
+def test_a_step_that_no_longer_fits_the_budget_is_skipped_and_says_why(tmp_path):
+    check = make_check(tmp_path, budget_s=8)
+    check.run_step("throughput", lambda check, limit_s: pytest.fail("must not run"))
+    step = json.loads((tmp_path / "report.json").read_text())["steps"]["throughput"]
+    assert step["status"] == "skipped" and "--budget-s" in step["error"]
+
+
+def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
+    child = ("import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); "
+             "time.sleep(60)")
+    run = gpu_check.run_command([sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"}, tmp_path, limit_s=2)
+    assert run["timed_out"]
+    grandchild = Path(f"/proc/{int(run['stdout'].split()[0])}/status")
+    for _ in range(50):  # the orphan is reaped by init shortly after the kill
+        if not grandchild.exists() or "State:\tZ" in grandchild.read_text():
+            break
+        time.sleep(0.1)
+    assert not grandchild.exists() or "State:\tZ" in grandchild.read_text()
+
+
+def test_unknown_step_is_refused():
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--out", "x", "--only", "environment,warp_speed"])
+    assert gpu_check.parse_args(["--out", "x", "--only", "timed_run"]).only == ["timed_run"]
