@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import resource
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+import cached_challenge_fineweb as downloader
 import train_gpt
-from conftest import read_log, run_trainer, trainer_env, write_split_shards
+from conftest import REPO, read_log, run_trainer, trainer_env, write_split_shards
 from shard_io import write_shard
 
 QUICK = dict(ITERATIONS=2, WARMUP_STEPS=0, VAL_LOSS_EVERY=0)  # a run that trains, exports and scores in seconds
@@ -265,8 +268,6 @@ def test_data_path_with_glob_characters_finds_its_shards(tmp_path):
 
 
 def test_downloader_target_that_cannot_be_written_is_an_error(tmp_path):
-    import subprocess
-    from conftest import REPO
     target = tmp_path / "a_file"
     target.write_text("")
     result = subprocess.run([sys.executable, str(REPO / "data" / "cached_challenge_fineweb.py"), "--variant",
@@ -277,9 +278,6 @@ def test_downloader_target_that_cannot_be_written_is_an_error(tmp_path):
 
 
 def test_free_space_message_uses_sensible_units(tmp_path, monkeypatch):
-    import shutil
-
-    import cached_challenge_fineweb as downloader
     monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 500, 500))
     with pytest.raises(downloader.DownloadError, match=r"need about 5\.0 MB but .* has 500 bytes free"):
         downloader.check_free_space(tmp_path, 5_000_000)
