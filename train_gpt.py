@@ -545,8 +545,7 @@ def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
                     space[i] = piece.startswith("\u2581")
                     base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"TOKENIZER_PATH={tokenizer_path} is not a readable tokenizer ({type(e).__name__}: {e}); "
-                         f"point it at a SentencePiece .model or the byte260 .json") from None
+        raise ValueError(f"TOKENIZER_PATH={tokenizer_path} is no SentencePiece .model or byte260 .json ({e!r})")
     if tokenizer_vocab != vocab_size:
         raise ValueError(f"{tokenizer_path} has a vocabulary of {tokenizer_vocab} but VOCAB_SIZE={vocab_size}; "
                          f"set VOCAB_SIZE={tokenizer_vocab} or point TOKENIZER_PATH at the matching tokenizer")
@@ -1095,7 +1094,8 @@ class RunLog:
             self.file.write(line + "\n")
             self.file.flush()
         except OSError as e:
-            raise RunError(f"cannot write the log {self.path} ({e}): free space on its disk, then re-run") from None
+            raise RunError(f"cannot write the log {self.path} ({e}; its disk has {shutil.disk_usage('logs').free:,} "
+                           f"bytes free): free some space, then re-run") from None
 
 
 def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: bytes) -> None:
@@ -1194,8 +1194,8 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
 class WallclockStop:
     """Picks the last step, the same on every rank, so that train_time (read after the device has finished) ends
     within cap_ms. Once a step is queued it waits for the device to finish the step before (the current one stays
-    queued): the clock is then past that step's end, and a "go on" lets at most 2 more steps end (3 with several
-    ranks: their vote is read a step late); it is given while clock + those x SAFETY x the slowest recent step < cap."""
+    queued): the clock is then past that step's end, and a "go on" lets at most 2 more steps end (3 on several
+    ranks: their vote is read a step late); it is given while clock + those x SAFETY x slowest recent step < cap."""
     RECENT_STEPS, SAFETY = 10, 1.2
 
     def __init__(self, cap_ms: float, runtime: Runtime, event=None, vote=None):
@@ -1266,7 +1266,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     val_loss, val_bpb = evaluator.evaluate(trainer.compiled, stride)
     rt.sync()
     ledger["roundtrip_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
-    check_finite_score(val_loss, val_bpb, f"the round-trip score of {unscored_path} (kept; not a submission)", settings)
+    check_finite_score(val_loss, val_bpb, f"the round-trip score of {unscored_path} (kept, no submission)", settings)
     if rt.is_master:
         os.replace(unscored_path, artifact_path)
     log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"

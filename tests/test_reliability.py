@@ -89,7 +89,7 @@ def test_non_finite_round_trip_score_is_an_error_and_no_artifact_has_the_final_n
     env = trainer_env(tiny_dataset, RUN_ID="overflow", TIED_EMBED_LR="1e30", EMA_DECAY=0, **{**QUICK, "ITERATIONS": 1})
     result = run_trainer(env, tmp_path, nproc=nproc)
     assert result.returncode != 0  # (torchrun adds its own traceback when a worker fails)
-    error = "error: the round-trip score of logs/overflow.int8.ptz.unscored (kept; not a submission) is not finite"
+    error = "error: the round-trip score of logs/overflow.int8.ptz.unscored (kept, no submission) is not finite"
     assert result.stderr.count(error) == nproc  # every rank stops with the error
     assert artifacts(tmp_path) == ["overflow.int8.ptz.unscored"]
     assert "final_int8_zlib_roundtrip" not in read_log(tmp_path, "overflow")
@@ -223,9 +223,11 @@ def file_size_limit(num_bytes: int):
 
 
 def test_full_disk_during_export_removes_the_partial_file(tmp_path, tiny_dataset):
-    # The log (source + lines, ~80 kB) fits under 100 kB; the tiny model (~110 kB) does not.
-    error = run_failing(tmp_path, tiny_dataset, RUN_ID="full", **QUICK, **file_size_limit(100_000))
-    assert error.startswith("error: cannot write logs/full.int8.ptz.unscored (") and " bytes and its disk has " in error
+    # The log (the source and some lines) fits under the limit; the model of 6 blocks (~300 kB) does not.
+    limit = (REPO / "train_gpt.py").stat().st_size + 30_000
+    error = run_failing(tmp_path, tiny_dataset, RUN_ID="full", NUM_LAYERS=6, **QUICK, **file_size_limit(limit))
+    assert error.startswith("error: cannot write logs/full.int8.ptz.unscored (")
+    assert " bytes and its disk has " in error
     assert artifacts(tmp_path) == []
     assert read_log(tmp_path, "full").rstrip().splitlines()[-1] == error
 
@@ -245,7 +247,7 @@ def test_log_that_cannot_be_written_is_an_error(tmp_path, tiny_dataset):
 ])
 def test_unreadable_tokenizer_is_named(tmp_path, make):
     path = make(tmp_path)
-    with pytest.raises(ValueError, match=rf"^TOKENIZER_PATH={path} is not a readable tokenizer"):
+    with pytest.raises(ValueError, match=rf"^TOKENIZER_PATH={path} is no SentencePiece .model or byte260 .json"):
         train_gpt.build_byte_table(str(path), 260)
 
 
