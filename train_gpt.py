@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -51,6 +52,10 @@ class SettingsError(ValueError):
     pass
 
 
+class RunError(RuntimeError):
+    """A failure the user can act on: main prints it as one `error:` line, also into the run's log."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
@@ -59,6 +64,7 @@ class Settings:
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
     run_id: str = ""  # empty: a fresh uuid
+    overwrite: int = 0  # 1: a RUN_ID used before is allowed; its files are renamed aside, never deleted
     seed: int = 1337
     device: str = "auto"  # auto | cuda | cpu | mps
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
@@ -149,6 +155,8 @@ class Settings:
 
     def validate(self) -> None:
         s = self
+        for name, value in asdict(s).items():  # inf and NaN pass comparisons like >= 0, and poison the run
+            require(not isinstance(value, float) or math.isfinite(value), name.upper(), value, "a finite number")
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS))):
@@ -167,7 +175,7 @@ class Settings:
         for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
                      "muon_momentum_warmup_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale", "export_fit_cap"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -176,7 +184,8 @@ class Settings:
                 "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
         for name in ("rope_base", "logit_softcap", "adam_eps"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
-        require("/" not in s.run_id and "\\" not in s.run_id, "RUN_ID", s.run_id, "a name without path separators")
+        require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
+                "a name without path separators, at most 200 bytes (it names files)")
         require(s.tie_embeddings in (0, 1), "TIE_EMBEDDINGS", s.tie_embeddings, "0 or 1")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
         require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
@@ -186,6 +195,14 @@ class Settings:
                 f"a divisor of NUM_HEADS={s.num_heads}")
         require(s.rope_dims % 2 == 0 and s.rope_dims <= s.model_dim // s.num_heads, "ROPE_DIMS", s.rope_dims,
                 f"even (rotary embeddings rotate pairs) and at most the head dim {s.model_dim // s.num_heads}")
+
+    def divergence_suspects(self) -> str:
+        """After a NaN: the numeric settings changed from the preset (the likely cause, whichever it is)."""
+        preset = asdict(Settings.for_preset(self.preset))
+        changed = [f"{k.upper()}={v}" for k, v in asdict(self).items()
+                   if isinstance(v, float) and v != preset[k] and k != "max_wallclock_seconds"]
+        return (f"settings changed from PRESET={self.preset}: {', '.join(changed)}: undo or reduce them" if changed
+                else "lower the learning rates (MATRIX_LR, SCALAR_LR, TIED_EMBED_LR) or set GRAD_CLIP_NORM")
 
     def check_batch_layout(self, world_size: int, grad_accum_steps: int) -> None:
         """The global batch must split evenly into sequences per rank and per accumulation step."""
@@ -377,6 +394,10 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
 
 def read_shard(path: str | Path) -> np.ndarray:
     """All tokens of a shard, after checking its header and size; a bad file is named in the error."""
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=SHARD_HEADER_BYTES)
+
+
+def shard_token_count(path: str | Path) -> int:
     size = os.path.getsize(path)
     header = np.fromfile(path, dtype="<i4", count=256) if size >= SHARD_HEADER_BYTES else None
     if header is None or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
@@ -387,12 +408,12 @@ def read_shard(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: {size} bytes, but its header promises {num_tokens} tokens "
                          f"({SHARD_HEADER_BYTES + 2 * num_tokens} bytes); the file is truncated or corrupt, "
                          f"download it again with data/cached_challenge_fineweb.py")
-    return np.fromfile(path, dtype="<u2", count=num_tokens, offset=SHARD_HEADER_BYTES)
+    return num_tokens
 
 
 def shard_paths(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    paths = sorted(glob.glob(pattern))
+    paths = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not paths:
         raise FileNotFoundError(f"no {split} shards match {pattern}; download them with "
                                 f"`python3 data/cached_challenge_fineweb.py --variant sp1024` or set DATA_PATH")
@@ -410,6 +431,8 @@ class TokenStream:
 
     def __init__(self, data_path: str, vocab_size: int):
         self.paths, self.vocab_size = shard_paths(data_path, "train"), vocab_size
+        if sum(shard_token_count(p) for p in self.paths) == 0:  # all headers now, not after the training time
+            raise ValueError(f"the train shards in {data_path} hold no tokens: download them again")
         self.shard_index, self.position = -1, 0
         self.tokens = np.empty(0, dtype=np.uint16)
 
@@ -513,24 +536,27 @@ def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
     base = np.zeros(vocab_size, dtype=np.int64)
     space = np.zeros(vocab_size, dtype=bool)
     boundary = np.ones(vocab_size, dtype=bool)  # ids the tokenizer never emits count as boundaries
-    if tokenizer_path.endswith(".json"):  # byte260: special ids, then one id per byte value
-        spec = json.loads(Path(tokenizer_path).read_text())
-        tokenizer_vocab, offset = spec["vocab_size"], spec["byte_offset"]
-        base[offset:tokenizer_vocab], boundary[offset:tokenizer_vocab] = 1, False
-    else:
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-        tokenizer_vocab = sp.vocab_size()
-        for i in range(min(tokenizer_vocab, vocab_size)):
-            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-                continue  # zero bytes, and a boundary for the next token's leading space
-            boundary[i] = False
-            piece = sp.id_to_piece(i)
-            if sp.is_byte(i):
-                base[i] = 1
-            else:
-                space[i] = piece.startswith("\u2581")
-                base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    try:  # a file that is no tokenizer (garbage, a folder, a JSON without the keys) is named, not traced
+        if tokenizer_path.endswith(".json"):  # byte260: special ids, then one id per byte value
+            spec = json.loads(Path(tokenizer_path).read_text())
+            tokenizer_vocab, offset = int(spec["vocab_size"]), int(spec["byte_offset"])
+            base[offset:tokenizer_vocab], boundary[offset:tokenizer_vocab] = 1, False
+        else:
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+            tokenizer_vocab = sp.vocab_size()
+            for i in range(min(tokenizer_vocab, vocab_size)):
+                if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                    continue  # zero bytes, and a boundary for the next token's leading space
+                boundary[i] = False
+                piece = sp.id_to_piece(i)
+                if sp.is_byte(i):
+                    base[i] = 1
+                else:
+                    space[i] = piece.startswith("\u2581")
+                    base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"TOKENIZER_PATH={tokenizer_path} is no SentencePiece .model or byte260 .json ({e!r})")
     if tokenizer_vocab != vocab_size:
         raise ValueError(f"{tokenizer_path} has a vocabulary of {tokenizer_vocab} but VOCAB_SIZE={vocab_size}; "
                          f"set VOCAB_SIZE={tokenizer_vocab} or point TOKENIZER_PATH at the matching tokenizer")
@@ -708,8 +734,13 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log) 
 
 def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full: remove the partial file rather than leave it filling the disk
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write {path} ({e}): it needs {len(data):,} bytes and its disk has "
+                       f"{shutil.disk_usage(path.parent).free:,} bytes free; free some space and re-run") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -960,8 +991,14 @@ class WeightEMA:
             p.copy_(avg.to(p.dtype))
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     pass
+
+
+def check_finite_score(val_loss: float, val_bpb: float, what: str, settings: Settings) -> None:
+    if not (math.isfinite(val_loss) and math.isfinite(val_bpb)):
+        raise TrainingDiverged(f"{what} is not finite (val_loss:{val_loss} val_bpb:{val_bpb}); "
+                               f"{settings.divergence_suspects()}")
 
 
 class Trainer:
@@ -1019,8 +1056,7 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if not flag.item():
             raise TrainingDiverged(f"the training loss became NaN or inf at or before step {step}; the run stops "
-                                   f"and nothing is exported. Lower the learning rates (MATRIX_LR, SCALAR_LR, "
-                                   f"TIED_EMBED_LR) or set GRAD_CLIP_NORM")
+                                   f"and nothing is exported; {self.settings.divergence_suspects()}")
 
     def warm_up_and_restore(self, steps: int, log) -> None:
         """Run `steps` real steps so that compilation and allocator warm-up happen outside the timed run
@@ -1043,22 +1079,38 @@ class Trainer:
 
 
 class RunLog:
-    """Log lines go to stdout and logs/<RUN_ID>.txt, from rank 0 only."""
+    """Log lines go to stdout and logs/<RUN_ID>.txt, from rank 0 only. An earlier run's log and model (the evidence
+    of a score) are never overwritten: a reused RUN_ID is refused, or with OVERWRITE=1 renamed aside first."""
 
-    def __init__(self, run_id: str, is_master: bool):
-        self.is_master = is_master
-        self.path = Path("logs") / f"{run_id}.txt"
-        if is_master:
+    def __init__(self, run_id: str, is_master: bool, overwrite: bool = False):
+        self.is_master, self.file, self.path = is_master, None, Path("logs") / f"{run_id}.txt"
+        if not is_master:
+            return
+        earlier = [p for suffix in (".txt", ".int*.ptz", ".int*.ptz.unscored")
+                   for p in sorted(self.path.parent.glob(glob.escape(run_id) + suffix))]
+        if earlier and not overwrite:
+            raise RunError(f"RUN_ID={run_id} was used before: {', '.join(map(str, earlier))} exist; choose a new "
+                           f"RUN_ID, or set OVERWRITE=1 to rename them aside (nothing is deleted)")
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "w", encoding="utf-8", newline="")
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+            for p in earlier:
+                os.replace(p, p.with_name(f"{p.name}.replaced-{stamp}"))
+            self.file = open(self.path, "x", encoding="utf-8", newline="")
+        except OSError as e:
+            raise RunError(f"cannot create the log {self.path} ({e}): make logs/ a folder you can write") from None
 
     def __call__(self, line: str, console: bool = True) -> None:
         if not self.is_master:
             return
         if console:
             print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise RunError(f"cannot write the log {self.path} ({e}; its disk has {shutil.disk_usage('logs').free:,} "
+                           f"bytes free): free some space, then re-run") from None
 
 
 def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: bytes) -> None:
@@ -1090,9 +1142,8 @@ def log_validation_split(log: RunLog, split: ValidationSplit, settings: Settings
     return " val_scope:prefix"
 
 
-def train(settings: Settings, runtime: Runtime) -> None:
+def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     s, rt = settings, runtime
-    log = RunLog(s.run_id, rt.is_master)
     code = Path(__file__).read_bytes()
     log_run_header(log, s, rt, code)
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
@@ -1109,7 +1160,7 @@ def train(settings: Settings, runtime: Runtime) -> None:
     ledger["warmup_compile"] = 1000 * (time.perf_counter() - t_start)
 
     training_ms, validation_ms, step, stop_after = 0.0, 0.0, 0, None
-    wallclock = WallclockStop(s, rt)
+    wallclock = WallclockStop(1000 * s.max_wallclock_seconds, rt)
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -1123,6 +1174,7 @@ def train(settings: Settings, runtime: Runtime) -> None:
                 trainer.ema.copy_to_model()  # the last val line scores the weights the export will take
                 log(f"ema:applied decay:{s.ema_decay}")
             val_loss, val_bpb = evaluator.evaluate(trainer.compiled)
+            check_finite_score(val_loss, val_bpb, f"the validation score at step {step}", s)
             log(f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms{val_suffix}")
             validation_ms += 1000 * (time.perf_counter() - t_val)
@@ -1145,7 +1197,7 @@ def train(settings: Settings, runtime: Runtime) -> None:
                 train_loss /= rt.world_size
             log(f"step:{step}/{s.iterations} train_loss:{train_loss.item():.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms")
-        if wallclock.should_stop(step, elapsed_ms):
+        if wallclock.should_stop(lambda: training_ms + 1000 * (time.perf_counter() - t0)):
             stop_after = step
     ledger["training"], ledger["validation"] = training_ms, validation_ms
     log_peak_memory(log, rt)
@@ -1155,34 +1207,37 @@ def train(settings: Settings, runtime: Runtime) -> None:
 
 
 class WallclockStop:
-    """Picks the last step, the same on every rank: the one after which the steps that may still run would
-    cross MAX_WALLCLOCK_SECONDS, so that train_time stays within the cap. Ranks vote and the slowest clock
-    decides; a vote is read one step later, when it has long arrived, so the host never waits here."""
+    """Picks the last step, the same on every rank, so that train_time (read after the device has finished) ends
+    within cap_ms. Once a step is queued it waits for the device to finish the step before (the current one stays
+    queued): the clock is then past that step's end, and a "go on" lets at most 2 more steps end (3 on several
+    ranks: their vote is read a step late); it is given while clock + those x SAFETY x slowest recent step < cap."""
+    RECENT_STEPS, SAFETY = 10, 1.2
 
-    def __init__(self, settings: Settings, runtime: Runtime):
-        self.cap_ms, self.rt, self.pending = 1000 * settings.max_wallclock_seconds, runtime, None
-        # Steps that may still end after a vote: the next one, one queued ahead of the device, and with
-        # several ranks one more while the vote is in flight.
-        self.margin_steps = 3 if runtime.distributed else 2
+    def __init__(self, cap_ms: float, runtime: Runtime, event=None, vote=None):
+        self.cap_ms, self.distributed, self.device = cap_ms, runtime.distributed, runtime.device
+        self.event = event or {"cuda": torch.cuda.Event, "mps": torch.mps.Event}.get(runtime.device.type)
+        self.vote = vote or self.vote_of_all_ranks
+        self.clock_ms, self.previous = [0.0], (None, False)  # the training clock after each recent step
 
-    def should_stop(self, step: int, elapsed_ms: float) -> bool:
+    def should_stop(self, elapsed_ms) -> bool:
+        """`elapsed_ms()` reads the training clock; True: the step just queued is the last."""
         if self.cap_ms <= 0:
             return False
-        reached = elapsed_ms * (1 + self.margin_steps / step) >= self.cap_ms
-        if not self.rt.distributed:
-            return reached
-        vote = torch.full((), int(reached), dtype=torch.int32, device=self.rt.device)
+        marker, vote = self.previous
+        if marker is not None:  # None on a CPU, where steps run synchronously
+            marker.synchronize()  # the device has finished the step before, and its vote
+        self.clock_ms = (self.clock_ms + [elapsed_ms()])[-self.RECENT_STEPS - 1:]
+        slowest_ms = max(np.diff(self.clock_ms))
+        reached = self.clock_ms[-1] + (3 if self.distributed else 2) * self.SAFETY * slowest_ms >= self.cap_ms
+        self.previous = (self.event() if self.event else None, self.vote(reached) if self.distributed else reached)
+        if self.previous[0] is not None:
+            self.previous[0].record()  # after this step and its vote
+        return bool(vote) if self.distributed else reached
+
+    def vote_of_all_ranks(self, reached: bool) -> Tensor:
+        vote = torch.full((), int(reached), dtype=torch.int32, device=self.device)
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-        vote = vote.to("cpu", non_blocking=True)  # into pinned memory, without waiting for the device
-        arrived = torch.cuda.Event() if self.rt.device.type == "cuda" else None
-        if arrived is not None:
-            arrived.record()
-        previous, self.pending = self.pending, (vote, arrived)
-        if previous is None:
-            return False
-        if previous[1] is not None:
-            previous[1].synchronize()
-        return bool(previous[0])
+        return vote.to("cpu", non_blocking=True)  # into pinned memory, read once the step's marker has passed
 
 
 def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
@@ -1202,10 +1257,11 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     format_id = re.sub(r"\W", "_", fmt)  # int6+lzma -> int6_lzma, as the final lines spell it
     t_export = time.perf_counter()
     artifact_path = Path("logs") / f"{settings.run_id}.int{settings.export_bits}.ptz"
+    unscored_path = artifact_path.with_name(artifact_path.name + ".unscored")  # renamed once its score is finite
     blob = b""
     if rt.is_master:
-        write_atomically(artifact_path, export_artifact(model, settings, len(code), log))
-        blob = artifact_path.read_bytes()
+        write_atomically(unscored_path, export_artifact(model, settings, len(code), log))
+        blob = unscored_path.read_bytes()
         total = len(blob) + len(code)
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
         log(f"Code size: {len(code)} bytes")
@@ -1225,6 +1281,9 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     val_loss, val_bpb = evaluator.evaluate(trainer.compiled, stride)
     rt.sync()
     ledger["roundtrip_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
+    check_finite_score(val_loss, val_bpb, f"the round-trip score of {unscored_path} (kept, no submission)", settings)
+    if rt.is_master:
+        os.replace(unscored_path, artifact_path)
     log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
         f"{val_suffix}")
     log(f"final_{format_id}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
@@ -1241,16 +1300,17 @@ def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:
 
 
 def main() -> None:
+    log = RunLog("", is_master=False)  # writes nothing, until the run's own log exists
     try:
         settings = Settings.from_env()
         if not settings.run_id:
             settings = Settings(**{**asdict(settings), "run_id": str(uuid.uuid4())})
         runtime = setup_runtime(settings)
-    except SettingsError as e:
-        sys.exit(f"error: {e}")
-    try:
-        train(settings, runtime)
-    except (TrainingDiverged, ValueError, FileNotFoundError) as e:
+        log = RunLog(settings.run_id, runtime.is_master, bool(settings.overwrite))
+        train(settings, runtime, log)
+    except (RunError, ValueError, FileNotFoundError) as e:  # SettingsError is a ValueError
+        with contextlib.suppress(RunError):  # into the log too, unless the log is what failed
+            log(f"error: {e}", console=False)
         sys.exit(f"error: {e}")
     finally:
         close_process_group()

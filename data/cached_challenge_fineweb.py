@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -261,9 +262,26 @@ def estimated_shard_bytes(files: VariantFiles, relpaths: list[str]) -> int:
 def check_free_space(root: Path, needed: int) -> None:
     free = shutil.disk_usage(root).free
     if needed > free:
-        raise DownloadError(f"the shards to download need about {needed / 1e9:.2f} GB but {root} has "
-                            f"{free / 1e9:.2f} GB free: free some space, ask for fewer --train-shards, "
+        raise DownloadError(f"the shards to download need about {data_size(needed)} but {root} has "
+                            f"{data_size(free)} free: free some space, ask for fewer --train-shards, "
                             f"or pass --output-root on a bigger disk")
+
+
+def data_size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:,} bytes"
+
+
+def check_writable(root: Path) -> None:
+    """Fail at once, naming the folder, rather than with a traceback from deep in the client."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise DownloadError(f"cannot write to {root} ({e}): pass --output-root a folder you can write") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +330,7 @@ def fetch_all(source: HubSource, root: Path, relpaths: list[str]) -> None:
 
 def download(root: Path, variant: str, train_shards: int, with_docs: bool) -> None:
     source = HubSource.from_env()
-    root.mkdir(parents=True, exist_ok=True)
+    check_writable(root)
     probe_hub(source)
     fetch_file(source, MANIFEST_NAME, root, tqdm(disable=True))  # always fresh: it decides everything else
     manifest_path = root / MANIFEST_NAME

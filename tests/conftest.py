@@ -70,14 +70,14 @@ def trainer_env(dataset, **overrides) -> dict:
     return env
 
 
-def run_trainer(env: dict, cwd, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_trainer(env: dict, cwd, nproc: int = 1, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run train_gpt.py as users do: plain python for one process, torchrun for several."""
     script = str(REPO / "train_gpt.py")
     if nproc == 1:
         cmd = [sys.executable, script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def read_log(cwd, run_id: str) -> str:

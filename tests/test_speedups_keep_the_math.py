@@ -29,7 +29,8 @@ def test_first_200_steps_match_the_version_before_the_speedups(tmp_path, tiny_da
     env = trainer_env(tiny_dataset, RUN_ID="math", PRESET=preset, ITERATIONS=200, VAL_LOSS_EVERY=100,
                       TRAIN_LOG_EVERY=20, RECUR_LAYERS="1", EVAL_STRIDE=32, MAX_VAL_TOKENS=2048)
     before = score_lines(script_at_commit(BEFORE_SPEEDUPS, tmp_path / "before.py"), env, tmp_path)
-    after = score_lines(REPO / "train_gpt.py", env, tmp_path)
+    (tmp_path / "after").mkdir()  # its own logs/: a RUN_ID used before is refused
+    after = score_lines(REPO / "train_gpt.py", env, tmp_path / "after")
     assert len(after) == len(before) == 10 + 10 + 3 + 2
     for line_before, line_after in zip(before, after):
         numbers = [[float(v.split(":")[1]) for v in line.split()[1:]] for line in (line_before, line_after)]

@@ -66,7 +66,8 @@ def test_baseline_preset_trains_the_same_math_as_the_original_script(tmp_path, t
     """Losses, val scores and the int8+zlib round trip, against train_gpt.py as it was before this change."""
     env = trainer_env(tiny_dataset, RUN_ID="same", ITERATIONS=12, VAL_LOSS_EVERY=6, GRAD_CLIP_NORM=0)
     original = score_lines(script_at_commit(ORIGINAL_COMMIT, tmp_path / "original.py"), env, tmp_path)
-    assert len(original) == 12 + 3 + 2 and score_lines(REPO / "train_gpt.py", env, tmp_path) == original
+    (tmp_path / "now").mkdir()  # its own logs/: a RUN_ID used before is refused
+    assert len(original) == 12 + 3 + 2 and score_lines(REPO / "train_gpt.py", env, tmp_path / "now") == original
 
 
 # ---- model ----------------------------------------------------------------------------------------
