@@ -82,28 +82,29 @@ def trained_model(dataset, seed: int, steps: int = 30):
     return s, runtime, trainer.model, evaluator
 
 
-def round_trip_penalty(model, evaluator, blob: bytes) -> float:
-    """Validation loss after the export's round trip minus before."""
+def round_trip_kl(model, evaluator, blob: bytes) -> float:
+    """The export's damage: KL(model before || model after the round trip) per token on validation windows."""
+    windows = torch.from_numpy(evaluator.split.tokens[:4096].astype(np.int64)).view(-1, 64)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    before, _ = evaluator.evaluate(model)
-    model.load_state_dict(train_gpt.decompress_model(blob))
-    after, _ = evaluator.evaluate(model)
+    with torch.no_grad():
+        before = torch.log_softmax(model.logits(windows).float(), -1)
+        model.load_state_dict(train_gpt.decompress_model(blob))
+        after = torch.log_softmax(model.logits(windows).float(), -1)
     model.load_state_dict(weights)
-    return after - before
+    return (before.exp() * (before - after)).sum(-1).mean().item()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gptq_round_trip_penalty_is_below_the_clip_search_penalty_at_the_same_bits(tiny_dataset, seed):
-    """int4, where rounding dominates the penalty of a model trained for seconds (in int6 both are ~1e-4 nats,
-    noise); GPTQ with a clip near the clip search's (4 x std), so that the two differ in rounding only."""
+    """int6 both, GPTQ with clips near the clip search's (3 x std; the embedding 5 x std, near its int8 quantile
+    clip), so that they differ in rounding. The penalty is the KL of the round trip: the val-loss difference of
+    a model trained for seconds is first-order noise (+-0.002 nats either way); the KL is second-order."""
     s, runtime, model, evaluator = trained_model(tiny_dataset, seed)
-    s = dataclasses.replace(s, export_format="int4+lzma", gptq_clip_sigmas=4.0)
-    state, control = model.state_dict(), model.control_tensor_names()
-    rtn = train_gpt.compress_packed(train_gpt.quantize_state_dict(state, control, 4), s.export_format)
+    s = dataclasses.replace(s, gptq_clip_sigmas=3.0, gptq_embed_clip_sigmas=5.0)
+    rtn = train_gpt.export_artifact(model, s, 0, print)
     gptq = train_gpt.export_artifact(model, s, 0, print, train_gpt.collect_hessians(model, s, runtime))
-    rtn_penalty, gptq_penalty = round_trip_penalty(model, evaluator, rtn), round_trip_penalty(model, evaluator, gptq)
-    print(seed, rtn_penalty, gptq_penalty, len(rtn), len(gptq))
-    assert gptq_penalty < rtn_penalty, (gptq_penalty, rtn_penalty)
+    rtn_kl, gptq_kl = round_trip_kl(model, evaluator, rtn), round_trip_kl(model, evaluator, gptq)
+    assert gptq_kl < 0.8 * rtn_kl, (gptq_kl, rtn_kl)
 
 
 def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_dataset):
@@ -117,7 +118,7 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
     artifacts = []
     for run_id, data_path in (("clean", tiny_dataset.data_path), ("poisoned", poisoned)):
         env = trainer_env(tiny_dataset, RUN_ID=run_id, DATA_PATH=data_path, PRESET="strong", MODEL_DIM=256,
-                          RECUR_LAYERS="", ITERATIONS=4, VAL_LOSS_EVERY=2, MAX_VAL_TOKENS=1024, EVAL_STRIDE=0)
+                          RECUR_LAYERS="1", ITERATIONS=4, VAL_LOSS_EVERY=2, MAX_VAL_TOKENS=1024, EVAL_STRIDE=0)
         result = run_trainer(env, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "gptq: " in read_log(tmp_path, run_id)
