@@ -148,10 +148,9 @@ class Settings:
         return [int(i) for i in self.recur_layers.split(",") if i.strip()]
 
     @property
-    def training_seconds(self) -> float:
-        """The training loop's cap: GPTQ reads training tokens, so its time counts inside MAX_WALLCLOCK_SECONDS."""
+    def training_seconds(self) -> float:  # GPTQ reads training tokens: its time counts inside the cap
         gptq = self.export_quant == "gptq" and self.max_wallclock_seconds > 0
-        return self.max_wallclock_seconds - (self.gptq_reserve_seconds if gptq else 0.0)
+        return self.max_wallclock_seconds - self.gptq_reserve_seconds * gptq
 
     @property
     def export_bits(self) -> int:
@@ -593,9 +592,9 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: per-row quantisation of matrices (int8, or int6 with the embedding in int8 and fewer bits when
-# int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The compressor is told apart by
-# its own header (xz magic), so loading is unambiguous.
+# Export: per-row quantisation of matrices, rounded by GPTQ or plainly (int8, or int6 with the embedding in
+# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The
+# compressor is told apart by its own header (xz magic), so loading is unambiguous.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -639,10 +638,8 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
     rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move least."""
     W, qmax = w.to(H.device, torch.float32).clone(), 2 ** (bits - 1) - 1
     scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-14).half().float()
-    H = H.float().clone()
-    dead = H.diagonal() == 0  # inputs that never fire: plain rounding there
-    H[dead, dead] = 1
-    H.diagonal().add_(0.01 * H.diagonal().mean())  # damping: a well-conditioned inverse
+    # Damped for a well-conditioned inverse; inputs that never fire (diagonal 0) get plain rounding.
+    H = H.float() + torch.diag((H.diagonal() == 0) + 0.01 * H.diagonal().mean())
     order = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, order], H[order][:, order]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
@@ -662,15 +659,12 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
     """H = X^T X of each matrix's inputs over one batch of TRAINING tokens (a fresh loader: the stream's start,
     never validation), summed over ranks; the tied embedding's inputs are the final hidden states it scores."""
-    hessians, hooks, last = {}, [], {}
-
+    hessians, last = {}, {}
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
         hessians[name] = hessians.get(name, 0) + x.T @ x
-
-    for name, module in model.named_modules():
-        if isinstance(module, CastedLinear):
-            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0])))
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
+             for name, m in model.named_modules() if isinstance(m, CastedLinear)]
     hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last.update(x=out)))
     for inputs, targets in TrainBatchLoader(settings, runtime).next_step():
         model(inputs, targets)
@@ -695,7 +689,7 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], 
     gptq = (hessians, clip sigmas, embedding clip sigmas): matrices with a hessian are rounded by GPTQ."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
-        t = t.detach().cpu()
+        t, row_bits = t.detach().cpu(), mlp_bits if mlp_bits and ".mlp." in name else bits
         packed["dtypes"][name] = str(t.dtype).removeprefix("torch.")
         if not t.is_floating_point():
             packed["float"][name] = t
@@ -703,13 +697,11 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], 
             packed["float"][name] = t.float()
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
             packed["float"][name] = t.half()
-        elif gptq and name in gptq[0]:
+        elif gptq and name in gptq[0]:  # the embedding (also the tied head) in int8, as with the clip search
             embedding = name == "tok_emb.weight"
-            row_bits = 8 if embedding else mlp_bits if mlp_bits and ".mlp." in name else bits
-            packed["int8"][name], packed["scales"][name] = gptq_quantize(t, gptq[0][name], row_bits,
-                                                                         gptq[2] if embedding else gptq[1])
+            packed["int8"][name], packed["scales"][name] = gptq_quantize(
+                t, gptq[0][name], 8 if embedding else row_bits, gptq[2] if embedding else gptq[1])
         elif bits < 8 and t.ndim == 2 and name != "tok_emb.weight":
-            row_bits = mlp_bits if mlp_bits and ".mlp." in name else bits
             packed["int8"][name], packed["scales"][name] = quantize_clip_search(t, row_bits)
         else:
             packed["int8"][name], packed["scales"][name] = quantize_int8(t)
@@ -726,18 +718,11 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
-def compress_model(state_dict: dict[str, Tensor], control_names: set[str], export_format: str = "int8+zlib",
-                   bits: int | None = None, mlp_bits: int | None = None) -> bytes:
-    """The quantised state dict, serialised and compressed; `bits` (and `mlp_bits`) override the format's."""
-    bits = bits or int(export_format.split("+")[0].removeprefix("int"))
-    return compress_packed(quantize_state_dict(state_dict, control_names, bits, mlp_bits), export_format)
-
-
-def compress_packed(packed: dict, export_format: str) -> bytes:
-    compressor = export_format.split("+")[1]
+def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
+    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says."""
     buffer = io.BytesIO()
     torch.save(packed, buffer)
-    if compressor == "lzma":  # stronger than zlib on quantised weights (range coder with wider context)
+    if export_format.endswith("lzma"):  # stronger than zlib on quantised weights (range coder with wider context)
         return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
     return zlib.compress(buffer.getvalue(), level=9)
 
@@ -1274,8 +1259,12 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
         write_atomically(artifact_path, export_artifact(model, settings, len(code), log, hessians, ledger))
-        if hessians is not None:
-            check_gptq_time(ledger, log, settings)
+        if hessians is not None:  # GPTQ reads training tokens: its time must fit in the training budget
+            used_ms = ledger["training"] + ledger["gptq"]
+            log(f"gptq: {ledger['gptq']:.0f}ms (calibration and rounding) train_time+gptq:{used_ms:.0f}ms")
+            if 0 < 1000 * settings.max_wallclock_seconds < used_ms:
+                log(f"WARNING: training plus GPTQ took {used_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS; raise "
+                    f"GPTQ_RESERVE_SECONDS above {settings.gptq_reserve_seconds:g}")
         blob = artifact_path.read_bytes()
         total = len(blob) + len(code)
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
@@ -1299,15 +1288,6 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
         f"{val_suffix}")
     log(f"final_{format_id}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
-
-
-def check_gptq_time(ledger: dict, log: RunLog, settings: Settings) -> None:
-    """GPTQ reads training tokens: its time (calibration and rounding) must fit in the training budget."""
-    used_ms, cap_ms = ledger["training"] + ledger["gptq"], 1000 * settings.max_wallclock_seconds
-    log(f"gptq: {ledger['gptq']:.0f}ms (calibration and rounding); train_time+gptq:{used_ms:.0f}ms")
-    if 0 < cap_ms < used_ms:
-        log(f"WARNING: training plus GPTQ took {used_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS="
-            f"{settings.max_wallclock_seconds:g}; raise GPTQ_RESERVE_SECONDS above {settings.gptq_reserve_seconds:g}")
 
 
 def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:

@@ -68,6 +68,16 @@ def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_da
     assert {"blocks.0.attn.c_q.weight", "blocks.1.mlp.proj.weight"} <= hessians.keys()
 
 
+def test_gptq_time_is_reserved_inside_the_wallclock_cap():
+    s = Settings(iterations=10**6, max_wallclock_seconds=100, gptq_reserve_seconds=10)
+    assert s.training_seconds == 90
+    assert Settings.for_preset("baseline", max_wallclock_seconds=100).training_seconds == 100  # rtn: no reserve
+    assert train_gpt.training_progress(1, 45_000, s) == 0.5  # the schedules end where training must stop
+    with pytest.raises(train_gpt.SettingsError, match="^GPTQ_RESERVE_SECONDS="):
+        Settings.from_env({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10"})
+    assert Settings.from_env({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10", "EXPORT_QUANT": "rtn"})
+
+
 def trained_model(dataset, seed: int, steps: int = 30):
     s = Settings.for_preset("strong", data_path=dataset.data_path, tokenizer_path=dataset.tokenizer_path,
                             vocab_size=dataset.vocab_size, seed=seed, iterations=steps, ema_decay=0.9,
