@@ -641,18 +641,18 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
     # Damped for a well-conditioned inverse; inputs that never fire (diagonal 0) get plain rounding.
     H = H.float() + torch.diag((H.diagonal() == 0) + 0.01 * H.diagonal().mean())
     order = torch.argsort(H.diagonal(), descending=True)
-    W, H = W[:, order], H[order][:, order]
+    W, H = W[:, order].T.contiguous(), H[order][:, order]  # W^T: the columns to round are contiguous rows
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
     Q = torch.zeros_like(W)
-    for a in range(0, W.size(1), block):  # lazy batch updates: the far columns take one matmul per block
-        b = min(a + block, W.size(1))
-        errors = torch.zeros(W.size(0), b - a, device=W.device)
+    for a in range(0, W.size(0), block):  # lazy batch updates: the far columns take one matmul per block
+        b = min(a + block, W.size(0))
+        errors = torch.zeros(b - a, W.size(1), device=W.device)
         for i in range(a, b):
-            Q[:, i] = torch.round(W[:, i] / scale).clamp(-qmax, qmax)
-            errors[:, i - a] = (W[:, i] - Q[:, i] * scale) / U[i, i]
-            W[:, i + 1:b] -= errors[:, i - a, None] * U[i, i + 1:b]
-        W[:, b:] -= errors @ U[a:b, b:]
-    return Q[:, torch.argsort(order)].to(torch.int8).cpu(), scale.half().cpu()
+            Q[i] = torch.round(W[i] / scale).clamp(-qmax, qmax)
+            errors[i - a] = (W[i] - Q[i] * scale) / U[i, i]
+            W[i + 1:b] -= U[i, i + 1:b, None] * errors[i - a]
+        W[b:] -= U[a:b, b:].T @ errors
+    return Q.T[:, torch.argsort(order)].to(torch.int8).contiguous().cpu(), scale.half().cpu()
 
 
 @torch.no_grad()
