@@ -78,6 +78,13 @@ def test_gptq_time_is_reserved_inside_the_wallclock_cap():
     assert Settings.from_env({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10", "EXPORT_QUANT": "rtn"})
 
 
+def test_export_quant_names_a_known_rounding():
+    assert Settings.from_env({}).export_quant == "gptq"
+    assert Settings.from_env({"PRESET": "baseline"}).export_quant == "rtn"  # the baseline stays exact
+    with pytest.raises(train_gpt.SettingsError, match="^EXPORT_QUANT='awq' is invalid: it must be one of gptq, rtn"):
+        Settings.from_env({"EXPORT_QUANT": "awq"})
+
+
 def trained_model(dataset, seed: int, steps: int = 30):
     s = Settings.for_preset("strong", data_path=dataset.data_path, tokenizer_path=dataset.tokenizer_path,
                             vocab_size=dataset.vocab_size, seed=seed, iterations=steps, ema_decay=0.9,
