@@ -177,6 +177,21 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
     return x.T @ x
 
 
+def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypatch):
+    monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
+    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384})  # c_q: 147k weights
+    model = gaussian_rows_model(settings)
+    hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
+    lines = []
+    packed = torch.load(io.BytesIO(lzma.decompress(train_gpt.export_artifact(model, settings, 0, lines.append,
+                                                                              hessians))))
+    assert [line.split("; ")[1] for line in lines] == [f"now int{b} matrices, int{m} MLP matrices"
+                                                       for b, m in train_gpt.FIT_CAP_STEPS]
+    assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 7  # int4
+    assert packed["int8"]["blocks.0.attn.c_q.weight"].abs().max() <= 15  # int5
+    assert packed["int8"]["tok_emb.weight"].abs().max() > 15  # the embedding keeps int8
+
+
 def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
     """SLOW (225 s on a shared 2-core box: GPTQ over 30M weights, then one lzma pass over them, the larger part).
     The default export (GPTQ, int6 matrices, int8 embedding) of the default model with an 8192 x 512 embedding,
