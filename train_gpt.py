@@ -126,6 +126,10 @@ class Settings:
     # Export.
     export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
     export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
+    export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: clip search
+    gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
+    gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
+    gptq_reserve_seconds: float = 10.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -150,6 +154,11 @@ class Settings:
         return [int(i) for i in self.recur_layers.split(",") if i.strip()]
 
     @property
+    def training_seconds(self) -> float:  # GPTQ reads training tokens: its time counts inside the cap
+        gptq = self.export_quant == "gptq" and self.max_wallclock_seconds > 0
+        return self.max_wallclock_seconds - self.gptq_reserve_seconds * gptq
+
+    @property
     def export_bits(self) -> int:
         return int(self.export_format.split("+")[0].removeprefix("int"))
 
@@ -159,7 +168,8 @@ class Settings:
             require(not isinstance(value, float) or math.isfinite(value), name.upper(), value, "a finite number")
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
-        for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS))):
+        for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
+                              ("export_quant", ("gptq", "rtn"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps"):
@@ -168,7 +178,7 @@ class Settings:
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
                      "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
-                     "muon_weight_decay"):
+                     "muon_weight_decay", "gptq_reserve_seconds"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
@@ -182,8 +192,10 @@ class Settings:
         ids = s.recur_layer_ids
         require(ids == list(range(ids[0], ids[0] + len(ids))) and ids[-1] < s.num_layers if ids else True,
                 "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
-        for name in ("rope_base", "logit_softcap", "adam_eps"):
+        for name in ("rope_base", "logit_softcap", "adam_eps", "gptq_clip_sigmas", "gptq_embed_clip_sigmas"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
+        require(s.training_seconds > 0 or s.max_wallclock_seconds == 0, "GPTQ_RESERVE_SECONDS",
+                s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
         require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
                 "a name without path separators, at most 200 bytes (it names files)")
         require(s.tie_embeddings in (0, 1), "TIE_EMBEDDINGS", s.tie_embeddings, "0 or 1")
@@ -220,7 +232,7 @@ PRESETS = {"strong": {}, "baseline": dict(
     mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="",
     qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
     muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0, muon_momentum_warmup_start=0.85,
-    muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib")}
+    muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn")}
 EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 
@@ -620,9 +632,9 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: per-row quantisation of matrices (int8, or int6 with the embedding in int8 and fewer bits when
-# int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The compressor is told apart by
-# its own header (xz magic), so loading is unambiguous.
+# Export: per-row quantisation of matrices, rounded by GPTQ or plainly (int8, or int6 with the embedding in
+# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The
+# compressor is told apart by its own header (xz magic), so loading is unambiguous.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -660,18 +672,64 @@ def quantize_clip_search(t: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
     return best_q.to(torch.int8).reshape(t.shape), best_scale.half()
 
 
+def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022): per-row int<bits> with the clip at clip_sigmas x the row's std, rounded column
+    by column (largest input energy first); each column's rounding error is spread over the columns not yet
+    rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move least."""
+    W, qmax = w.to(H.device, torch.float32).clone(), 2 ** (bits - 1) - 1
+    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-14).half().float()
+    # Damped for a well-conditioned inverse; inputs that never fire (diagonal 0) get plain rounding.
+    H = H.float() + torch.diag((H.diagonal() == 0) + 0.01 * H.diagonal().mean())
+    order = torch.argsort(H.diagonal(), descending=True)
+    W, H = W[:, order].T.contiguous(), H[order][:, order]  # W^T: the columns to round are contiguous rows
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
+    Q = torch.zeros_like(W)
+    for a in range(0, W.size(0), block):  # lazy batch updates: the far columns take one matmul per block
+        b = min(a + block, W.size(0))
+        errors = torch.zeros(b - a, W.size(1), device=W.device)
+        for i in range(a, b):
+            Q[i] = torch.round(W[i] / scale).clamp(-qmax, qmax)
+            errors[i - a] = (W[i] - Q[i] * scale) / U[i, i]
+            W[i + 1:b] -= U[i, i + 1:b, None] * errors[i - a]
+        W[b:] -= U[a:b, b:].T @ errors
+    return Q.T[:, torch.argsort(order)].to(torch.int8).contiguous().cpu(), scale.half().cpu()
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
+    """H = X^T X of each matrix's inputs over one batch of TRAINING tokens (a fresh loader: the stream's start,
+    never validation), summed over ranks; the tied embedding's inputs are the final hidden states it scores."""
+    hessians, last = {}, {}
+    def add(name: str, x: Tensor) -> None:
+        x = x.detach().flatten(0, -2).float()
+        hessians[name] = hessians.get(name, 0) + x.T @ x
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
+             for name, m in model.named_modules() if isinstance(m, CastedLinear)]
+    hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last.update(x=out)))
+    for inputs, targets in TrainBatchLoader(settings, runtime).next_step():
+        model(inputs, targets)
+        if model.lm_head is None:
+            add("tok_emb.weight", rms_norm(last["x"]))  # the output head's input, as GPT.logits computes it
+    for hook in hooks:
+        hook.remove()
+    for H in hessians.values() if runtime.distributed else ():
+        dist.all_reduce(H)
+    return hessians
+
+
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     rows = q.float().reshape(scale.numel(), -1) * scale.float()[:, None]
     return rows.reshape(q.shape)
 
 
 def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
-                        mlp_bits: int | None = None) -> dict:
+                        mlp_bits: int | None = None, gptq: tuple[dict, float, float] | None = None) -> dict:
     """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales; the embedding, also the tied
-    output head, stays int8; control tensors stay fp32; other small tensors go fp16. All in int8 storage."""
+    output head, stays int8; control tensors stay fp32; other small tensors go fp16. All in int8 storage.
+    gptq = (hessians, clip sigmas, embedding clip sigmas): matrices with a hessian are rounded by GPTQ."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
-        t = t.detach().cpu()
+        t, row_bits = t.detach().cpu(), mlp_bits if mlp_bits and ".mlp." in name else bits
         packed["dtypes"][name] = str(t.dtype).removeprefix("torch.")
         if not t.is_floating_point():
             packed["float"][name] = t
@@ -679,8 +737,11 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], 
             packed["float"][name] = t.float()
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
             packed["float"][name] = t.half()
+        elif gptq and name in gptq[0]:  # the embedding (also the tied head) in int8, as with the clip search
+            embedding = name == "tok_emb.weight"
+            packed["int8"][name], packed["scales"][name] = gptq_quantize(
+                t, gptq[0][name], 8 if embedding else row_bits, gptq[2] if embedding else gptq[1])
         elif bits < 8 and t.ndim == 2 and name != "tok_emb.weight":
-            row_bits = mlp_bits if mlp_bits and ".mlp." in name else bits
             packed["int8"][name], packed["scales"][name] = quantize_clip_search(t, row_bits)
         else:
             packed["int8"][name], packed["scales"][name] = quantize_int8(t)
@@ -697,14 +758,11 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
-def compress_model(state_dict: dict[str, Tensor], control_names: set[str], export_format: str = "int8+zlib",
-                   bits: int | None = None, mlp_bits: int | None = None) -> bytes:
-    """The quantised state dict, serialised and compressed; `bits` (and `mlp_bits`) override the format's."""
-    format_bits, compressor = export_format.split("+")
-    bits = bits or int(format_bits.removeprefix("int"))
+def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
+    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says."""
     buffer = io.BytesIO()
-    torch.save(quantize_state_dict(state_dict, control_names, bits, mlp_bits), buffer)
-    if compressor == "lzma":  # stronger than zlib on quantised weights (range coder with wider context)
+    torch.save(packed, buffer)
+    if export_format.endswith("lzma"):  # stronger than zlib on quantised weights (range coder with wider context)
         return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
     return zlib.compress(buffer.getvalue(), level=9)
 
@@ -717,18 +775,26 @@ def decompress_model(blob: bytes) -> dict[str, Tensor]:
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
 
 
-def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log) -> bytes:
+def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, hessians: dict | None = None,
+                    ledger: dict | None = None) -> bytes:
     """The compressed model. With EXPORT_FIT_CAP=1, while an int6 artifact overflows the cap, matrices
     (MLP first: two thirds of the weights) take fewer bits: how compressible trained weights are is only
-    known after training, and an artifact over the cap is no submission at all."""
-    state, control = model.state_dict(), model.control_tensor_names()
-    blob = compress_model(state, control, settings.export_format)
-    for bits, mlp_bits in FIT_CAP_STEPS if settings.export_fit_cap and settings.export_bits == 6 else ():
-        if len(blob) + code_bytes <= ARTIFACT_CAP_BYTES:
+    known after training, and an artifact over the cap is no submission at all. With `hessians`, GPTQ
+    rounds the matrices; its time is added to ledger["gptq"]."""
+    s, state, control = settings, model.state_dict(), model.control_tensor_names()
+    gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
+    plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
+    for i, (bits, mlp_bits) in enumerate(plans):
+        if i and len(blob) + code_bytes <= ARTIFACT_CAP_BYTES:
             break
-        log(f"export_fit: {len(blob) + code_bytes} bytes > {ARTIFACT_CAP_BYTES}; now int{bits} matrices, "
-            f"int{mlp_bits} MLP matrices")
-        blob = compress_model(state, control, settings.export_format, bits, mlp_bits)
+        if i:
+            log(f"export_fit: {len(blob) + code_bytes} bytes > {ARTIFACT_CAP_BYTES}; now int{bits} matrices, "
+                f"int{mlp_bits} MLP matrices")
+        t_quant = time.perf_counter()
+        packed = quantize_state_dict(state, control, bits, mlp_bits, gptq)
+        if gptq and ledger is not None:
+            ledger["gptq"] = ledger.get("gptq", 0.0) + 1000 * (time.perf_counter() - t_quant)
+        blob = compress_packed(packed, s.export_format)
     return blob
 
 
@@ -931,7 +997,7 @@ def training_progress(step: int, elapsed_ms: float, settings: Settings) -> float
     """How far training is, from 0 to 1: by steps or by the wall-clock cap, whichever is further. Schedules
     given as fractions of this have the same shape on slower hardware under the cap."""
     s = settings
-    by_clock = elapsed_ms / (1000 * s.max_wallclock_seconds) if s.max_wallclock_seconds > 0 else 0.0
+    by_clock = elapsed_ms / (1000 * s.training_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return min(max(step / s.iterations, by_clock), 1.0)
 
 
@@ -957,7 +1023,7 @@ def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> flo
     by_steps = min(max((s.iterations - step) / s.warmdown_iters, 0.0), 1.0)
     if s.max_wallclock_seconds <= 0:
         return by_steps
-    remaining_ms = max(1000.0 * s.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(1000.0 * s.training_seconds - elapsed_ms, 0.0)
     warmdown_ms = s.warmdown_iters * elapsed_ms / max(step, 1)
     return min(by_steps, min(remaining_ms / max(warmdown_ms, 1e-9), 1.0))
 
@@ -1160,7 +1226,7 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     ledger["warmup_compile"] = 1000 * (time.perf_counter() - t_start)
 
     training_ms, validation_ms, step, stop_after = 0.0, 0.0, 0, None
-    wallclock = WallclockStop(1000 * s.max_wallclock_seconds, rt)
+    wallclock = WallclockStop(1000 * s.training_seconds, rt)
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -1258,9 +1324,18 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     t_export = time.perf_counter()
     artifact_path = Path("logs") / f"{settings.run_id}.int{settings.export_bits}.ptz"
     unscored_path = artifact_path.with_name(artifact_path.name + ".unscored")  # renamed once its score is finite
-    blob = b""
+    blob, hessians = b"", None
+    if settings.export_quant == "gptq":
+        hessians = collect_hessians(model, settings, rt)
+        ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
-        write_atomically(unscored_path, export_artifact(model, settings, len(code), log))
+        write_atomically(unscored_path, export_artifact(model, settings, len(code), log, hessians, ledger))
+        if hessians is not None:  # GPTQ reads training tokens: its time must fit in the training budget
+            used_ms = ledger["training"] + ledger["gptq"]
+            log(f"gptq: {ledger['gptq']:.0f}ms (calibration and rounding) train_time+gptq:{used_ms:.0f}ms")
+            if 0 < 1000 * settings.max_wallclock_seconds < used_ms:
+                log(f"WARNING: training plus GPTQ took {used_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS; raise "
+                    f"GPTQ_RESERVE_SECONDS above {settings.gptq_reserve_seconds:g}")
         blob = unscored_path.read_bytes()
         total = len(blob) + len(code)
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")

@@ -111,8 +111,11 @@ def test_export_from_cuda_tensors_is_the_cpu_export_and_loads_back_on_cuda(expor
     cpu_model = perturbed_model(settings)
     cuda_model = copy.deepcopy(cpu_model).cuda()
     control = cpu_model.control_tensor_names()
-    blob = train_gpt.compress_model(cuda_model.state_dict(), control, export_format)
-    assert blob == train_gpt.compress_model(cpu_model.state_dict(), control, export_format)
+    bits = int(export_format.split("+")[0].removeprefix("int"))
+    def export(model):
+        return train_gpt.compress_packed(train_gpt.quantize_state_dict(model.state_dict(), control, bits), export_format)
+    blob = export(cuda_model)
+    assert blob == export(cpu_model)
     restored = train_gpt.decompress_model(blob)
     cuda_model.load_state_dict(restored)
     for name, tensor in cuda_model.state_dict().items():

@@ -210,7 +210,8 @@ def test_polar_express_coefficients_orthogonalise_better_than_the_fixed_quintic(
 
 def test_fraction_schedules_follow_training_progress():
     s = Settings(iterations=1000, max_wallclock_seconds=100, warmdown_frac=0.5, min_lr_frac=0.1, lr_warmup_frac=0.1,
-                 muon_momentum=0.99, muon_momentum_warmup_start=0.9, muon_momentum_warmup_frac=0.2)
+                 muon_momentum=0.99, muon_momentum_warmup_start=0.9, muon_momentum_warmup_frac=0.2,
+                 export_quant="rtn")  # no GPTQ time reserved: the clock runs to the full cap
     assert train_gpt.training_progress(100, 0, s) == 0.1
     assert train_gpt.training_progress(100, 50_000, s) == 0.5  # the clock is further along than the steps
     lr = [train_gpt.lr_multiplier(k, 0, s) for k in (50, 300, 750, 1000)]
@@ -332,7 +333,7 @@ def test_int6_round_trip_error_is_bounded_and_no_worse_than_max_abs_scaling():
 def test_int6_lzma_model_round_trip_keeps_the_embedding_in_int8():
     model = perturbed_model(tiny(vocab_size=1024, model_dim=256), scale=0.02)
     state = model.state_dict()
-    blob = train_gpt.compress_model(state, model.control_tensor_names(), "int6+lzma")
+    blob = train_gpt.compress_packed(train_gpt.quantize_state_dict(state, model.control_tensor_names(), 6), "int6+lzma")
     assert blob.startswith(train_gpt.XZ_MAGIC)
     restored = train_gpt.decompress_model(blob)
     packed = train_gpt.quantize_state_dict(state, model.control_tensor_names(), bits=6)
@@ -344,13 +345,13 @@ def test_int6_lzma_model_round_trip_keeps_the_embedding_in_int8():
 
 
 def test_default_model_artifact_fits_the_cap():
-    """The default model (11 x 512, MLP 3x: 26.5M weights), exported as a default run exports it, plus this
-    train_gpt.py, must fit in 16,000,000 bytes. Compressed quantised weights cost about the entropy of their
-    quantised values, which depends on the shape of each row's distribution relative to its clip, not on
-    the weights' scale. The weights of models trained here (bench/compare_presets.py) have Gaussian-like rows
-    (kurtosis 2.9-4.3), the least compressible realistic shape, so the weights here are Gaussian rows of
-    varied scale. In int6 they cost ~5.4 bits each: 18 MB, over the cap (asserted: the check can fail);
-    int5 MLP matrices are still over; the export must then find a plan that fits (int5 matrices: ~15 MB).
+    """The default model (11 x 512, MLP 3x: 26.5M weights), exported with the clip search (EXPORT_QUANT=rtn; GPTQ,
+    the default: tests/test_gptq.py), plus this train_gpt.py, must fit in 16,000,000 bytes. Compressed quantised
+    weights cost about the entropy of their quantised values, which depends on the shape of each row's distribution
+    relative to its clip, not on the weights' scale. The weights of models trained here (bench/compare_presets.py)
+    have Gaussian-like rows (kurtosis 2.9-4.3), the least compressible realistic shape, so the weights here are
+    Gaussian rows of varied scale. In int6 they cost ~5.4 bits each: 18 MB, over the cap (asserted: the check can
+    fail); int5 MLP matrices are still over; the export must then find a plan that fits (int5 matrices: ~15 MB).
     Heavier-tailed trained weights (the records' 11 x 512 int6 artifacts were 15.5-15.9 MB) fit in int6.
     """
     settings = Settings()
