@@ -213,11 +213,12 @@ class Settings:
 
 # What PRESET=baseline changes: the naive baseline of SPEC.md, with every technique off.
 PRESETS = {"strong": {}, "baseline": dict(
-    vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024, num_layers=9,
-    mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="",
-    smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
-    muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0, muon_momentum_warmup_start=0.85,
-    muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib")}
+    vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288,
+    train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0,
+    parallel_last_n=0, recur_layers="", smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04,
+    scalar_lr=0.04, muon_momentum=0.95, muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0,
+    muon_momentum_warmup_start=0.85, muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0,
+    export_format="int8+zlib")}
 EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 
@@ -398,8 +399,8 @@ def shard_paths(data_path: str, split: str, vocab_size: int) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"no {split} shards match {pattern}; download them with "
-                                f"`python3 data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set DATA_PATH")
+        raise FileNotFoundError(f"no {split} shards match {pattern}; download them with `python3 "
+                                f"data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set DATA_PATH")
     return paths
 
 
@@ -512,8 +513,8 @@ class ByteTable:
 
 def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
     if not os.path.exists(tokenizer_path):
-        raise FileNotFoundError(f"TOKENIZER_PATH={tokenizer_path} does not exist; download it with "
-                                f"`python3 data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set TOKENIZER_PATH")
+        raise FileNotFoundError(f"TOKENIZER_PATH={tokenizer_path} does not exist; download it with `python3 "
+                                f"data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set TOKENIZER_PATH")
     base = np.zeros(vocab_size, dtype=np.int64)
     space = np.zeros(vocab_size, dtype=bool)
     boundary = np.ones(vocab_size, dtype=bool)  # ids the tokenizer never emits count as boundaries

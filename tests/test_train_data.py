@@ -39,7 +39,7 @@ def test_truncated_shard_is_rejected_by_name(tmp_path):
 
 
 def test_missing_shards_say_how_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no train shards match .*cached_challenge_fineweb.py --variant sp8192"):
+    with pytest.raises(FileNotFoundError, match=r"no train shards match .*fineweb.py --variant sp8192"):
         train_gpt.shard_paths(str(tmp_path), "train", 8192)
 
 
