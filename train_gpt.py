@@ -61,8 +61,8 @@ class Settings:
     """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
     preset: str = "strong"  # strong | baseline (PRESETS): applied before the other variables
     # Data and run bookkeeping.
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
+    tokenizer_path: str = ""  # empty: ./data/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
     run_id: str = ""  # empty: a fresh uuid
     overwrite: int = 0  # 1: a RUN_ID used before is allowed; its files are renamed aside, never deleted
     seed: int = 1337
@@ -74,6 +74,9 @@ class Settings:
     train_log_every: int = 200
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
     eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
+    ttt_epochs: int = 3  # score-first test-time training: epochs on each chunk once it is scored; 0: off
+    ttt_lr: float = 0.005  # SGD (momentum 0.9) learning rate, cosine-decayed over the chunks
+    ttt_chunk_tokens: int = 32_768  # validation tokens scored, then trained on, per chunk
     # Schedule and batch.
     iterations: int = 20_000
     warmdown_iters: int = 1200  # used when WARMDOWN_FRAC=0
@@ -86,7 +89,7 @@ class Settings:
     grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
     max_wallclock_seconds: float = 600.0
     # Model.
-    vocab_size: int = 1024
+    vocab_size: int = 8192
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
@@ -99,22 +102,23 @@ class Settings:
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
     parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
-    recur_layers: str = "4,5"  # contiguous block indices run a second time (shared weights); "": none
+    recur_layers: str = "3,4,5"  # contiguous block indices run a second time (shared weights); "": none
     recur_start_frac: float = 0.5  # ... from this fraction of training on
     logit_softcap: float = 30.0
-    qk_gain_init: float = 5.0
+    qk_gain_init: float = 5.25
     tied_embed_init_std: float = 0.005
+    smear_gate: int = 1  # 1: each position adds a gated share of the previous token's embedding (not across BOS)
     # Optimizers.
     embed_lr: float = 0.6
     head_lr: float = 0.008
     tied_embed_lr: float = 0.035
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97
     muon_backend_steps: int = 5
     muon_ns_coeffs: str = "polar"  # polar: per-iteration Polar Express coefficients | fixed: one quintic
     muon_row_norm: int = 1  # 1: normalise each row of the update before Newton-Schulz
-    muon_weight_decay: float = 0.04  # decoupled: W <- W (1 - lr wd) - lr update
+    muon_weight_decay: float = 0.09  # decoupled: W <- W (1 - lr wd) - lr update
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 500  # used when MUON_MOMENTUM_WARMUP_FRAC=0
     muon_momentum_warmup_frac: float = 0.3
@@ -136,7 +140,7 @@ class Settings:
         """Defaults, then the PRESET's overrides, then every variable that is set."""
         preset = env.get("PRESET", "").strip() or "strong"
         require(preset in PRESETS, "PRESET", preset, f"one of {', '.join(PRESETS)}")
-        values = {**asdict(cls()), **PRESETS[preset], "preset": preset}
+        values = {**cls.defaults(), **PRESETS[preset], "preset": preset}
         for f in fields(cls):
             raw = env.get(f.name.upper(), "").strip()
             if raw:
@@ -147,7 +151,16 @@ class Settings:
 
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> Settings:
-        return cls(**{**asdict(cls()), **PRESETS[preset], "preset": preset, **overrides})
+        return cls(**{**cls.defaults(), **PRESETS[preset], "preset": preset, **overrides})
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls)}
+
+    def __post_init__(self):  # paths left empty follow VOCAB_SIZE (the published variant sp<VOCAB_SIZE>)
+        v = self.vocab_size
+        object.__setattr__(self, "data_path", self.data_path or f"./data/datasets/fineweb10B_sp{v}")
+        object.__setattr__(self, "tokenizer_path", self.tokenizer_path or f"./data/tokenizers/fineweb_{v}_bpe.model")
 
     @property
     def recur_layer_ids(self) -> list[int]:
@@ -172,20 +185,21 @@ class Settings:
                               ("export_quant", ("gptq", "rtn"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
-                     "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps"):
+                     "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
+                     "ttt_chunk_tokens"):
             require(getattr(s, name) >= 1, name.upper(), getattr(s, name), "a whole number >= 1")
         for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "max_val_tokens",
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
                      "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
-                     "muon_weight_decay", "gptq_reserve_seconds"):
+                     "muon_weight_decay", "gptq_reserve_seconds", "ttt_epochs", "ttt_lr"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
         for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
                      "muon_momentum_warmup_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -228,11 +242,12 @@ class Settings:
 
 # What PRESET=baseline changes: the naive baseline of SPEC.md, with every technique off.
 PRESETS = {"strong": {}, "baseline": dict(
-    eval_stride=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024, num_layers=9,
-    mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="",
-    qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
-    muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0, muon_momentum_warmup_start=0.85,
-    muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn")}
+    vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288,
+    train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0,
+    parallel_last_n=0, recur_layers="", smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04,
+    scalar_lr=0.04, muon_momentum=0.95, muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0,
+    muon_momentum_warmup_start=0.85, muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0,
+    export_format="int8+zlib", export_quant="rtn")}
 EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 
@@ -402,6 +417,7 @@ def same_shape_indices(params: list[Tensor]) -> dict[tuple, list[int]]:
 # Data: shards (SPEC.md) are a 256 x int32 header then uint16 token ids.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024
+BOS_ID = 1  # every document starts with it
 
 
 def read_shard(path: str | Path) -> np.ndarray:
@@ -423,12 +439,12 @@ def shard_token_count(path: str | Path) -> int:
     return num_tokens
 
 
-def shard_paths(data_path: str, split: str) -> list[str]:
+def shard_paths(data_path: str, split: str, vocab_size: int) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     paths = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not paths:
-        raise FileNotFoundError(f"no {split} shards match {pattern}; download them with "
-                                f"`python3 data/cached_challenge_fineweb.py --variant sp1024` or set DATA_PATH")
+        raise FileNotFoundError(f"no {split} shards match {pattern}; download them with `python3 "
+                                f"data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set DATA_PATH")
     return paths
 
 
@@ -442,7 +458,7 @@ class TokenStream:
     """The training shards read in order as one endless stream of tokens."""
 
     def __init__(self, data_path: str, vocab_size: int):
-        self.paths, self.vocab_size = shard_paths(data_path, "train"), vocab_size
+        self.paths, self.vocab_size = shard_paths(data_path, "train", vocab_size), vocab_size
         if sum(shard_token_count(p) for p in self.paths) == 0:  # all headers now, not after the training time
             raise ValueError(f"the train shards in {data_path} hold no tokens: download them again")
         self.shard_index, self.position = -1, 0
@@ -506,7 +522,7 @@ class ValidationSplit:
 
 def load_validation_split(settings: Settings) -> ValidationSplit:
     """The validation shards, cut to whole sequences (and to MAX_VAL_TOKENS when it is set)."""
-    paths = shard_paths(settings.data_path, "val")
+    paths = shard_paths(settings.data_path, "val", settings.vocab_size)
     tokens = np.concatenate([read_shard(p) for p in paths])
     check_token_ids(tokens, settings.vocab_size, f"validation shards {paths[0]}...")
     seq_len = settings.train_seq_len
@@ -543,8 +559,8 @@ class ByteTable:
 
 def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
     if not os.path.exists(tokenizer_path):
-        raise FileNotFoundError(f"TOKENIZER_PATH={tokenizer_path} does not exist; download it with "
-                                f"`python3 data/cached_challenge_fineweb.py --variant sp1024` or set TOKENIZER_PATH")
+        raise FileNotFoundError(f"TOKENIZER_PATH={tokenizer_path} does not exist; download it with `python3 "
+                                f"data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set TOKENIZER_PATH")
     base = np.zeros(vocab_size, dtype=np.int64)
     space = np.zeros(vocab_size, dtype=bool)
     boundary = np.ones(vocab_size, dtype=bool)  # ids the tokenizer never emits count as boundaries
@@ -597,25 +613,34 @@ class Evaluator:
     def evaluate(self, model: nn.Module, stride: int = 0) -> tuple[float, float]:
         """Returns (val_loss in nats per token, val_bpb) over the whole split, all ranks together.
         stride 0 (or >= TRAIN_SEQ_LEN): plain evaluation; else sliding windows advancing `stride` tokens."""
+        return self.reduce(self.scored_sums(model, stride))
+
+    @torch.inference_mode()
+    def scored_sums(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None) -> Tensor:
+        """(nats, tokens, bytes) scored on this rank, over all windows or the window indices [lo, hi)."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # nats, tokens, bytes
-        for nats, num_bytes, scored in self.scored_windows(model, stride):
+        for nats, num_bytes, scored in self.scored_windows(model, stride, window_range):
             sums[0] += (nats.double() * scored).sum()
             sums[1] += scored.sum()
             sums[2] += (num_bytes.double() * scored).sum()
+        return sums
+
+    def reduce(self, sums: Tensor) -> tuple[float, float]:
         if self.rt.distributed:
             dist.all_reduce(sums)
         nats, tokens, num_bytes = sums.tolist()
         val_loss = nats / tokens
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
-    def scored_windows(self, model: nn.Module, stride: int):
+    def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None):
         """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch.
         A short last batch is padded with unscored copies of its last window: every batch has the same shape,
         so a compiled model has one evaluation graph (a new shape would compile inside the timed evaluation)."""
         seq_len, rt = self.settings.train_seq_len, self.rt
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
-        first, last = len(ends) * rt.rank // rt.world_size, len(ends) * (rt.rank + 1) // rt.world_size
+        lo, hi = window_range or (0, len(ends))
+        first, last = lo + (hi - lo) * rt.rank // rt.world_size, lo + (hi - lo) * (rt.rank + 1) // rt.world_size
         positions = torch.arange(seq_len, device=rt.device)
         was_training = model.training
         model.eval()
@@ -629,6 +654,45 @@ class Evaluator:
             scored = (positions[None, :] >= seq_len - new[:, None]).double()
             yield model(inputs, targets), self.table.target_bytes(inputs, targets), scored
         model.train(was_training)
+
+    def evaluate_with_ttt(self, model: nn.Module, stride: int) -> tuple[float, float]:
+        """Legal score-first test-time training: walk the windows in order in chunks of ~TTT_CHUNK_TOKENS scored
+        tokens; score each chunk with the current weights (final), only then train on it (TTT_EPOCHS SGD steps,
+        LR cosine-decayed over the chunks). No token influences its own score or an earlier one."""
+        s, seq_len = self.settings, self.settings.train_seq_len
+        ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
+        starts = np.concatenate(([0], ends[:-1]))  # the first target each window scores
+        chunks = np.split(np.arange(len(ends)), np.flatnonzero(np.diff(starts // s.ttt_chunk_tokens)) + 1)
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=0.9)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)
+        for c, windows in enumerate(chunks):
+            sums += self.scored_sums(model, stride, (windows[0], windows[-1] + 1))
+            if c < len(chunks) - 1:  # training on the last chunk would change no score
+                optimizer.param_groups[0]["lr"] = s.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
+                self.train_on_scored(model, optimizer, starts[windows[0]], ends[windows[-1]])
+        return self.reduce(sums)
+
+    def train_on_scored(self, model: nn.Module, optimizer: torch.optim.Optimizer, first: int, end: int) -> None:
+        """TTT_EPOCHS steps on sequences whose targets cover the scored targets [first, end) (earlier, already
+        scored tokens fill the first one); ranks take every world_size-th sequence and sum their gradients."""
+        rt, seq_len, params = self.rt, self.settings.train_seq_len, optimizer.param_groups[0]["params"]
+        seq_starts = np.maximum(np.arange(end - seq_len, first - seq_len, -seq_len), 0)
+        mine = seq_starts[rt.rank::rt.world_size]
+        model.train()
+        for _ in range(self.settings.ttt_epochs):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            for b in range(0, len(mine), self.batch_seqs):
+                rows = mine[b:b + self.batch_seqs, None] + np.arange(seq_len + 1)
+                tokens = torch.from_numpy(self.split.tokens[rows].astype(np.int64)).to(rt.device)
+                (model(tokens[:, :-1], tokens[:, 1:]).sum() / (len(seq_starts) * seq_len)).backward()
+            if rt.distributed:
+                for p in params:
+                    dist.all_reduce(p.grad)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -937,12 +1001,22 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.blocks = nn.ModuleList(Block(dim, s, i) for i in range(s.num_layers))
         self.recur_layers, self.recurrence_active = s.recur_layer_ids, False
+        self.smear_gate = nn.Parameter(torch.zeros(dim)) if s.smear_gate else None
         self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
         if s.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=s.tied_embed_init_std)
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, C). SmearGate: position t adds sigmoid(gate) (per channel) x the embedding of
+        token t-1, a cheap bigram; not where token t is BOS, a document's first token: nothing crosses documents."""
+        x = self.tok_emb(input_ids).to(self.compute_dtype)
+        if self.smear_gate is not None:
+            share = torch.sigmoid(self.smear_gate.to(x.dtype)) * (input_ids[:, 1:, None] != BOS_ID)
+            x = torch.cat((x[:, :1], x[:, 1:] + share * x[:, :-1]), dim=1)
+        return rms_norm(x)
+
     def logits(self, input_ids: Tensor) -> Tensor:
-        x = x0 = rms_norm(self.tok_emb(input_ids).to(self.compute_dtype))  # (B, T, C)
+        x = x0 = self.embed(input_ids)  # (B, T, C)
         skips = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder_layers and skips:
@@ -1348,20 +1422,26 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         blob = broadcast_bytes(blob, rt)
     ledger["export"] = 1000 * (time.perf_counter() - t_export)
     model.load_state_dict(decompress_model(blob))
-    rt.sync()
-    t_eval = time.perf_counter()
     stride = settings.eval_stride if 0 < settings.eval_stride < settings.train_seq_len else 0
     log(f"eval_mode:{'sliding' if stride else 'plain'} stride:{stride or settings.train_seq_len} "
         f"window:{settings.train_seq_len}")
-    val_loss, val_bpb = evaluator.evaluate(trainer.compiled, stride)
-    rt.sync()
-    ledger["roundtrip_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
-    check_finite_score(val_loss, val_bpb, f"the round-trip score of {unscored_path} (kept, no submission)", settings)
+    scorers = [("roundtrip_eval", evaluator.evaluate)] + [("ttt_eval", evaluator.evaluate_with_ttt)] * (
+        settings.ttt_epochs > 0)
+    for name, score in scorers:
+        if name == "ttt_eval":
+            log(f"ttt_eval epochs:{settings.ttt_epochs} lr:{settings.ttt_lr} chunk_tokens:{settings.ttt_chunk_tokens}"
+                f" (score-first test-time training; the final lines below are the run's score)")
+        rt.sync()
+        t_eval = time.perf_counter()
+        val_loss, val_bpb = score(trainer.compiled, stride)
+        rt.sync()
+        ledger[name] = eval_ms = 1000 * (time.perf_counter() - t_eval)
+        check_finite_score(val_loss, val_bpb, f"the {name} score of {unscored_path} (kept, no submission)", settings)
+        log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
+            f"{val_suffix}")
+        log(f"final_{format_id}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
     if rt.is_master:
         os.replace(unscored_path, artifact_path)
-    log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
-        f"{val_suffix}")
-    log(f"final_{format_id}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")
 
 
 def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:

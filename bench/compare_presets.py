@@ -1,9 +1,16 @@
-"""CPU evidence: PRESET=strong vs PRESET=baseline at equal tiny size and equal steps, over several seeds.
+"""CPU evidence: the presets at equal tiny size and equal steps, over several seeds.
 
-    python3 bench/compare_presets.py                        # 3 seeds, the fineweb split, ~8 minutes on 2 cores
+    python3 bench/compare_presets.py                        # 3 seeds, the fineweb split, baseline vs strong
+    python3 bench/compare_presets.py --configs strong-march strong   # the strong default before/after issue 12
     python3 bench/compare_presets.py --splits shakespeare --seeds 1337 1338
 
-Data (built in a temporary folder from ../shared/data, tokenized with the published sp1024):
+Configurations: `baseline` (PRESET=baseline, sp1024), `strong` (the default: sp8192, SmearGate, score-first TTT,
+the ladder's settings) and `strong-march` (the strong default before issue 12: sp1024, no SmearGate, no TTT,
+QK gain 5.0, Muon momentum 0.99, weight decay 0.04). Each run's log has the score without TTT in the
+final line before the last, which the table reports too.
+
+Data (built in a temporary folder from ../shared/data, tokenized with the published tokenizer of the
+configuration's vocabulary):
 - `fineweb` (default): the FineWeb-Edu sample's paragraphs, the first 80% for training and the last 20% for
   validation: disjoint documents of the challenge's own distribution.
 - `shakespeare`: train on tiny-shakespeare, validate on the whole FineWeb-Edu sample; the validation text
@@ -14,13 +21,15 @@ Both presets get the same size overrides (layers, width, heads, MLP, sequence, b
 step-counted constants, set for a 8xH100 run, are mapped to this run's length so both keep the shape they
 have there: the baseline's WARMDOWN_ITERS 1200 and MUON_MOMENTUM_WARMUP_STEPS 500 of its 13,780 steps, and
 the strong default's EMA horizon (decay 0.997, ~333 steps of ~5,000). The strong default's layer choices are
-mapped to 4 layers in proportion (RECUR_LAYERS 4,5 of 11 -> 1,2 of 4; PARALLEL_LAST_N 4 of 11 -> 1;
-ROPE_DIMS 16 of 64 head dims -> 8 of 32).
+mapped to 4 layers (RECUR_LAYERS 4,5 or 3,4,5 of 11 -> 1,2 of 4; PARALLEL_LAST_N 4 of 11 -> 1;
+ROPE_DIMS 16 of 64 head dims -> 8 of 32), and TTT's chunk to the small validation split (TTT_CHUNK_TOKENS 4096:
+~20 chunks, as ~1,240 chunks of 32,768 on the published split).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +47,14 @@ from shard_io import write_shard  # noqa: E402
 
 SIZE = dict(NUM_LAYERS=4, MODEL_DIM=128, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=3, TRAIN_SEQ_LEN=256,
             TRAIN_BATCH_TOKENS=2048, VAL_BATCH_SIZE=65536, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=100, WARMUP_STEPS=0,
-            MAX_WALLCLOCK_SECONDS=0, DEVICE="cpu", VOCAB_SIZE=1024)
+            MAX_WALLCLOCK_SECONDS=0, DEVICE="cpu")
+CONFIGS = {"baseline": ("baseline", 1024, {}), "strong": ("strong", 8192, dict(TTT_CHUNK_TOKENS=4096)),
+           "strong-march": ("strong", 1024, dict(SMEAR_GATE=0, TTT_EPOCHS=0, QK_GAIN_INIT=5.0, MUON_MOMENTUM=0.99,
+                                                 MUON_WEIGHT_DECAY=0.04))}
+
+
+def tokenizer(vocab: int) -> Path:
+    return SHARED / "tokenizers" / f"fineweb_{vocab}_bpe.model"
 
 
 def preset_overrides(preset: str, iterations: int) -> dict:
@@ -73,20 +89,23 @@ def build_split(name: str, root: Path, sp) -> Path:
     return folder
 
 
-def run(preset: str, seed: int, data: Path, iterations: int, workdir: Path) -> dict:
-    run_id = f"{data.name}_{preset}_{seed}"
+def run(config: str, seed: int, data: Path, iterations: int, workdir: Path) -> dict:
+    preset, vocab, overrides = CONFIGS[config]
+    run_id = f"{data.name}_{config}_{seed}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update({k: str(v) for k, v in {**SIZE, **preset_overrides(preset, iterations)}.items()})
+    env.update({k: str(v) for k, v in {**SIZE, **preset_overrides(preset, iterations), **overrides}.items()})
     env.update(PRESET=preset, SEED=str(seed), ITERATIONS=str(iterations), RUN_ID=run_id, DATA_PATH=str(data),
-               TOKENIZER_PATH=str(SHARED / "tokenizers" / "fineweb_1024_bpe.model"))
+               TOKENIZER_PATH=str(tokenizer(vocab)), VOCAB_SIZE=str(vocab))
     t0 = time.time()
     result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=workdir,
                             capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{run_id} failed:\n{result.stderr[-3000:]}")
-    scored = read_run_log(workdir / "logs" / f"{run_id}.txt")
-    row = dict(val_loss=scored.val_loss, val_bpb=scored.val_bpb, pre_export_bpb=scored.pre_export_val_bpb,
-               model_bytes=scored.model_bytes, seconds=time.time() - t0)
+    log_path = workdir / "logs" / f"{run_id}.txt"
+    scored = read_run_log(log_path)
+    first_final = re.findall(r"^final_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log_path.read_text(), re.M)[0]
+    row = dict(val_loss=scored.val_loss, val_bpb=scored.val_bpb, bpb_without_ttt=float(first_final),
+               pre_export_bpb=scored.pre_export_val_bpb, model_bytes=scored.model_bytes, seconds=time.time() - t0)
     print(f"{run_id}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
           flush=True)
     return row
@@ -101,19 +120,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--splits", nargs="+", default=["fineweb"], choices=["fineweb", "shakespeare"])
+    parser.add_argument("--configs", nargs="+", default=["baseline", "strong"], choices=list(CONFIGS))
     args = parser.parse_args()
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(SHARED / "tokenizers" / "fineweb_1024_bpe.model"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        table = ["| split | preset | final val_loss | final val_bpb (sliding for strong) | pre-export val_bpb (plain) "
-                 "| model bytes |", "|---|---|---|---|---|---|"]
+        table = ["| split | config | final val_loss | final val_bpb (sliding for strong) | the same without TTT "
+                 "| pre-export val_bpb (plain) | model bytes |", "|---|---|---|---|---|---|---|"]
         for split in args.splits:
-            data = build_split(split, root, sp)
-            for preset in ("baseline", "strong"):
-                rows = [run(preset, seed, data, args.iterations, root) for seed in args.seeds]
-                columns = [mean_std([r[k] for r in rows]) for k in ("val_loss", "val_bpb", "pre_export_bpb")]
-                table.append(f"| {split} | {preset} | {' | '.join(columns)} "
+            for config in args.configs:
+                vocab = CONFIGS[config][1]
+                sp = spm.SentencePieceProcessor(model_file=str(tokenizer(vocab)))
+                data = root / f"sp{vocab}"
+                data = data / split if (data / split).exists() else build_split(split, data, sp)
+                rows = [run(config, seed, data, args.iterations, root) for seed in args.seeds]
+                columns = [mean_std([r[k] for r in rows])
+                           for k in ("val_loss", "val_bpb", "bpb_without_ttt", "pre_export_bpb")]
+                table.append(f"| {split} | {config} | {' | '.join(columns)} "
                              f"| {statistics.mean(r['model_bytes'] for r in rows):,.0f} |")
     print(f"\n{len(args.seeds)} seeds {args.seeds}, {args.iterations} steps, size {SIZE}\n")
     print("\n".join(table))

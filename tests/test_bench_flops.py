@@ -66,7 +66,7 @@ def test_an_untied_models_embedding_is_the_only_parameter_outside_matmuls_and_co
     model = GPT(small)
     # Matmuls: 3 x (64x64 x 2 + 64x32 x 2 + 64x192 x 2) + head 300 x 64 = 3 x 36,864 + 19,200 = 129,792.
     assert matmul_params(small) == 129_792
-    control = 3 * (64 + 64 + 2 * 64 + 4) + 1 * 64  # 3 blocks of scales and gains; 1 skip weight row
+    control = 3 * (64 + 64 + 2 * 64 + 4) + 1 * 64 + 64  # 3 blocks of scales and gains; 1 skip weight row; smear gate
     embedding = 300 * 64
     assert sum(p.numel() for p in model.parameters()) == 129_792 + control + embedding
 
@@ -103,8 +103,8 @@ def test_bench_peak_tflops_overrides_the_table_and_serves_cpus():
 
 
 def test_depth_recurrence_counts_the_rerun_blocks_twice():
-    strong = Settings()  # 11 x 512, MLP 3x, seq 2048, RECUR_LAYERS=4,5
+    strong = Settings()  # 11 x 512, MLP 3x, seq 2048, vocab 8192, RECUR_LAYERS=3,4,5
     block = 512 * 512 * 2 + 512 * 256 * 2 + 512 * 1536 * 2  # 2,359,296
-    assert matmul_params(strong) == 11 * block + 1024 * 512
-    assert matmul_params(strong, recurrence=True) == 13 * block + 1024 * 512
-    assert attention_flops_per_token(strong, recurrence=True) == 6 * 13 * 2048 * 512
+    assert matmul_params(strong) == 11 * block + 8192 * 512
+    assert matmul_params(strong, recurrence=True) == 14 * block + 8192 * 512
+    assert attention_flops_per_token(strong, recurrence=True) == 6 * 14 * 2048 * 512

@@ -9,6 +9,8 @@ import train_gpt
 from conftest import REPO, score_lines, script_at_commit, trainer_env
 
 BEFORE_SPEEDUPS = "f47a441"  # train_gpt.py before the speed-ups
+# The strong default as it was then (issue 12 changed these defaults; the script of then ignores the new names).
+STRONG_BEFORE_APRIL = dict(QK_GAIN_INIT=5.0, MUON_MOMENTUM=0.99, MUON_WEIGHT_DECAY=0.04, SMEAR_GATE=0, TTT_EPOCHS=0)
 
 
 @pytest.mark.parametrize("coeffs", ["fixed", "polar"])
@@ -27,7 +29,8 @@ def test_first_200_steps_match_the_version_before_the_speedups(tmp_path, tiny_da
     """Fixed seed, CPU, fp32: every logged loss and score equals the pre-speed-up script's to float32
     rounding (the printed 4 and 8 decimals agree, or differ by a last-digit rounding)."""
     env = trainer_env(tiny_dataset, RUN_ID="math", PRESET=preset, ITERATIONS=200, VAL_LOSS_EVERY=100,
-                      TRAIN_LOG_EVERY=20, RECUR_LAYERS="1", EVAL_STRIDE=32, MAX_VAL_TOKENS=2048)
+                      TRAIN_LOG_EVERY=20, RECUR_LAYERS="1", EVAL_STRIDE=32, MAX_VAL_TOKENS=2048,
+                      **(STRONG_BEFORE_APRIL if preset == "strong" else {}))
     before = score_lines(script_at_commit(BEFORE_SPEEDUPS, tmp_path / "before.py"), env, tmp_path)
     (tmp_path / "after").mkdir()  # its own logs/: a RUN_ID used before is refused
     after = score_lines(REPO / "train_gpt.py", env, tmp_path / "after")

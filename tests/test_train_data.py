@@ -39,8 +39,8 @@ def test_truncated_shard_is_rejected_by_name(tmp_path):
 
 
 def test_missing_shards_say_how_to_download(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no train shards match .*cached_challenge_fineweb.py"):
-        train_gpt.shard_paths(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match=r"no train shards match .*fineweb.py --variant sp8192"):
+        train_gpt.shard_paths(str(tmp_path), "train", 8192)
 
 
 def test_tokenizer_of_another_vocabulary_is_rejected(tiny_dataset):

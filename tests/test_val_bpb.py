@@ -41,13 +41,16 @@ def table_bytes_of_documents(table: train_gpt.ByteTable, docs_ids: list[list[int
 
 
 @needs_shared
-def test_byte_table_equals_decoded_utf8_on_real_fineweb_with_published_sp1024():
-    sp = spm.SentencePieceProcessor(model_file=str(SP1024))
+@pytest.mark.parametrize("vocab_size, num_tokens", [(1024, 300_000), (8192, 260_000)])  # sp8192: the default
+def test_byte_table_equals_decoded_utf8_on_real_fineweb_with_a_published_tokenizer(vocab_size, num_tokens):
+    model = SHARED_DATA / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
     docs_ids = sp.encode(fineweb_documents())
-    table = train_gpt.build_byte_table(str(SP1024), 1024)
+    table = train_gpt.build_byte_table(str(model), vocab_size)
     expected = sum(decoded_utf8_bytes(sp, ids) for ids in docs_ids)
-    assert sum(map(len, docs_ids)) > 300_000  # the whole sample, not a toy
-    assert any(sp.unk_id() in ids for ids in docs_ids)  # the <unk> rule is exercised
+    assert sum(map(len, docs_ids)) > num_tokens  # the whole sample, not a toy
+    if vocab_size == 1024:  # sp8192 has no <unk> on this sample
+        assert any(sp.unk_id() in ids for ids in docs_ids)  # the <unk> rule is exercised
     assert table_bytes_of_documents(table, docs_ids) == expected
 
 
@@ -110,8 +113,10 @@ def assert_val_bpb_matches_independent_computation(tmp_path, sp_model: str, voca
 
 
 @needs_shared
-def test_val_bpb_equals_bits_over_decoded_bytes_on_fineweb_with_sp1024(tmp_path):
-    assert_val_bpb_matches_independent_computation(tmp_path, str(SP1024), 1024, fineweb_documents()[:120])
+@pytest.mark.parametrize("vocab_size", [1024, 8192])
+def test_val_bpb_equals_bits_over_decoded_bytes_on_fineweb_with_a_published_tokenizer(tmp_path, vocab_size):
+    model = SHARED_DATA / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
+    assert_val_bpb_matches_independent_computation(tmp_path, str(model), vocab_size, fineweb_documents()[:120])
 
 
 def test_val_bpb_equals_bits_over_decoded_bytes_with_a_tokenizer_trained_here(tmp_path, tiny_dataset):
