@@ -43,7 +43,7 @@ sys.path[:0] = [str(REPO), str(REPO / "data")]
 
 import train_gpt  # noqa: E402
 from bench.flops import flops_per_token, peak_tflops  # noqa: E402
-from records.run_log import split_source  # noqa: E402
+from records.run_log import split_layout  # noqa: E402
 
 STEPS = ("environment", "cuda_tests", "throughput", "timed_run", "multi_rank")
 # Hard limits per step (seconds): together under 20 minutes on one H100, with room for the report.
@@ -372,7 +372,7 @@ def step_timed_run(check: Check, limit_s: float) -> dict:
               "data": data, "cap_s": cap_s}
     if log_path.exists():
         shutil.copyfile(log_path, check.out / "timed_run_log.txt")
-        _, lines = split_source(log_path, log_path.read_bytes())  # the log's lines, not the code's
+        _, _, lines = split_layout(log_path, log_path.read_bytes())  # the log's lines, not the code's
         result["facts"] = read_timed_run_log(lines.decode("utf-8"), cap_s, settings.vocab_size)
     if run["returncode"] != 0:
         return {**result, **failure(run, "torchrun train_gpt.py")}
@@ -416,14 +416,14 @@ def read_timed_run_log(log: str, cap_s: float, vocab_size: int) -> dict:
     }
     facts["artifact"]["fit_without_stepping_down"] = not facts["artifact"]["export_fit_steps"]
     if finals and facts["val_tokens"]:
-        ms_per_m = finals[0]["eval_time_ms"] / (facts["val_tokens"] / 1e6)
+        ms_per_m = sum(f["eval_time_ms"] for f in finals) / (facts["val_tokens"] / 1e6)  # all final passes
         published = train_gpt.PUBLISHED_VAL_TOKENS.get(vocab_size, (SP1024_VAL_TOKENS,))[0]
         facts["eval"] = {
             "ms_per_million_tokens_1_gpu": round(ms_per_m, 1),
             "estimate_s_sp1024_split_62021632_tokens_8_gpus": round(ms_per_m * SP1024_VAL_TOKENS / 1e6 / 8 / 1000, 1),
             f"estimate_s_published_split_{published}_tokens_8_gpus": round(ms_per_m * published / 1e6 / 8 / 1000, 1),
-            "assumes": "evaluation time linear in tokens and split evenly over 8 GPUs; includes whatever the final "
-                       "evaluation does (sliding windows, test-time training) as the log's eval_time does"}
+            "assumes": "evaluation time linear in tokens and split evenly over 8 GPUs; the sum of the final lines' "
+                       "eval_time (the round trip, then test-time training when TTT_EPOCHS > 0)"}
     return facts
 
 
