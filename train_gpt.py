@@ -1425,9 +1425,9 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     stride = settings.eval_stride if 0 < settings.eval_stride < settings.train_seq_len else 0
     log(f"eval_mode:{'sliding' if stride else 'plain'} stride:{stride or settings.train_seq_len} "
         f"window:{settings.train_seq_len}")
-    scorers = [("roundtrip_eval", evaluator.evaluate)] + [("ttt_eval", evaluator.evaluate_with_ttt)] * (
-        settings.ttt_epochs > 0)
-    for name, score in scorers:
+    scorers = [("roundtrip_eval", "round-trip", evaluator.evaluate)] + [
+        ("ttt_eval", "test-time-training", evaluator.evaluate_with_ttt)] * (settings.ttt_epochs > 0)
+    for name, what, score in scorers:
         if name == "ttt_eval":
             log(f"ttt_eval epochs:{settings.ttt_epochs} lr:{settings.ttt_lr} chunk_tokens:{settings.ttt_chunk_tokens}"
                 f" (score-first test-time training; the final lines below are the run's score)")
@@ -1436,7 +1436,8 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         val_loss, val_bpb = score(trainer.compiled, stride)
         rt.sync()
         ledger[name] = eval_ms = 1000 * (time.perf_counter() - t_eval)
-        check_finite_score(val_loss, val_bpb, f"the {name} score of {unscored_path} (kept, no submission)", settings)
+        check_finite_score(val_loss, val_bpb, f"the {what} score of {unscored_path} (kept, no submission)",
+                           settings)
         log(f"final_{format_id}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms"
             f"{val_suffix}")
         log(f"final_{format_id}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}{val_suffix}")

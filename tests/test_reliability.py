@@ -266,7 +266,7 @@ def test_data_path_with_glob_characters_finds_its_shards(tmp_path):
     folder = tmp_path / "run[1]"
     folder.mkdir()
     write_shard(folder / "fineweb_train_000000.bin", np.arange(10))
-    assert train_gpt.shard_paths(str(folder), "train") == [str(folder / "fineweb_train_000000.bin")]
+    assert train_gpt.shard_paths(str(folder), "train", 1024) == [str(folder / "fineweb_train_000000.bin")]
 
 
 def test_downloader_target_that_cannot_be_written_is_an_error(tmp_path):
