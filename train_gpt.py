@@ -440,8 +440,8 @@ def shard_token_count(path: str | Path) -> int:
 
 
 def shard_paths(data_path: str, split: str, vocab_size: int) -> list[str]:
-    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    paths = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
+    name = f"fineweb_{split}_*.bin"
+    pattern, paths = os.path.join(data_path, name), sorted(glob.glob(os.path.join(glob.escape(data_path), name)))
     if not paths:
         raise FileNotFoundError(f"no {split} shards match {pattern}; download them with `python3 "
                                 f"data/cached_challenge_fineweb.py --variant sp{vocab_size}` or set DATA_PATH")
