@@ -605,7 +605,7 @@ def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Sett
         ids = doc[~table.is_boundary[doc]].tolist()  # control and unknown ids do not decode to themselves
         blocks = difflib.SequenceMatcher(None, ids, sp.encode(sp.decode(ids)), autojunk=False).get_matching_blocks()
         kept, total = kept + sum(b.size for b in blocks), total + len(ids)
-    if kept < 0.95 * total:  # measured (tests/test_train_data.py): own shards keep >= 98%, others' <= 89%
+    if kept < 0.95 * total:  # measured (tests/test_tokenizer_match.py): own shards >= 98%, others <= 89%
         raise ValueError(f"the validation shards were not made with TOKENIZER_PATH: only {kept / total:.1%} of {total} "
                          f"tokens decode and re-encode to themselves (>= 95% when they match): {fix}")
 
