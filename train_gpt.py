@@ -592,20 +592,20 @@ def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
 
 
 def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Settings, sample: int = 4096) -> None:
-    """At start-up: the split has bytes to score (else val_bpb divides by 0), and was made with TOKENIZER_PATH."""
     t, fix = split.tokens, f"point DATA_PATH={s.data_path} and TOKENIZER_PATH={s.tokenizer_path} at one export"
-    chunks = (t[i:i + 2**20 + 1] for i in range(0, t.size - 1, 2**20))
-    if not any(table.target_bytes(c[:-1], c[1:]).any() for c in chunks):
-        raise ValueError(f"the validation split counts zero bytes under TOKENIZER_PATH (pad, control ids): {fix}")
+    if not ((table.base_bytes > 0)[t[1:]].any() or (table.has_leading_space[t[1:]] & ~table.is_boundary[t[:-1]]).any()):
+        raise ValueError(f"the validation split has zero bytes under TOKENIZER_PATH: val_bpb is undefined: {fix}")
     if s.tokenizer_path.endswith(".json"):
         return  # byte260: any id sequence is its own encoding
     import difflib, sentencepiece as spm  # noqa: E401
     sp, kept, total = spm.SentencePieceProcessor(model_file=s.tokenizer_path), 0, 0
-    for doc in np.split(t[:sample], np.flatnonzero(t[:sample] == BOS_ID)):
-        ids = doc[~table.is_boundary[doc]].tolist()  # control and unknown ids do not decode to themselves
-        blocks = difflib.SequenceMatcher(None, ids, sp.encode(sp.decode(ids)), autojunk=False).get_matching_blocks()
-        kept, total = kept + sum(b.size for b in blocks), total + len(ids)
-    if kept < 0.95 * total:  # measured (tests/test_tokenizer_match.py): own shards >= 98%, others <= 89%
+    for run in np.split(t[:sample], np.flatnonzero(table.is_boundary[t[:sample]])):  # control, unknown ids: no text
+        ids = run[~table.is_boundary[run]].tolist()  # compared without spaces: normalisation moves them
+        old, new = ([p.strip("\u2581") for p in pieces if p.strip("\u2581")] for pieces in
+                    (sp.id_to_piece(ids), sp.encode(sp.decode(ids), out_type=str)))
+        kept += sum(m.size for m in difflib.SequenceMatcher(None, old, new, autojunk=False).get_matching_blocks())
+        total += len(old)
+    if kept < 0.95 * total:  # measured (tests/test_tokenizer_match.py): own shards >= 98%, others <= 93%
         raise ValueError(f"the validation shards were not made with TOKENIZER_PATH: only {kept / total:.1%} of {total} "
                          f"tokens decode and re-encode to themselves (>= 95% when they match): {fix}")
 
