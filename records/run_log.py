@@ -10,7 +10,9 @@ prints what was read from each log. Three log layouts are read (records/README.m
 - a plain console log (the run's lines only, torchrun warnings and all).
 The score is the last `<name>_exact` line carrying val_bpb (or the last `<NAME>` line given by
 --score-line). Lines this reader does not know are ignored; what a log does not say stays None
-and is printed as "unknown", never guessed.
+and is printed as "unknown", never guessed. A log with an `error:` line, or one that announces an
+evaluation pass (`eval_pass:<name>`, or `ttt_eval`) without its score pair after it, is refused: the
+run failed or was cut off, and an earlier pass's score must not stand in for it.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ VAL_SPLIT_LINE = re.compile(r"^val_split tokens:(\d+) sha256:([0-9a-f]+) scope:(
 MODEL_BYTES_LINE = re.compile(r"^Serialized model (\S+): (\d+) bytes")
 TOTAL_BYTES_LINE = re.compile(r"^Total submission size (\S+): (\d+) bytes")
 CODE_BYTES_LINE = re.compile(r"^Code size: (\d+) bytes")
-ERROR_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?error:")  # the trainer's last line when a run failed
+ERROR_LINE = re.compile(r"^(?:\[[\w-]+\]:\s*)?error:")  # a failed run's last line (torchrun may prefix [rank0]:)
 EVAL_PASS_LINE = re.compile(r"^(?:eval_pass:(\w+)|ttt_eval\b)")  # a final pass begins (`ttt_eval`: older logs)
 GPTQ_LINE = re.compile(r"^gptq: (\d+)ms .*\btrain_time\+gptq:(\d+)ms")
 GPTQ_OVER_CAP_LINE = re.compile(r"^WARNING: training plus GPTQ took (\d+)ms")
