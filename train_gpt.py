@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import gc
 import glob
 import hashlib
@@ -140,12 +141,12 @@ class Settings:
         """Defaults, then the PRESET's overrides, then every variable that is set."""
         preset = env.get("PRESET", "").strip() or "strong"
         require(preset in PRESETS, "PRESET", preset, f"one of {', '.join(PRESETS)}")
-        values = {**cls.defaults(), **PRESETS[preset], "preset": preset}
+        values = {**cls.defaults(), **PRESETS[preset]}
         for f in fields(cls):
             raw = env.get(f.name.upper(), "").strip()
-            if raw:
+            if raw or (f.name.upper() in env and isinstance(f.default, str)):  # empty text is a value: RECUR_LAYERS=
                 values[f.name] = parse_setting(f.name.upper(), raw, type(f.default))
-        settings = cls(**values)
+        settings = cls(**{**values, "preset": preset})
         settings.validate()
         return settings
 
@@ -199,7 +200,7 @@ class Settings:
         for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
                      "muon_momentum_warmup_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate", "tie_embeddings"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -212,7 +213,6 @@ class Settings:
                 s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
         require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
                 "a name without path separators, at most 200 bytes (it names files)")
-        require(s.tie_embeddings in (0, 1), "TIE_EMBEDDINGS", s.tie_embeddings, "0 or 1")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
         require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
         require((s.model_dim // s.num_heads) % 8 == 0 and s.model_dim // s.num_heads <= 256, "MODEL_DIM", s.model_dim,
@@ -589,6 +589,25 @@ def build_byte_table(tokenizer_path: str, vocab_size: int) -> ByteTable:
         raise ValueError(f"{tokenizer_path} has a vocabulary of {tokenizer_vocab} but VOCAB_SIZE={vocab_size}; "
                          f"set VOCAB_SIZE={tokenizer_vocab} or point TOKENIZER_PATH at the matching tokenizer")
     return ByteTable(base, space, boundary)
+
+
+def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Settings, sample: int = 4096) -> None:
+    t, fix = split.tokens, f"point DATA_PATH={s.data_path} and TOKENIZER_PATH={s.tokenizer_path} at one export"
+    if not ((table.base_bytes > 0)[t[1:]].any() or (table.has_leading_space[t[1:]] & ~table.is_boundary[t[:-1]]).any()):
+        raise ValueError(f"the validation split has zero bytes under TOKENIZER_PATH: val_bpb is undefined: {fix}")
+    if s.tokenizer_path.endswith(".json"):
+        return  # byte260: any id sequence is its own encoding
+    import difflib, sentencepiece as spm  # noqa: E401
+    sp, kept, total = spm.SentencePieceProcessor(model_file=s.tokenizer_path), 0, 0
+    for run in np.split(t[:sample], np.flatnonzero(table.is_boundary[t[:sample]])):  # control, unknown ids: no text
+        ids = run[~table.is_boundary[run]].tolist()  # compared without spaces: normalisation moves them
+        old, new = ([p.strip("\u2581") for p in pieces if p.strip("\u2581")] for pieces in
+                    (sp.id_to_piece(ids), sp.encode(sp.decode(ids), out_type=str)))
+        kept += sum(m.size for m in difflib.SequenceMatcher(None, old, new, autojunk=False).get_matching_blocks())
+        total += len(old)
+    if kept < 0.95 * total:  # measured (tests/test_tokenizer_match.py): own shards >= 98%, others <= 93%
+        raise ValueError(f"the validation shards were not made with TOKENIZER_PATH: only {kept / total:.1%} of {total} "
+                         f"tokens decode and re-encode to themselves (>= 95% when they match): {fix}")
 
 
 def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
@@ -1226,17 +1245,21 @@ class RunLog:
         self.is_master, self.file, self.path = is_master, None, Path("logs") / f"{run_id}.txt"
         if not is_master:
             return
-        earlier = [p for suffix in (".txt", ".int*.ptz", ".int*.ptz.unscored")
-                   for p in sorted(self.path.parent.glob(glob.escape(run_id) + suffix))]
-        if earlier and not overwrite:
-            raise RunError(f"RUN_ID={run_id} was used before: {', '.join(map(str, earlier))} exist; choose a new "
-                           f"RUN_ID, or set OVERWRITE=1 to rename them aside (nothing is deleted)")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path.with_name(f"{run_id}.lock"), "a")  # flocked until the process ends, however
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            earlier = [p for suffix in (".txt", ".int*.ptz", ".int*.ptz.unscored")
+                       for p in sorted(self.path.parent.glob(glob.escape(run_id) + suffix))]
+            if earlier and not overwrite:
+                raise RunError(f"RUN_ID={run_id} was used before: {', '.join(map(str, earlier))} exist; choose a new "
+                               f"RUN_ID, or set OVERWRITE=1 to rename them aside (nothing is deleted)")
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
             for p in earlier:
                 os.replace(p, p.with_name(f"{p.name}.replaced-{stamp}"))
             self.file = open(self.path, "x", encoding="utf-8", newline="")
+        except BlockingIOError:
+            raise RunError(f"RUN_ID={run_id} is in use by a live run ({self.lock.name}): wait or choose another RUN_ID")
         except OSError as e:
             raise RunError(f"cannot create the log {self.path} ({e}): make logs/ a folder you can write") from None
 
@@ -1288,6 +1311,7 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     log_run_header(log, s, rt, code)
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
     split = load_validation_split(s)
+    check_split_fits_tokenizer(split, byte_table, s)
     val_suffix = log_validation_split(log, split, s)
     evaluator = Evaluator(split, byte_table, s, rt)
     trainer = Trainer(s, rt)

@@ -19,8 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from run_log import (Record, Refusal, ScoredRun, check_same_val_split, nats_per_bpb, read_record, read_run_logs,
-                     training_time_check)
+from run_log import (Record, Refusal, ScoredRun, check_same_settings, check_same_val_split, nats_per_bpb,
+                     read_record, read_run_logs, training_time_check)
 from significance import Difference, mean_difference
 
 
@@ -67,11 +67,14 @@ def nats_baseline(a: list[ScoredRun] | Record, b: list[ScoredRun]) -> tuple[floa
     return [r.val_loss for r in a], ""
 
 
-def compare(a: list[ScoredRun] | Record, b: list[ScoredRun], margin: tuple[str, float] | None = None) -> list[str]:
-    """The report's lines; `margin` (unit, min_delta) adds the one-sided test of the record rule."""
+def compare(a: list[ScoredRun] | Record, b: list[ScoredRun], margin: tuple[str, float] | None = None,
+            allow_mixed_settings: bool = False) -> list[str]:
+    """The report's lines; `margin` (unit, min_delta) adds the one-sided test of the record rule. The seeds of a
+    group must share their settings (but SEED and RUN_ID), unless `allow_mixed_settings`."""
     groups = [b] if isinstance(a, Record) else [a, b]
     for group in groups:
         check_same_val_split(group)
+        check_same_settings(group, allow_mixed_settings)
     lines = [f"A: record {a.describe()}" if isinstance(a, Record) else describe_logs("A", a), describe_logs("B", b)]
     lines += [f"warning: {run.path}: {note}" for group in groups for run in group if (note := training_time_check(run)[1])]
     unit, min_delta = margin or ("bpb", 0.0)
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-line", help="the name of the score's line (default: the last *_exact line)")
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="one per log (--a's, then --b's), for logs whose lines and file name name no seed")
+    parser.add_argument("--allow-mixed-settings", action="store_true",
+                        help="accept a group whose seeds' settings differ in more than SEED and RUN_ID")
     margin = parser.add_mutually_exclusive_group()
     margin.add_argument("--min-delta-nats", type=float, help="also test H0 improvement <= this many nats per token")
     margin.add_argument("--min-delta-bpb", type=float, help="also test H0 improvement <= this many bits per byte")
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = read_run_logs((args.b if a_is_record else args.a + args.b), args.score_line, args.seeds)
         a = read_record(args.a[0]) if a_is_record else runs[:len(args.a)]
-        print("\n".join(compare(a, runs[-len(args.b):], margin)))
+        print("\n".join(compare(a, runs[-len(args.b):], margin, args.allow_mixed_settings)))
     except Refusal as refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2

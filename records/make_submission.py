@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from run_log import (TIME_CAP_MS, Record, Refusal, ScoredRun, check_same_val_split, nats_per_bpb, read_record,
-                     read_run_logs, training_time_check)
+from run_log import (PER_RUN_SETTINGS, TIME_CAP_MS, Record, Refusal, ScoredRun, check_same_settings,
+                     check_same_val_split, differing_settings, nats_per_bpb, read_record, read_run_logs,
+                     training_time_check)
 from significance import NEEDS_TWO_SEEDS, Difference, mean_difference
 
 TRACKS = ("10min_16mb", "non_record_16mb")
@@ -33,18 +34,18 @@ ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
 MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
 ALPHA = 0.01                     # ... with a one-sided p-value below this
 FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "val_bpb.png")
-PER_RUN_SETTINGS = ("SEED", "RUN_ID")  # differ between the seeds of one submission by design
 
 
 # ----------------------------------------------------------------------------------------------
 # The rules a set of logs must pass.
 
 
-def check_runs(runs: list[ScoredRun], track: str) -> None:
+def check_runs(runs: list[ScoredRun], track: str, allow_mixed_settings: bool = False) -> None:
     for run in runs:
         check_run(run, track)
     check_same_source(runs)
     check_same_val_split(runs)
+    check_same_settings(runs, allow_mixed_settings)
     check_distinct(runs)
 
 
@@ -63,6 +64,10 @@ def check_run(run: ScoredRun, track: str) -> None:
         status, note = training_time_check(run)
         if status == "over":
             raise Refusal(f"{run.path}: {note}; submit to non_record_16mb instead")
+        if run.unpublished_split:
+            raise Refusal(f"{run.path}: the trainer warned that its validation split ({run.val_tokens:,} tokens) is "
+                          "not the published split's count, so its score is not comparable with the records; "
+                          "score the published split (data/cached_challenge_fineweb.py) or submit to non_record_16mb")
         if run.eval_time_ms > TIME_CAP_MS:
             raise Refusal(f"{run.path}: evaluation took {run.eval_time_ms:,} ms, over the 10-minute track's "
                           f"limit of {TIME_CAP_MS:,} ms (600 s); submit to non_record_16mb instead")
@@ -173,7 +178,7 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
             "artifact_cap_bytes": ARTIFACT_CAP_BYTES,
             "artifact_under_cap": all(run.artifact_bytes <= ARTIFACT_CAP_BYTES for run in runs),
             "time_cap_s": TIME_CAP_MS // 1000,
-            "train_time_under_cap": all(run.train_time_ms <= TIME_CAP_MS for run in runs),
+            "train_time_under_cap": all(run.budget_time_ms <= TIME_CAP_MS for run in runs),
             "train_time_within_stop_rule": all(training_time_check(run)[0] != "over" for run in runs),
             "eval_time_under_cap": all(run.eval_time_ms <= TIME_CAP_MS for run in runs),
         },
@@ -190,7 +195,7 @@ def seed_summary(run: ScoredRun) -> dict:
     return {
         "seed": run.seed, "log": run.path.name, "val_loss": run.val_loss, "val_bpb": run.val_bpb,
         "pre_export_val_bpb": run.pre_export_val_bpb, "steps": run.steps, "step_avg_ms": run.step_avg_ms,
-        "train_time_ms": run.train_time_ms, "eval_time_ms": run.eval_time_ms,
+        "train_time_ms": run.train_time_ms, "gptq_time_ms": run.gptq_time_ms, "eval_time_ms": run.eval_time_ms,
         "stopped_by_wallclock_cap": run.stopped_by_wallclock_cap,
         "bytes_total": run.artifact_bytes, "bytes_model": run.model_bytes,
     }
@@ -213,19 +218,20 @@ def changed_settings(run: ScoredRun) -> dict:
 
 
 def reproduce_command(runs: list[ScoredRun], script: str) -> str:
-    """A shell loop over the seeds that sets every setting that differs from the code's default."""
-    first = runs[0]
-    env = "".join(f"{key}={shlex.quote(str(value))} " for key, value in changed_settings(first).items())
-    launcher = (f"torchrun --standalone --nproc_per_node={first.world_size}"
-                if first.device.startswith("cuda") else "python3")
+    """A shell loop over the seeds that sets every setting that differs from the code's default; one command per
+    seed, with its own settings, when the seeds' settings differ (--allow-mixed-settings)."""
+    if differing_settings(runs):
+        return "\n".join(seed_command(run, f"RUN_ID=seed{run.seed} SEED={run.seed}", script) for run in runs)
     return (f"for SEED in {' '.join(str(run.seed) for run in runs)}; do\n"
-            f"  RUN_ID=seed$SEED SEED=$SEED {env}{launcher} {script}\n"
+            f"  {seed_command(runs[0], 'RUN_ID=seed$SEED SEED=$SEED', script)}\n"
             "done")
 
 
-def differing_settings(runs: list[ScoredRun]) -> list[str]:
-    keys = sorted({key for run in runs for key in run.settings} - set(PER_RUN_SETTINGS))
-    return [key for key in keys if len({json.dumps(run.settings.get(key)) for run in runs}) > 1]
+def seed_command(run: ScoredRun, seed_env: str, script: str) -> str:
+    env = "".join(f" {key}={shlex.quote(str(value))}" for key, value in changed_settings(run).items())
+    launcher = (f"torchrun --standalone --nproc_per_node={run.world_size}"
+                if run.device.startswith("cuda") else "python3")
+    return f"{seed_env}{env} {launcher} {script}"
 
 
 def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
@@ -265,7 +271,8 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         *(f"| {key} | `{value}` |" for key, value in changed_settings(first).items()), "",
     ]
     if differing := differing_settings(runs):
-        lines += [f"Settings that differ between the seeds: {', '.join(differing)}.", ""]
+        lines += [f"Settings that differ between the seeds (--allow-mixed-settings): {', '.join(differing)}; "
+                  "each seed's command below sets its own.", ""]
     lines += ["## Reproduce", "",
               "From the repository root, with the data in place:", "",
               "```bash", reproduce_command(runs, f"{folder}/train_gpt.py"), "```", "",
@@ -375,6 +382,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=ALPHA)
     parser.add_argument("--records-dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
+    parser.add_argument("--allow-mixed-settings", action="store_true",
+                        help="accept seeds whose settings differ in more than SEED and RUN_ID (the README then "
+                             "gives each seed's own command)")
     parser.add_argument("logs", nargs="+", type=Path)
     return parser.parse_args(argv)
 
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         runs = read_run_logs(args.logs)
-        check_runs(runs, args.track)
+        check_runs(runs, args.track, args.allow_mixed_settings)
         folder = args.records_dir / f"track_{args.track}" / folder_name(args.date, args.name)
         if folder.exists() and not args.force:
             raise Refusal(f"{folder} already exists; pass --force to replace it")

@@ -130,8 +130,8 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
     poisoned = tmp_path / "poisoned"
     shutil.copytree(tiny_dataset.data_path, poisoned)
     val_path = next(poisoned.glob("fineweb_val_*.bin"))
-    tokens = train_gpt.read_shard(val_path)
-    write_shard(val_path, (tokens.astype(np.int64) * 7 + 3) % tiny_dataset.vocab_size)
+    tokens = train_gpt.read_shard(val_path)  # its documents in reverse order: other tokens, of the same tokenizer
+    write_shard(val_path, np.concatenate(np.split(tokens, np.flatnonzero(tokens == train_gpt.BOS_ID)[1:])[::-1]))
     artifacts = []
     for run_id, data_path in (("clean", tiny_dataset.data_path), ("poisoned", poisoned)):
         env = trainer_env(tiny_dataset, RUN_ID=run_id, DATA_PATH=data_path, PRESET="strong", MODEL_DIM=256,

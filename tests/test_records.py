@@ -35,15 +35,18 @@ def bpb_of(val_loss: float) -> float:
 def render_log(seed: int = 1, val_loss: float = 2.0727, *, source: str = SOURCE, steps: int = 13_780,
                train_time_ms: int = 599_990, eval_time_ms: int = 1_400, artifact_bytes: int = 15_863_489,
                code_bytes: int | None = None, val_split: str = FULL_SPLIT, export_format: str = "int8+zlib",
-               final_score: bool = True, prefix: bool = False, val_bpb: float | None = None) -> str:
-    """A log as train_gpt.py writes it, with the given values (val_bpb: bpb_of(val_loss) unless given)."""
+               final_score: bool = True, prefix: bool = False, val_bpb: float | None = None,
+               settings: dict | None = None, export_lines: tuple[str, ...] = (), ttt_loss: float | None = None) -> str:
+    """A log as train_gpt.py writes it, with the given values (val_bpb: bpb_of(val_loss) unless given).
+    `settings` adds to the settings line, `export_lines` come before the sizes (e.g. the gptq line), and
+    `ttt_loss` adds the test-time-training pass (TTT_EPOCHS=3): its announcement and its pair, the score."""
     code = source.encode()
     code_bytes = len(code) if code_bytes is None else code_bytes
     bpb = bpb_of(val_loss) if val_bpb is None else val_bpb
     fid, scope = export_format.replace("+", "_"), " val_scope:prefix" if prefix else ""
     step_avg = train_time_ms / steps
     settings = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "RUN_ID": f"seed{seed}", "SEED": seed,
-                "ITERATIONS": 20000, "NUM_LAYERS": 9}
+                "ITERATIONS": 20000, "NUM_LAYERS": 9, "TTT_EPOCHS": 0 if ttt_loss is None else 3, **(settings or {})}
     lines = [
         f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}",
         source + "end_of_source",
@@ -62,6 +65,7 @@ def render_log(seed: int = 1, val_loss: float = 2.0727, *, source: str = SOURCE,
         f"train_time:{train_time_ms}ms step_avg:{step_avg:.2f}ms{scope}",
         f"stopping_early: wallclock_cap train_time:{train_time_ms}ms step:{steps}/20000",
         "peak_memory allocated:10184MiB reserved:10588MiB",
+        *export_lines,
         f"Serialized model {export_format}: {artifact_bytes - code_bytes} bytes (payload:17178912)",
         f"Code size: {code_bytes} bytes",
         f"Total submission size {export_format}: {artifact_bytes} bytes",
@@ -69,6 +73,11 @@ def render_log(seed: int = 1, val_loss: float = 2.0727, *, source: str = SOURCE,
     ]
     if final_score:
         lines.append(f"final_{fid}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{bpb:.8f}{scope}")
+    if ttt_loss is not None:
+        lines += ["ttt_eval epochs:3 lr:0.005 chunk_tokens:32768 (score-first test-time training; the final lines "
+                  "below are the run's score)",
+                  f"final_{fid}_roundtrip val_loss:{ttt_loss:.4f} val_bpb:{bpb_of(ttt_loss):.4f} eval_time:420000ms",
+                  f"final_{fid}_roundtrip_exact val_loss:{ttt_loss:.8f} val_bpb:{bpb_of(ttt_loss):.8f}"]
     lines.append("time_ledger warmup_compile:20000ms training:599990ms total:640000ms")
     return "\n".join(lines) + "\n"
 
@@ -455,3 +464,184 @@ def test_compare_refuses_a_group_with_mixed_splits(tmp_path, capsys):
     b = write_logs(tmp_path / "b", render_log(1), render_log(2))
     assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b)]) == 2
     assert f"error: {a[1]} scored a different validation split" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 16: no score of a failed or cut-off run, of mixed settings, or over the budget with GPTQ.
+
+import run_log  # noqa: E402
+
+TTT_ERROR = ("error: the test-time-training score of logs/seed2.int8.ptz.unscored (kept, no submission) is not "
+             "finite (val_loss:nan val_bpb:nan): settings changed from PRESET=strong: TTT_LR=1e+30: undo or reduce "
+             "them")
+
+
+def run_tool(tool: str, tmp_path: Path, logs: list[Path]) -> int:
+    if tool == "run_log":
+        return run_log.main(list(map(str, logs)))
+    if tool == "compare_runs":
+        return compare_runs.main(["--a", str(logs[0]), "--b", *map(str, logs[1:])])
+    return submit(tmp_path, logs)
+
+
+def cut_after(text: str, prefix: str) -> str:
+    """The log up to and including its last line that starts with `prefix`: a run killed there."""
+    lines = text.splitlines(keepends=True)
+    last = max(i for i, line in enumerate(lines) if line.startswith(prefix))
+    return "".join(lines[:last + 1])
+
+
+def refused_by(tool, tmp_path, capsys, logs, *messages) -> str:
+    assert run_tool(tool, tmp_path, logs) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {logs[-1]}: ") and len(err.strip().splitlines()) == 1, err
+    for message in messages:
+        assert message in err
+    assert not (tmp_path / "records").exists()
+    return err
+
+
+TOOLS = ["run_log", "make_submission", "compare_runs"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_run_that_ended_in_an_error_is_refused_by_every_tool(tmp_path, capsys, tool):
+    # TTT_LR=1e30: the round-trip pair was logged, then TTT announced, then its score was not finite
+    text = cut_after(render_log(2, ttt_loss=2.05), "ttt_eval") + TTT_ERROR + "\n"
+    logs = write_logs(tmp_path / "logs", render_log(1, ttt_loss=2.04), text)
+    refused_by(tool, tmp_path, capsys, logs, f"line {len(text.splitlines())} 'error: the test-time-training score",
+               "the run ended in an error")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_an_error_line_anywhere_refuses_a_log_whose_score_lines_are_complete(tmp_path, capsys, tool):
+    logs = write_logs(tmp_path / "logs", render_log(1), render_log(2) + "error: cannot write logs/seed2.txt\n")
+    refused_by(tool, tmp_path, capsys, logs, "the run ended in an error")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("cut", ["ttt_eval", "final_int8_zlib_roundtrip "])  # the TTT pass begun; half its pair
+def test_a_log_cut_off_during_the_ttt_pass_is_refused(tmp_path, capsys, tool, cut):
+    logs = write_logs(tmp_path / "logs", render_log(1, ttt_loss=2.04),
+                      cut_after(render_log(2, ttt_loss=2.05), cut))
+    refused_by(tool, tmp_path, capsys, logs, "begins the 'ttt' evaluation pass", "never follows")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_log_whose_settings_say_ttt_but_that_has_no_ttt_pass_is_refused(tmp_path, capsys, tool):
+    text = cut_after(render_log(2, settings={"TTT_EPOCHS": 3}), "final_int8_zlib_roundtrip_exact")  # before TTT
+    logs = write_logs(tmp_path / "logs", render_log(1, ttt_loss=2.04), text)
+    refused_by(tool, tmp_path, capsys, logs, "its settings say TTT_EPOCHS=3, but no test-time-training pass")
+
+
+def announced_passes_log(seed: int, cut_in: str | None = None) -> str:
+    """A log of the trainer announcing each final pass (`eval_pass:<name>`), cut in the pass `cut_in`."""
+    losses = {"roundtrip": 2.09, "sliding": 2.07, "ttt": 2.05}
+    passes = []
+    for name, loss in losses.items():
+        passes.append(f"eval_pass:{name}")
+        passes.append(f"final_int6_lzma_roundtrip val_loss:{loss:.4f} val_bpb:{bpb_of(loss):.4f} eval_time:9000ms")
+        if name == cut_in:
+            break
+        passes.append(f"final_int6_lzma_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb_of(loss):.8f}")
+    text = render_log(seed, 2.09, export_format="int6+lzma", settings={"TTT_EPOCHS": 3}, final_score=False)
+    text = re.sub(r"^final_int6_lzma_roundtrip .*\n", "", text, flags=re.MULTILINE)
+    return text.replace("time_ledger", "\n".join(passes) + ("\neval_total:27000ms\ntime_ledger" if not cut_in else ""))
+
+
+def test_announced_passes_each_with_its_pair_are_accepted_and_the_last_pair_is_the_score(tmp_path):
+    run = read_run_log(write_logs(tmp_path, announced_passes_log(1))[0])
+    assert (run.val_loss, run.val_bpb, run.eval_time_ms) == (2.05, bpb_of(2.05), 9000)
+
+
+@pytest.mark.parametrize("cut_in", ["roundtrip", "sliding", "ttt"])
+def test_any_announced_pass_without_its_pair_is_refused(tmp_path, cut_in):
+    path = write_logs(tmp_path, announced_passes_log(1, cut_in))[0]
+    with pytest.raises(run_log.Refusal, match=rf"begins the '{cut_in}' evaluation pass, but its score pair"):
+        read_run_log(path)
+
+
+def test_a_kit_log_cut_in_the_middle_of_its_last_line_is_refused(tmp_path):
+    text = render_log(1).removesuffix("\n")  # the time ledger line was being written
+    with pytest.raises(run_log.Refusal, match="ends in the middle of a line"):
+        read_run_log(write_logs(tmp_path, text)[0])
+
+
+# Seeds of one submission share their settings.
+
+def test_seeds_with_different_settings_are_refused_naming_the_settings(tmp_path, capsys):
+    logs = write_logs(tmp_path / "logs", render_log(1, ttt_loss=2.04),
+                      render_log(2, settings={"EVAL_STRIDE": 64}), render_log(3, ttt_loss=2.06))
+    err = refused_by("make_submission", tmp_path, capsys, logs[:2], f"differ from those of {logs[0]}",
+                     "EVAL_STRIDE=64 (vs unset), TTT_EPOCHS=0 (vs 3)", "--allow-mixed-settings")
+    assert "SEED" not in err.split("only")[0] and "RUN_ID=" not in err
+
+
+def test_mixed_settings_are_accepted_on_request_and_the_readme_gives_each_seed_its_command(tmp_path):
+    logs = write_logs(tmp_path / "logs", render_log(1, ttt_loss=2.04), render_log(2), render_log(3, ttt_loss=2.06))
+    assert submit(tmp_path, logs, "--allow-mixed-settings") == 0
+    readme = (folder_of(tmp_path) / "README.md").read_text()
+    script = f"records/track_10min_16mb/{DATE}_Test_Idea/train_gpt.py"
+    for seed, ttt_epochs in ((1, 3), (2, 0), (3, 3)):
+        assert re.search(rf"^RUN_ID=seed{seed} SEED={seed} .*\bTTT_EPOCHS={ttt_epochs} torchrun "
+                         rf"--standalone --nproc_per_node=8 {script}$", readme, re.MULTILINE)
+    assert "for SEED in" not in readme and "differ between the seeds (--allow-mixed-settings): TTT_EPOCHS" in readme
+
+
+def test_compare_runs_refuses_a_group_with_mixed_settings_unless_allowed(tmp_path, capsys):
+    a = write_logs(tmp_path / "a", render_log(1, 2.06), render_log(2, 2.08, settings={"MATRIX_LR": 0.03}))
+    b = write_logs(tmp_path / "b", render_log(1, 2.0), render_log(2, 2.01))
+    assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b)]) == 2
+    assert f"error: {a[1]}: its settings differ from those of {a[0]}: MATRIX_LR=0.03 (vs unset)" in \
+        capsys.readouterr().err
+    assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b), "--allow-mixed-settings"]) == 0
+
+
+# GPTQ's time counts in the training budget; the published split only on the 10-minute track.
+
+def gptq_line(gptq_ms: int, train_time_ms: int) -> str:
+    return f"gptq: {gptq_ms}ms (calibration and rounding) train_time+gptq:{gptq_ms + train_time_ms}ms"
+
+
+def test_training_plus_gptq_over_the_cap_is_refused(tmp_path, capsys):
+    # 590,000 + 10,500 ms: 500 ms over 600 s, more than two of this run's 42.82 ms steps
+    text = render_log(2, train_time_ms=590_000, export_lines=(gptq_line(10_500, 590_000),))
+    logs = write_logs(tmp_path / "logs", render_log(1), text)
+    refused_by("make_submission", tmp_path, capsys, logs,
+               "training plus GPTQ took 600,500 ms (train_time 590,000 ms, GPTQ 10,500 ms), over the 10-minute track")
+
+
+def test_the_trainers_over_the_cap_warning_is_read_without_a_gptq_line(tmp_path, capsys):
+    warning = ("WARNING: training plus GPTQ took 600900ms, over MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS "
+               "above 10")
+    logs = write_logs(tmp_path / "logs", render_log(1), render_log(2, export_lines=(warning,)))
+    refused_by("make_submission", tmp_path, capsys, logs, "training plus GPTQ took 600,900 ms")
+
+
+def test_training_plus_gptq_within_the_cap_is_accepted_and_reported(tmp_path):
+    text = render_log(1, train_time_ms=588_000, export_lines=(gptq_line(9_000, 588_000),))
+    logs = write_logs(tmp_path / "logs", text)
+    assert submit(tmp_path, logs) == 0
+    summary = read_summary(tmp_path)
+    assert summary["seeds"][0]["gptq_time_ms"] == 9_000 and summary["compliance"]["train_time_under_cap"] is True
+
+
+def test_training_plus_gptq_within_the_stop_rule_overshoot_is_accepted_with_a_warning(tmp_path):
+    # 590,000 + 10,050 ms: 50 ms over, within two 42.82 ms steps after a wallclock stop
+    text = render_log(1, train_time_ms=590_000, export_lines=(gptq_line(10_050, 590_000),))
+    logs = write_logs(tmp_path / "logs", text)
+    assert submit(tmp_path, logs) == 0
+    assert read_summary(tmp_path)["warnings"][0].startswith("seed1.txt: training plus GPTQ took 600,050 ms")
+
+
+UNPUBLISHED = ("WARNING: 1000448 validation tokens is not the published split's count (62021632, 63779840): do not "
+               "compare this score with records")
+
+
+def test_an_unpublished_split_is_refused_on_the_10_minute_track_only(tmp_path, capsys):
+    text = render_log(2).replace("model_params:", UNPUBLISHED + "\nmodel_params:")
+    logs = write_logs(tmp_path / "logs", render_log(1).replace("model_params:", UNPUBLISHED + "\nmodel_params:"),
+                      text)
+    assert submit(tmp_path, logs) == 2
+    assert capsys.readouterr().err.startswith(f"error: {logs[0]}: the trainer warned that its validation split")
+    assert submit(tmp_path, logs, track="non_record_16mb") == 0

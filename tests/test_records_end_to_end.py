@@ -45,11 +45,12 @@ def real_logs(tiny_dataset, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def submission(real_logs, tmp_path_factory) -> Path:
     records = tmp_path_factory.mktemp("records")
-    code = make_submission.main(["--track", "10min_16mb", "--name", "Tiny CPU", "--author", "Ada", "--github-id", "ada",
-                                 "--date", DATE, "--records-dir", str(records), "--compare-to", "9.0",
-                                 *map(str, real_logs["paths"])])
+    # the non-record track: the tiny split is not the published one, which the 10-minute track refuses
+    code = make_submission.main(["--track", "non_record_16mb", "--name", "Tiny CPU", "--author", "Ada",
+                                 "--github-id", "ada", "--date", DATE, "--records-dir", str(records),
+                                 "--compare-to", "9.0", *map(str, real_logs["paths"])])
     assert code == 0
-    return records / "track_10min_16mb" / f"{DATE}_Tiny_CPU"
+    return records / "track_non_record_16mb" / f"{DATE}_Tiny_CPU"
 
 
 def test_folder_holds_the_real_logs_and_their_source(real_logs, submission):
@@ -101,3 +102,12 @@ def test_a_real_prefix_scored_log_is_refused(real_logs, tmp_path, capsys):
     assert code == 2
     assert f"error: {real_logs['prefix']}: scored only a prefix of the validation split" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_real_logs_of_an_unpublished_split_are_refused_on_the_10_minute_track(real_logs, tmp_path, capsys):
+    code = make_submission.main(["--track", "10min_16mb", "--name", "Tiny", "--author", "Ada", "--github-id", "ada",
+                                 "--records-dir", str(tmp_path), *map(str, real_logs["paths"])])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {real_logs['paths'][0]}: the trainer warned that its validation split")
+    assert "not the published split's count" in err and not any(tmp_path.iterdir())

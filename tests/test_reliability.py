@@ -47,7 +47,8 @@ def test_reused_run_id_is_refused_and_the_earlier_files_are_untouched(tmp_path, 
     assert "RUN_ID=seed1 was used before" in error and "OVERWRITE=1" in error
     assert (logs / "seed1.txt").read_text() == "the evidence of a finished run\n"
     assert (logs / "seed1.int8.ptz").read_bytes() == b"its model"
-    assert sorted(p.name for p in logs.iterdir()) == ["seed1.int8.ptz", "seed1.txt"]
+    assert sorted(p.name for p in logs.iterdir()) == ["seed1.int8.ptz", "seed1.lock", "seed1.txt"]  # lock: empty
+    assert (logs / "seed1.lock").read_bytes() == b""
 
 
 def test_overwrite_renames_the_earlier_files_aside(tmp_path, tiny_dataset):

@@ -74,3 +74,22 @@ def test_muon_momentum_warms_up_linearly():
     s = Settings.for_preset("baseline", muon_momentum=0.95, muon_momentum_warmup_start=0.85,
                             muon_momentum_warmup_steps=500)
     assert [train_gpt.muon_momentum(k, s) for k in (0, 250, 500, 900)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+
+
+# Empty means what a setting's help says it means (issue 16, item 7): a text setting set empty is empty.
+
+@pytest.mark.parametrize("preset", ["strong", "baseline"])
+def test_empty_recur_layers_turns_recurrence_off_in_every_preset(preset):
+    settings = Settings.from_env({"PRESET": preset, "RECUR_LAYERS": ""})
+    assert (settings.recur_layers, settings.recur_layer_ids) == ("", [])
+
+
+def test_empty_paths_and_run_id_take_their_documented_defaults():
+    settings = Settings.from_env({"DATA_PATH": "", "TOKENIZER_PATH": " ", "RUN_ID": "", "PRESET": ""})
+    assert (settings.data_path, settings.tokenizer_path, settings.run_id, settings.preset) == \
+        ("./data/datasets/fineweb10B_sp8192", "./data/tokenizers/fineweb_8192_bpe.model", "", "strong")
+
+
+def test_empty_choice_is_refused_naming_the_choices():
+    with pytest.raises(SettingsError, match=r"^DEVICE='' is invalid: it must be one of auto, cuda, cpu, mps"):
+        Settings.from_env({"DEVICE": ""})
