@@ -11,6 +11,8 @@ Sections: settings, runtime, optimizer, data, evaluation, export, model, trainin
 """
 from __future__ import annotations
 
+import ast
+import base64
 import contextlib
 import copy
 import gc
@@ -129,7 +131,8 @@ class Settings:
     ema_decay: float = 0.997  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
     export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
-    export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
+    export_fit_cap: int = 1  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
+    export_packed_code: int = 1  # 1: the fit and the Total line count this file packed (pack_code), as shipped
     export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: clip search
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
     gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
@@ -199,7 +202,7 @@ class Settings:
         for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
                      "muon_momentum_warmup_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "export_packed_code", "overwrite", "smear_gate"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -820,6 +823,7 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
+PACKED_CODE = (b"import lzma,base64\nexec(lzma.decompress(base64.b85decode(b'", b"')))\n")  # around pack_code's payload
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
@@ -836,15 +840,34 @@ def decompress_model(blob: bytes) -> dict[str, Tensor]:
     return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
 
 
+def pack_code(code: bytes) -> tuple[bytes, str]:
+    """(this file as shipped, how): python-minifier drops docstrings, comments, annotations (not the dataclass fields')
+    and shortens names (not arguments), else ast drops comments; then lzma and base85 behind an exec."""
+    if code.startswith(PACKED_CODE[0]):  # this file runs packed
+        return code, "packed already"
+    try:
+        from python_minifier import minify
+        args = [a.arg for a in ast.walk(ast.parse(code)) if isinstance(a, ast.arg)]  # callers may name them
+        text, how = minify(code.decode(), remove_literal_statements=True, hoist_literals=False, combine_imports=False,
+                           remove_pass=False, rename_globals=True, preserve_globals=dir(__import__("builtins")),
+                           preserve_locals=args), "python-minifier"
+    except Exception as e:  # the stdlib's packing: larger, never wrong
+        text, how = ast.unparse(ast.parse(code)), f"ast only: python-minifier failed ({e})"
+    payload = lzma.compress(text.encode(), lzma.FORMAT_ALONE, filters=[
+        {"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}])
+    return PACKED_CODE[0] + base64.b85encode(payload) + PACKED_CODE[1], how
+
+
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
+FIT_PRUNE_MAX = 0.05  # pruned share of the +-1 codes beyond which a bit step-down costs less (i18b notes)
 
 
 def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, hessians: dict | None = None,
                     ledger: dict | None = None) -> bytes:
-    """The compressed model. With EXPORT_FIT_CAP=1, while an int6 artifact overflows the cap, matrices
-    (MLP first: two thirds of the weights) take fewer bits: how compressible trained weights are is only
-    known after training, and an artifact over the cap is no submission at all. With `hessians`, GPTQ
-    rounds the matrices; its time is added to ledger["gptq"]."""
+    """The compressed model. With EXPORT_FIT_CAP=1, while it overflows the cap, a few +-1 codes are zeroed
+    (prune_to_fit) or, were that to go deep, matrices (MLP first: two thirds of the weights) take fewer bits: how
+    compressible trained weights are is only known after training, and an artifact over the cap is no submission
+    at all. With `hessians`, GPTQ rounds the matrices; its time is added to ledger["gptq"]."""
     s, state, control = settings, model.state_dict(), model.control_tensor_names()
     gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
@@ -859,6 +882,30 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
         if gptq and ledger is not None:
             ledger["gptq"] = ledger.get("gptq", 0.0) + 1000 * (time.perf_counter() - t_quant)
         blob = compress_packed(packed, s.export_format)
+        if s.export_fit_cap and len(blob) + code_bytes > ARTIFACT_CAP_BYTES:
+            blob = prune_to_fit(packed, state, blob, ARTIFACT_CAP_BYTES - code_bytes, s.export_format, log)
+    return blob
+
+
+def prune_to_fit(packed: dict, state: dict, blob: bytes, max_bytes: int, export_format: str, log) -> bytes:
+    """Zeroes the +-1 codes q whose weights w move least (by w^2 - (w - q s)^2, s the row scale) till the model is
+    max_bytes or less, their count scaled from what the last try saved; unchanged past FIT_PRUNE_MAX of them."""
+    q8, rows = packed["int8"], {k: (q.reshape(packed["scales"][k].numel(), -1), packed["scales"][k].float()[:, None])
+                                for k, q in packed["int8"].items()}
+    cost = torch.cat([torch.where(q.abs() == 1, (state[k].cpu().reshape(q.shape) * q * 2 - s) * s, torch.inf).flatten()
+                      for k, (q, s) in rows.items()])
+    order, ones, per_code = torch.argsort(cost, stable=True), int(torch.isfinite(cost).sum()), 1 / 8  # a bit a code
+    for _ in range(4):
+        if (n := math.ceil(1.02 * (len(blob) - max_bytes) / per_code)) > FIT_PRUNE_MAX * ones:
+            return blob
+        codes = torch.cat([q.flatten() for q in q8.values()]).index_fill_(0, order[:n], 0)
+        codes = codes.split([q.numel() for q in q8.values()])
+        trial = compress_packed({**packed, "int8": {k: c.view_as(q8[k]).clone() for k, c in zip(q8, codes)}},
+                                export_format)
+        if len(trial) <= max_bytes:
+            log(f"export_fit: pruned {n} of {ones} +-1 codes (the weights that move least): {len(trial)} bytes")
+            return trial
+        per_code = max(len(blob) - len(trial), 1) / n
     return blob
 
 
@@ -1403,7 +1450,9 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         hessians = collect_hessians(model, settings, rt)
         ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
-        write_atomically(unscored_path, export_artifact(model, settings, len(code), log, hessians, ledger))
+        packed_code, packer = pack_code(code)
+        code_bytes = len(packed_code) if settings.export_packed_code else len(code)
+        write_atomically(unscored_path, export_artifact(model, settings, code_bytes, log, hessians, ledger))
         if hessians is not None:  # GPTQ reads training tokens: its time must fit in the training budget
             used_ms = ledger["training"] + ledger["gptq"]
             log(f"gptq: {ledger['gptq']:.0f}ms (calibration and rounding) train_time+gptq:{used_ms:.0f}ms")
@@ -1411,9 +1460,10 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
                 log(f"WARNING: training plus GPTQ took {used_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS; raise "
                     f"GPTQ_RESERVE_SECONDS above {settings.gptq_reserve_seconds:g}")
         blob = unscored_path.read_bytes()
-        total = len(blob) + len(code)
+        total = len(blob) + code_bytes
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
-        log(f"Code size: {len(code)} bytes")
+        log(f"Code size: {len(code)} bytes packed:{len(packed_code)} ({packer}) counted:{code_bytes} "
+            f"code_id:{hashlib.sha256(packed_code).hexdigest()}")
         log(f"Total submission size {fmt}: {total} bytes")
         if total > ARTIFACT_CAP_BYTES:
             log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes exceeds {ARTIFACT_CAP_BYTES:,} by "
