@@ -859,7 +859,7 @@ def pack_code(code: bytes) -> tuple[bytes, str]:
 
 
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
-FIT_PRUNE_MAX = 0.05  # pruned share of the +-1 codes beyond which a bit step-down costs less (i18b notes)
+FIT_PRUNE_MAX = 0.03  # share of the quantised weights pruning may zero; beyond, a bit step-down (i18b notes)
 
 
 def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, hessians: dict | None = None,
@@ -889,14 +889,14 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
 
 def prune_to_fit(packed: dict, state: dict, blob: bytes, max_bytes: int, export_format: str, log) -> bytes:
     """Zeroes the +-1 codes q whose weights w move least (by w^2 - (w - q s)^2, s the row scale) till the model is
-    max_bytes or less, their count scaled from what the last try saved; unchanged past FIT_PRUNE_MAX of them."""
+    max_bytes or less, their count scaled from what the last try saved; unchanged past FIT_PRUNE_MAX x all codes."""
     q8, rows = packed["int8"], {k: (q.reshape(packed["scales"][k].numel(), -1), packed["scales"][k].float()[:, None])
                                 for k, q in packed["int8"].items()}
     cost = torch.cat([torch.where(q.abs() == 1, (state[k].cpu().reshape(q.shape) * q * 2 - s) * s, torch.inf).flatten()
                       for k, (q, s) in rows.items()])
-    order, ones, per_code = torch.argsort(cost, stable=True), int(torch.isfinite(cost).sum()), 1 / 8  # a bit a code
+    order, ones, per_code = torch.argsort(cost, stable=True), int(torch.isfinite(cost).sum()), 1 / 8  # a bit each
     for _ in range(4):
-        if (n := math.ceil(1.02 * (len(blob) - max_bytes) / per_code)) > FIT_PRUNE_MAX * ones:
+        if (n := math.ceil(1.02 * (len(blob) - max_bytes) / per_code)) > min(FIT_PRUNE_MAX * cost.numel(), ones):
             return blob
         codes = torch.cat([q.flatten() for q in q8.values()]).index_fill_(0, order[:n], 0)
         codes = codes.split([q.numel() for q in q8.values()])

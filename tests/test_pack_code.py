@@ -121,3 +121,25 @@ def test_packed_file_runs_the_source_program_up_to_docstrings_annotations_and_na
     source = without_docstrings_and_annotations(ast.parse(SOURCE))
     program = without_docstrings_and_annotations(ast.parse(payload_of(packed)))
     assert_same_up_to_renaming(source, program, [{}])
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny run of the packed file beside the plain file.
+
+RUN_LINE = re.compile(r"^(step:\d+/\d+ (train|val)_loss:.*?) train_time|^(final_\w+ val_loss:\S+ val_bpb:\S+)|"
+                      r"^(Serialized model \S+ \d+ bytes)|^(Total submission size .*)|^Code size: \d+ bytes (packed:\d+)")
+
+
+def test_packed_file_logs_the_plain_files_losses_and_artifact_bytes(tmp_path, tiny_dataset, packed):
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / "train_gpt.py").write_bytes(packed)
+    lines = {}
+    for name, script in (("plain", REPO / "train_gpt.py"), ("packed", tmp_path / "packed" / "train_gpt.py")):
+        env = trainer_env(tiny_dataset, RUN_ID=name, ITERATIONS=6, VAL_LOSS_EVERY=3, MAX_VAL_TOKENS=2048)
+        result = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines[name] = [next(g for g in m.groups() if g) for line in result.stdout.splitlines()
+                       if (m := RUN_LINE.match(line))]
+    assert f"packed:{len(packed)}" in lines["plain"] and any(line.startswith("Total submission") for line in lines["plain"])
+    assert lines["packed"] == lines["plain"]
