@@ -70,11 +70,11 @@ def test_roundtrip_score_is_close_to_the_pre_export_score(tiny_run):
 def test_artifact_sizes_add_up(tiny_run):
     cwd, log = tiny_run
     (model_bytes,) = values(log, r"^Serialized model int8\+zlib: (\d+) bytes")
-    (code_bytes,) = values(log, r"^Code size: (\d+) bytes")
+    ((code_bytes, packed_bytes),) = values(log, r"^Code size: (\d+) bytes packed:(\d+) ")
     (total,) = values(log, r"^Total submission size int8\+zlib: (\d+) bytes")
     assert int(model_bytes) == (Path(cwd) / "logs" / "tiny.int8.ptz").stat().st_size
     assert int(code_bytes) == (REPO / "train_gpt.py").stat().st_size
-    assert int(total) == int(model_bytes) + int(code_bytes)
+    assert int(total) == int(model_bytes) + int(packed_bytes)  # EXPORT_PACKED_CODE=1: the code as shipped
 
 
 def test_log_embeds_the_exact_source(tiny_run):
