@@ -12,7 +12,6 @@ Sections: settings, runtime, optimizer, data, evaluation, export, model, trainin
 from __future__ import annotations
 
 import ast
-import base64
 import contextlib
 import copy
 import gc
@@ -35,6 +34,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -823,7 +823,7 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
-PACKED_CODE = (b"import lzma,base64\nexec(lzma.decompress(base64.b85decode(b'", b"')))\n")  # around pack_code's payload
+PACKED_CODE = (b'# -*- coding: latin-1 -*-\nimport brotli;exec(brotli.decompress("', b'".encode("latin-1")))\n')
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
@@ -840,22 +840,18 @@ def decompress_model(blob: bytes) -> dict[str, Tensor]:
     return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
 
 
-def pack_code(code: bytes) -> tuple[bytes, str]:
-    """(this file as shipped, how): python-minifier drops docstrings, comments, annotations (not the dataclass fields')
-    and shortens names (not arguments), else ast drops comments; then lzma and base85 behind an exec."""
+def pack_code(code: bytes) -> tuple[bytes, bytes]:
+    """(source, packed) of this file, plain or packed: docstrings dropped (ast), brotli, a latin-1 string, an exec."""
     if code.startswith(PACKED_CODE[0]):  # this file runs packed
-        return code, "packed already"
-    try:
-        from python_minifier import minify
-        args = [a.arg for a in ast.walk(ast.parse(code)) if isinstance(a, ast.arg)]  # callers may name them
-        text, how = minify(code.decode(), remove_literal_statements=True, hoist_literals=False, combine_imports=False,
-                           remove_pass=False, rename_globals=True, preserve_globals=dir(__import__("builtins")),
-                           preserve_locals=args), "python-minifier"
-    except Exception as e:  # the stdlib's packing: larger, never wrong
-        text, how = ast.unparse(ast.parse(code)), f"ast only: python-minifier failed ({e})"
-    payload = lzma.compress(text.encode(), lzma.FORMAT_ALONE, filters=[
-        {"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "lc": 3, "lp": 0, "pb": 0}])
-    return PACKED_CODE[0] + base64.b85encode(payload) + PACKED_CODE[1], how
+        literal = code[len(PACKED_CODE[0]) - 1:len(code) - len(PACKED_CODE[1]) + 1].decode("latin-1")
+        return brotli.decompress(ast.literal_eval(literal).encode("latin-1")), code
+    for node in ast.walk(tree := ast.parse(code)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+    escape = {b"\\": b"\\\\", b'"': b'\\"', b"\n": b"\\n", b"\r": b"\\r", b"\0": b"\\x00"}
+    payload = re.sub(rb'[\\"\n\r\0]', lambda m: escape[m[0]], brotli.compress(ast.unparse(tree).encode(), quality=11))
+    return code, PACKED_CODE[0] + payload + PACKED_CODE[1]
 
 
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
@@ -1331,8 +1327,8 @@ def log_validation_split(log: RunLog, split: ValidationSplit, settings: Settings
 
 def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     s, rt = settings, runtime
-    code = Path(__file__).read_bytes()
-    log_run_header(log, s, rt, code)
+    code = pack_code(Path(__file__).read_bytes())  # (source, packed), from a plain or a packed file
+    log_run_header(log, s, rt, code[0])
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
     split = load_validation_split(s)
     val_suffix = log_validation_split(log, split, s)
@@ -1437,7 +1433,7 @@ def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
         log(f"peak_memory process_rss:{rss_kib // (2**20 if sys.platform == 'darwin' else 2**10)}MiB")
 
 
-def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_suffix: str, ledger: dict,
+def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_suffix: str, ledger: dict,
                        log: RunLog, settings: Settings, runtime: Runtime) -> None:
     """Write the compressed model, then load those exact bytes back into the model and score it again."""
     rt, model, fmt = runtime, trainer.model, settings.export_format
@@ -1450,8 +1446,8 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         hessians = collect_hessians(model, settings, rt)
         ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
-        packed_code, packer = pack_code(code)
-        code_bytes = len(packed_code) if settings.export_packed_code else len(code)
+        source, packed = code
+        code_bytes = len(packed if settings.export_packed_code else source)
         write_atomically(unscored_path, export_artifact(model, settings, code_bytes, log, hessians, ledger))
         if hessians is not None:  # GPTQ reads training tokens: its time must fit in the training budget
             used_ms = ledger["training"] + ledger["gptq"]
@@ -1462,8 +1458,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         blob = unscored_path.read_bytes()
         total = len(blob) + code_bytes
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
-        log(f"Code size: {len(code)} bytes packed:{len(packed_code)} ({packer}) counted:{code_bytes} "
-            f"code_id:{hashlib.sha256(packed_code).hexdigest()}")
+        log(f"Code size: {len(source)} bytes packed:{len(packed)} code_id:{hashlib.sha256(packed).hexdigest()}")
         log(f"Total submission size {fmt}: {total} bytes")
         if total > ARTIFACT_CAP_BYTES:
             log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes exceeds {ARTIFACT_CAP_BYTES:,} by "

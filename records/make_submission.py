@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402  (pack_code: the one truth of the packed file's format)
 
 TRACKS = ("10min_16mb", "non_record_16mb")
+CODE_ID_LINE = re.compile(rb"^Code size: \d+ bytes packed:\d+ code_id:([0-9a-f]{64})$", re.MULTILINE)
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
 MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
 ALPHA = 0.01                     # ... with a one-sided p-value below this
@@ -90,12 +91,17 @@ def require_kit_log(run: ScoredRun) -> None:
 
 
 def check_same_source(runs: list[ScoredRun]) -> None:
-    """Same code: the same packed file (train_gpt.pack_code), so a packed run and a plain run of one commit agree."""
     for run in runs[1:]:
-        if run.source != runs[0].source and \
-                train_gpt.pack_code(run.source)[0] != train_gpt.pack_code(runs[0].source)[0]:
+        if code_id(run) != code_id(runs[0]):
             raise Refusal(f"{run.path}: its train_gpt.py differs from the one in {runs[0].path}; "
                           "all logs of a submission must come from the same code")
+
+
+def code_id(run: ScoredRun) -> str:
+    """The code's identity: the logged sha256 of train_gpt.py packed (train_gpt.pack_code), which a packed run and a
+    plain run of one commit share; for logs without one, the sha256 of the source."""
+    found = CODE_ID_LINE.search(run.path.read_bytes())
+    return found.group(1).decode() if found else hashlib.sha256(run.source).hexdigest()
 
 
 def check_distinct(runs: list[ScoredRun]) -> None:
@@ -160,13 +166,15 @@ def verdict(tested: Difference, unit: str, alpha: float, significant: bool) -> s
 
 
 def shipped_code(runs: list[ScoredRun], pack: bool) -> bytes:
-    """The train_gpt.py the folder holds: packed (train_gpt.pack_code, with python-minifier) or as it ran."""
+    """The train_gpt.py the folder holds: packed (train_gpt.pack_code), the file the runs counted, or the source."""
     if not pack:
         return runs[0].source
-    code, how = train_gpt.pack_code(runs[0].source)
-    if how not in ("python-minifier", "packed already"):
-        raise Refusal(f"--pack-code: {how}; pip install -r requirements.txt (python-minifier), or pass --no-pack-code")
-    return code
+    packed = train_gpt.pack_code(runs[0].source)[1]
+    if CODE_ID_LINE.search(runs[0].path.read_bytes()) and hashlib.sha256(packed).hexdigest() != code_id(runs[0]):
+        raise Refusal(f"--pack-code: packing the source of {runs[0].path} here gives another file than the run "
+                      f"counted (its code_id); pack with the run's Python ({sys.version.split()[0]} here) "
+                      "or pass --no-pack-code")
+    return packed
 
 
 def check_artifacts_fit(runs: list[ScoredRun], code: bytes) -> None:
@@ -303,16 +311,14 @@ def code_section(runs: list[ScoredRun], code: bytes) -> str:
     """How the shipped train_gpt.py relates to the readable source: the kit's commit and one command."""
     if not code.startswith(train_gpt.PACKED_CODE[0]):
         return ""
-    plain = next((run.source for run in runs if not run.source.startswith(train_gpt.PACKED_CODE[0])), None)
-    commit = kit_commit(plain) if plain is not None else None
+    commit = next(filter(None, (kit_commit(run.source) for run in runs)), None)
     get = (f"git show {commit}:train_gpt.py > train_gpt_readable.py" if commit else
            f"sed -n '/^source train_gpt.py bytes:/,/end_of_source$/p' {runs[0].path.name}  # the source the run logged")
     return "\n".join([
         "## Code", "",
-        f"`train_gpt.py` is packed ({len(code):,} bytes): the kit's trainer minified (python-minifier: no docstrings, "
-        "comments or annotations but the dataclass fields', short names but arguments), then lzma and base85 behind "
-        "an `exec`. It runs the same program; the artifact counts these bytes."
-        + (f" It is the trainer of the kit's commit `{commit}`." if commit else ""), "",
+        f"`train_gpt.py` is packed ({len(code):,} bytes): the kit's trainer without docstrings (through `ast`), "
+        "compressed with brotli into a latin-1 string behind an `exec`. It runs the same program; the artifact counts "
+        "these bytes." + (f" It is the trainer of the kit's commit `{commit}`." if commit else ""), "",
         "The readable source:", "", "```bash", get, "```", ""])
 
 
