@@ -843,15 +843,15 @@ def decompress_model(blob: bytes) -> dict[str, Tensor]:
 def pack_code(code: bytes) -> tuple[bytes, bytes]:
     """(source, packed) of this file, plain or packed: docstrings dropped (ast), brotli, a latin-1 string, an exec."""
     if code.startswith(PACKED_CODE[0]):  # this file runs packed
-        literal = code[len(PACKED_CODE[0]) - 1:len(code) - len(PACKED_CODE[1]) + 1].decode("latin-1")
-        return brotli.decompress(ast.literal_eval(literal).encode("latin-1")), code
+        literal = ast.literal_eval(code[len(PACKED_CODE[0]) - 1:1 - len(PACKED_CODE[1])].decode("latin-1"))
+        return brotli.decompress(literal.encode("latin-1")), code
     for node in ast.walk(tree := ast.parse(code)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
                 ast.get_docstring(node, clean=False) is not None:
             node.body = node.body[1:] or [ast.Pass()]
+    payload = brotli.compress(ast.unparse(tree).encode(), quality=11)
     escape = {b"\\": b"\\\\", b'"': b'\\"', b"\n": b"\\n", b"\r": b"\\r", b"\0": b"\\x00"}
-    payload = re.sub(rb'[\\"\n\r\0]', lambda m: escape[m[0]], brotli.compress(ast.unparse(tree).encode(), quality=11))
-    return code, PACKED_CODE[0] + payload + PACKED_CODE[1]
+    return code, PACKED_CODE[0] + re.sub(rb'[\\"\n\r\0]', lambda m: escape[m[0]], payload) + PACKED_CODE[1]
 
 
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
@@ -860,10 +860,9 @@ FIT_PRUNE_MAX = 0.03  # share of the quantised weights pruning may zero; beyond,
 
 def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, hessians: dict | None = None,
                     ledger: dict | None = None) -> bytes:
-    """The compressed model. With EXPORT_FIT_CAP=1, while it overflows the cap, a few +-1 codes are zeroed
-    (prune_to_fit) or, were that to go deep, matrices (MLP first: two thirds of the weights) take fewer bits: how
-    compressible trained weights are is only known after training, and an artifact over the cap is no submission
-    at all. With `hessians`, GPTQ rounds the matrices; its time is added to ledger["gptq"]."""
+    """The compressed model. With EXPORT_FIT_CAP=1, while it overflows the cap (no submission then), a few +-1 codes
+    are zeroed (prune_to_fit) or, were that to go deep, matrices (MLP first: two thirds of the weights) take fewer
+    bits. With `hessians`, GPTQ rounds the matrices; its time is added to ledger["gptq"]."""
     s, state, control = settings, model.state_dict(), model.control_tensor_names()
     gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
@@ -884,24 +883,23 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
 
 
 def prune_to_fit(packed: dict, state: dict, blob: bytes, max_bytes: int, export_format: str, log) -> bytes:
-    """Zeroes the +-1 codes q whose weights w move least (by w^2 - (w - q s)^2, s the row scale) till the model is
-    max_bytes or less, their count scaled from what the last try saved; unchanged past FIT_PRUNE_MAX x all codes."""
+    """Zeroes the +-1 codes q whose weights w move least (w^2 - (w - q s)^2, s the row scale) till the model is
+    max_bytes or less, in 4 tries at most; unchanged if that takes over FIT_PRUNE_MAX of all codes."""
     q8, rows = packed["int8"], {k: (q.reshape(packed["scales"][k].numel(), -1), packed["scales"][k].float()[:, None])
                                 for k, q in packed["int8"].items()}
     cost = torch.cat([torch.where(q.abs() == 1, (state[k].cpu().reshape(q.shape) * q * 2 - s) * s, torch.inf).flatten()
                       for k, (q, s) in rows.items()])
-    order, ones, per_code = torch.argsort(cost, stable=True), int(torch.isfinite(cost).sum()), 1 / 8  # a bit each
-    for _ in range(4):
-        if (n := math.ceil(1.02 * (len(blob) - max_bytes) / per_code)) > min(FIT_PRUNE_MAX * cost.numel(), ones):
+    order, ones, n = torch.argsort(cost, stable=True), int(torch.isfinite(cost).sum()), 8 * (len(blob) - max_bytes)
+    for _ in range(4):  # n: a bit saved per code, then scaled by what the last try saved (lzma: not in proportion)
+        if n > min(FIT_PRUNE_MAX * cost.numel(), ones):
             return blob
         codes = torch.cat([q.flatten() for q in q8.values()]).index_fill_(0, order[:n], 0)
-        codes = codes.split([q.numel() for q in q8.values()])
-        trial = compress_packed({**packed, "int8": {k: c.view_as(q8[k]).clone() for k, c in zip(q8, codes)}},
-                                export_format)
+        pruned = {k: c.view_as(q8[k]).clone() for k, c in zip(q8, codes.split([q.numel() for q in q8.values()]))}
+        trial = compress_packed({**packed, "int8": pruned}, export_format)
         if len(trial) <= max_bytes:
             log(f"export_fit: pruned {n} of {ones} +-1 codes (the weights that move least): {len(trial)} bytes")
             return trial
-        per_code = max(len(blob) - len(trial), 1) / n
+        n = math.ceil(n * min(4, 1.02 * (len(blob) - max_bytes) / max(len(blob) - len(trial), 1)))
     return blob
 
 
@@ -1446,8 +1444,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_
         hessians = collect_hessians(model, settings, rt)
         ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
-        source, packed = code
-        code_bytes = len(packed if settings.export_packed_code else source)
+        code_bytes = len(code[settings.export_packed_code])  # code: (source, packed)
         write_atomically(unscored_path, export_artifact(model, settings, code_bytes, log, hessians, ledger))
         if hessians is not None:  # GPTQ reads training tokens: its time must fit in the training budget
             used_ms = ledger["training"] + ledger["gptq"]
@@ -1458,7 +1455,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_
         blob = unscored_path.read_bytes()
         total = len(blob) + code_bytes
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
-        log(f"Code size: {len(source)} bytes packed:{len(packed)} code_id:{hashlib.sha256(packed).hexdigest()}")
+        log(f"Code size: {len(code[0])} bytes packed:{len(code[1])} code_id:{hashlib.sha256(code[1]).hexdigest()}")
         log(f"Total submission size {fmt}: {total} bytes")
         if total > ARTIFACT_CAP_BYTES:
             log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes exceeds {ARTIFACT_CAP_BYTES:,} by "

@@ -10,7 +10,7 @@ import sys
 import brotli
 import pytest
 
-from conftest import REPO, trainer_env
+from conftest import REPO, run_trainer, trainer_env
 
 sys.path.insert(0, str(REPO))
 
@@ -84,13 +84,13 @@ def test_packed_file_logs_the_plain_files_losses_artifact_bytes_and_code_id(tmp_
     assert [x for x in lines["packed"] if not x.startswith("Code")] == [x for x in lines["plain"] if not x.startswith("Code")]
 
 
-def test_log_of_a_packed_run_holds_the_readable_source(tmp_path, tiny_dataset, packed):
+def test_packed_file_under_torchrun_logs_its_readable_source(tmp_path, tiny_dataset, packed):
     (tmp_path / "train_gpt.py").write_bytes(packed)
     env = trainer_env(tiny_dataset, RUN_ID="packed", ITERATIONS=1, VAL_LOSS_EVERY=0, MAX_VAL_TOKENS=1024,
                       EXPORT_QUANT="rtn", TTT_EPOCHS=0)
-    result = subprocess.run([sys.executable, "train_gpt.py"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = run_trainer(env, tmp_path, nproc=2, script=tmp_path / "train_gpt.py")
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "packed.txt").read_bytes()
     source = payload_of(packed)
     assert log.startswith(b"source train_gpt.py bytes:%d " % len(source)) and source + b"end_of_source\n" in log
+    assert b" world_size:2 " in log
