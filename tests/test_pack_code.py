@@ -3,6 +3,7 @@ the program it runs, and a tiny run of it beside the plain file."""
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def without_docstrings(code: bytes) -> str:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and \
+                    isinstance(first.value.value, str):
                 node.body = node.body[1:] or [ast.Pass()]
     return ast.dump(tree)
 
@@ -78,10 +80,11 @@ def test_packed_file_logs_the_plain_files_losses_artifact_bytes_and_code_id(tmp_
         assert result.returncode == 0, result.stderr[-3000:]
         lines[name] = [next(g for g in m.groups() if g) for line in result.stdout.splitlines()
                        if (m := RUN_LINE.match(line))]
-    code_id = __import__("hashlib").sha256(packed).hexdigest()
+    code_id = hashlib.sha256(packed).hexdigest()
     assert f"Code size: {len(SOURCE)} bytes packed:{len(packed)} code_id:{code_id}" in lines["plain"]
     assert f"Code size: {len(payload_of(packed))} bytes packed:{len(packed)} code_id:{code_id}" in lines["packed"]
-    assert [x for x in lines["packed"] if not x.startswith("Code")] == [x for x in lines["plain"] if not x.startswith("Code")]
+    assert [x for x in lines["packed"] if not x.startswith("Code")] == \
+        [x for x in lines["plain"] if not x.startswith("Code")]
 
 
 def test_packed_file_under_torchrun_logs_its_readable_source(tmp_path, tiny_dataset, packed):

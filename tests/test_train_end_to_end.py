@@ -146,7 +146,9 @@ def test_strong_default_tiny_run_exports_int6_lzma_scored_by_sliding_windows(tmp
     (model_bytes,) = values(log, r"^Serialized model int6\+lzma: (\d+) bytes")
     (total,) = values(log, r"^Total submission size int6\+lzma: (\d+) bytes$")
     assert int(model_bytes) == (tmp_path / "logs" / "strong.int6.ptz").stat().st_size
-    assert int(total) == int(model_bytes) + (REPO / "train_gpt.py").stat().st_size
+    ((code_bytes, packed_bytes),) = values(log, r"^Code size: (\d+) bytes packed:(\d+) ")
+    assert int(code_bytes) == (REPO / "train_gpt.py").stat().st_size
+    assert int(total) == int(model_bytes) + int(packed_bytes)  # EXPORT_PACKED_CODE=1: the code as shipped
     assert values(log, r"^final_int6_lzma_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$")
     run = read_run_log(tmp_path / "logs" / "strong.txt")  # the records/ tools read it as any other format
     assert (run.export_format_id, run.artifact_bytes) == ("int6_lzma", int(total))
