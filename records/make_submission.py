@@ -477,7 +477,8 @@ def print_summary(folder: Path, summary: dict) -> None:
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
     print(f"val_bpb {summary['val_bpb']:.8f}" + (f" +- {std:.8f} (sample std)" if std is not None else "")
-          + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes")
+          + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes"
+          + f" (train_gpt.py {summary['bytes_code']:,})")
     if "comparison" in summary:
         comparison = summary["comparison"]
         claim = "SIGNIFICANT IMPROVEMENT" if comparison["significant"] else "NOT A SIGNIFICANT IMPROVEMENT"

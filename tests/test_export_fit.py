@@ -10,8 +10,8 @@ The first step-down (int5 MLP) saves 136,872 B. Pruning a share of the weights i
     output error added 0.19   0.51   0.95   1.37   1.95   2.78   (x the step-down's; tr(dW H dW^T))
 Pruning adds less error up to ~14%; past it the step-down is cheaper. (The sum of squared changes of the weights is
 0.15x the step-down's at 11.6%, but no guide under GPTQ: zeroing its +-1 codes first lowers the error to the float
-weights, -0.05x the step-down's increase at 4.6%. With clip-search rounding only
-7.6% of the codes are +-1; pruning 5.7% of the weights adds 0.2x the step-down's output error, 0.24x its weight error.)"""
+weights, -0.05x the step-down's increase at 4.6%. With clip-search rounding only 7.6% of the codes are +-1;
+pruning 5.7% adds 0.2x the step-down's output error, 0.24x its weight error.)"""
 from __future__ import annotations
 
 import io
