@@ -11,6 +11,7 @@ Sections: settings, runtime, optimizer, data, evaluation, export, model, trainin
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import fcntl
@@ -34,6 +35,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -130,7 +132,8 @@ class Settings:
     ema_decay: float = 0.997  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
     export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
-    export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
+    export_fit_cap: int = 1  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
+    export_packed_code: int = 1  # 1: the fit and the Total line count this file packed (pack_code), as shipped
     export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: clip search
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
     gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
@@ -200,7 +203,8 @@ class Settings:
         for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
                      "muon_momentum_warmup_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate", "tie_embeddings"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "export_packed_code", "overwrite", "smear_gate",
+                     "tie_embeddings"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -839,6 +843,7 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
+PACKED_CODE = (b'# -*- coding: latin-1 -*-\nimport brotli;exec(brotli.decompress("', b'".encode("latin-1")))\n')
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
@@ -855,15 +860,28 @@ def decompress_model(blob: bytes) -> dict[str, Tensor]:
     return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
 
 
+def pack_code(code: bytes) -> tuple[bytes, bytes]:
+    """(source, packed) of this file, plain or packed: docstrings dropped (ast), brotli, a latin-1 string, an exec."""
+    if code.startswith(PACKED_CODE[0]):  # this file runs packed
+        literal = ast.literal_eval(code[len(PACKED_CODE[0]) - 1:1 - len(PACKED_CODE[1])].decode("latin-1"))
+        return brotli.decompress(literal.encode("latin-1")), code
+    for node in ast.walk(tree := ast.parse(code)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+    payload = brotli.compress(ast.unparse(tree).encode(), quality=11)
+    escape = {b"\\": b"\\\\", b'"': b'\\"', b"\n": b"\\n", b"\r": b"\\r", b"\0": b"\\x00"}
+    return code, PACKED_CODE[0] + re.sub(rb'[\\"\n\r\0]', lambda m: escape[m[0]], payload) + PACKED_CODE[1]
+
+
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
+FIT_PRUNE_MAX = 0.14  # share of the codes pruning may zero: past it, the step-down adds less error (test_export_fit)
 
 
 def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, hessians: dict | None = None,
                     ledger: dict | None = None) -> bytes:
-    """The compressed model. With EXPORT_FIT_CAP=1, while an int6 artifact overflows the cap, matrices
-    (MLP first: two thirds of the weights) take fewer bits: how compressible trained weights are is only
-    known after training, and an artifact over the cap is no submission at all. With `hessians`, GPTQ
-    rounds the matrices; its time is added to ledger["gptq"]."""
+    """The compressed model. With EXPORT_FIT_CAP=1, while over the cap, a few +-1 codes are zeroed (prune_to_fit) or,
+    were that to go deep, matrices take fewer bits. With `hessians`, GPTQ rounds the matrices (time: ledger["gptq"])."""
     s, state, control = settings, model.state_dict(), model.control_tensor_names()
     gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
@@ -878,6 +896,28 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
         if gptq and ledger is not None:
             ledger["gptq"] = ledger.get("gptq", 0.0) + 1000 * (time.perf_counter() - t_quant)
         blob = compress_packed(packed, s.export_format)
+        if s.export_fit_cap and len(blob) + code_bytes > ARTIFACT_CAP_BYTES:
+            blob = prune_to_fit(packed, state, blob, ARTIFACT_CAP_BYTES - code_bytes, s.export_format, log)
+    return blob
+
+
+def prune_to_fit(packed: dict, state: dict, blob: bytes, max_bytes: int, export_format: str, log) -> bytes:
+    """Zeroes the +-1 codes q whose weights w move least (w^2 - (w - q s)^2, s the row scale) till it fits max_bytes."""
+    q8, rows = packed["int8"], {k: (q.reshape(packed["scales"][k].numel(), -1), packed["scales"][k].float()[:, None])
+                                for k, q in packed["int8"].items()}
+    cost = torch.cat([torch.where(q.abs() == 1, (state[k].cpu().reshape(q.shape) * q * 2 - s) * s, torch.inf).flatten()
+                      for k, (q, s) in rows.items()])
+    order, ones, n = torch.argsort(cost, stable=True), int(torch.isfinite(cost).sum()), 8 * (len(blob) - max_bytes)
+    for _ in range(4):  # n: a bit saved per code, then scaled by what the last try saved (lzma: not in proportion)
+        if n > min(FIT_PRUNE_MAX * cost.numel(), ones):  # deep: the caller steps bits down
+            return blob
+        codes = torch.cat([q.flatten() for q in q8.values()]).index_fill_(0, order[:n], 0)
+        pruned = {k: c.view_as(q8[k]).clone() for k, c in zip(q8, codes.split([q.numel() for q in q8.values()]))}
+        trial = compress_packed({**packed, "int8": pruned}, export_format)
+        if len(trial) <= max_bytes:
+            log(f"export_fit: pruned {n} of {ones} +-1 codes (the weights that move least): {len(trial)} bytes")
+            return trial
+        n = math.ceil(n * min(4, 1.02 * (len(blob) - max_bytes) / max(len(blob) - len(trial), 1)))
     return blob
 
 
@@ -1307,8 +1347,8 @@ def log_validation_split(log: RunLog, split: ValidationSplit, settings: Settings
 
 def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     s, rt = settings, runtime
-    code = Path(__file__).read_bytes()
-    log_run_header(log, s, rt, code)
+    code = pack_code(Path(__file__).read_bytes())  # (source, packed), from a plain or a packed file
+    log_run_header(log, s, rt, code[0])
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
     split = load_validation_split(s)
     check_split_fits_tokenizer(split, byte_table, s)
@@ -1414,7 +1454,7 @@ def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
         log(f"peak_memory process_rss:{rss_kib // (2**20 if sys.platform == 'darwin' else 2**10)}MiB")
 
 
-def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_suffix: str, ledger: dict,
+def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_suffix: str, ledger: dict,
                        log: RunLog, settings: Settings, runtime: Runtime) -> None:
     """Write the compressed model, then load those exact bytes back into the model and score it again."""
     rt, model, fmt = runtime, trainer.model, settings.export_format
@@ -1427,7 +1467,8 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
         hessians = collect_hessians(model, settings, rt)
         ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
-        write_atomically(unscored_path, export_artifact(model, settings, len(code), log, hessians, ledger))
+        code_bytes = len(code[settings.export_packed_code])  # code: (source, packed)
+        write_atomically(unscored_path, export_artifact(model, settings, code_bytes, log, hessians, ledger))
         if hessians is not None:  # GPTQ reads training tokens: its time must fit in the training budget
             used_ms = ledger["training"] + ledger["gptq"]
             log(f"gptq: {ledger['gptq']:.0f}ms (calibration and rounding) train_time+gptq:{used_ms:.0f}ms")
@@ -1435,9 +1476,9 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
                 log(f"WARNING: training plus GPTQ took {used_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS; raise "
                     f"GPTQ_RESERVE_SECONDS above {settings.gptq_reserve_seconds:g}")
         blob = unscored_path.read_bytes()
-        total = len(blob) + len(code)
+        total = len(blob) + code_bytes
         log(f"Serialized model {fmt}: {len(blob)} bytes (path:{artifact_path})")
-        log(f"Code size: {len(code)} bytes")
+        log(f"Code size: {len(code[0])} bytes packed:{len(code[1])} code_id:{hashlib.sha256(code[1]).hexdigest()}")
         log(f"Total submission size {fmt}: {total} bytes")
         if total > ARTIFACT_CAP_BYTES:
             log(f"WARNING: ARTIFACT OVER THE CAP: {total} bytes exceeds {ARTIFACT_CAP_BYTES:,} by "

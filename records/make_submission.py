@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import hashlib
 import json
 import math
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +31,11 @@ from run_log import (PER_RUN_SETTINGS, TIME_CAP_MS, Record, Refusal, ScoredRun, 
                      training_time_check)
 from significance import NEEDS_TWO_SEEDS, Difference, mean_difference
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402  (pack_code: the one truth of the packed file's format)
+
 TRACKS = ("10min_16mb", "non_record_16mb")
+CODE_ID_LINE = re.compile(rb"^Code size: \d+ bytes packed:\d+ code_id:([0-9a-f]{64})$", re.MULTILINE)
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
 MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
 ALPHA = 0.01                     # ... with a one-sided p-value below this
@@ -57,9 +63,6 @@ def check_run(run: ScoredRun, track: str) -> None:
     if run.code_bytes != len(run.source):
         raise Refusal(f"{run.path}: 'Code size' says {run.code_bytes} bytes but the embedded source is "
                       f"{len(run.source)} bytes; the code counted in the artifact must be the code that ran")
-    if run.artifact_bytes > ARTIFACT_CAP_BYTES:
-        raise Refusal(f"{run.path}: artifact of {run.artifact_bytes:,} bytes exceeds the cap of "
-                      f"{ARTIFACT_CAP_BYTES:,} bytes (code plus compressed model)")
     if track == "10min_16mb":
         status, note = training_time_check(run)
         if status == "over":
@@ -94,9 +97,16 @@ def require_kit_log(run: ScoredRun) -> None:
 
 def check_same_source(runs: list[ScoredRun]) -> None:
     for run in runs[1:]:
-        if run.source != runs[0].source:
+        if run.source != runs[0].source and code_id(run) != code_id(runs[0]):
             raise Refusal(f"{run.path}: its train_gpt.py differs from the one in {runs[0].path}; "
                           "all logs of a submission must come from the same code")
+
+
+def code_id(run: ScoredRun) -> str:
+    """The code's identity: the logged sha256 of train_gpt.py packed (train_gpt.pack_code), which a packed run and a
+    plain run of one commit share; for logs without one, the sha256 of the source."""
+    found = CODE_ID_LINE.search(run.path.read_bytes())
+    return found.group(1).decode() if found else hashlib.sha256(run.source).hexdigest()
 
 
 def check_distinct(runs: list[ScoredRun]) -> None:
@@ -160,23 +170,47 @@ def verdict(tested: Difference, unit: str, alpha: float, significant: bool) -> s
 # submission.json, README.md and the plot.
 
 
-def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparison: dict | None) -> dict:
+def shipped_code(runs: list[ScoredRun], pack: bool) -> bytes:
+    """The train_gpt.py the folder holds: packed (train_gpt.pack_code), the file the runs counted, or the source."""
+    if not pack:
+        return runs[0].source
+    packed = train_gpt.pack_code(runs[0].source)[1]
+    if CODE_ID_LINE.search(runs[0].path.read_bytes()) and hashlib.sha256(packed).hexdigest() != code_id(runs[0]):
+        raise Refusal(f"--pack-code: packing the source of {runs[0].path} here gives another file than the run "
+                      f"counted (its code_id); pack with the run's Python ({sys.version.split()[0]} here) "
+                      "or pass --no-pack-code")
+    return packed
+
+
+def check_artifacts_fit(runs: list[ScoredRun], code: bytes) -> None:
+    """The cap counts the code the folder ships, packed or not, beside each run's model."""
+    for run in runs:
+        if run.model_bytes is None:
+            raise Refusal(f"{run.path}: no 'Serialized model <format>: <bytes> bytes' line")
+        if run.model_bytes + len(code) > ARTIFACT_CAP_BYTES:
+            raise Refusal(f"{run.path}: artifact of {run.model_bytes + len(code):,} bytes (model {run.model_bytes:,}, "
+                          f"code {len(code):,}) exceeds the cap of {ARTIFACT_CAP_BYTES:,} bytes")
+
+
+def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparison: dict | None,
+                       code: bytes | None = None) -> dict:
+    code = runs[0].source if code is None else code
     losses, bpbs = [run.val_loss for run in runs], [run.val_bpb for run in runs]
     sample_std = (lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else None)
     summary = {
         "author": args.author, "github_id": args.github_id, "name": args.name, "blurb": args.blurb,
         "date": args.date,
         "val_loss": round(float(np.mean(losses)), 8), "val_bpb": round(float(np.mean(bpbs)), 8),
-        "bytes_total": max(run.artifact_bytes for run in runs),  # the largest seed must fit
-        "bytes_code": runs[0].code_bytes,
+        "bytes_total": max(run.model_bytes + len(code) for run in runs),  # the largest seed must fit
+        "bytes_code": len(code),
         "track": args.track,
         "val_loss_std": sample_std(losses), "val_bpb_std": sample_std(bpbs),
         "export_format": runs[0].export_format_id,
         "val_split": {"tokens": runs[0].val_tokens, "sha256": runs[0].val_sha256},
-        "seeds": [seed_summary(run) for run in runs],
+        "seeds": [seed_summary(run, len(code)) for run in runs],
         "compliance": {
             "artifact_cap_bytes": ARTIFACT_CAP_BYTES,
-            "artifact_under_cap": all(run.artifact_bytes <= ARTIFACT_CAP_BYTES for run in runs),
+            "artifact_under_cap": all(run.model_bytes + len(code) <= ARTIFACT_CAP_BYTES for run in runs),
             "time_cap_s": TIME_CAP_MS // 1000,
             "train_time_under_cap": all(run.budget_time_ms <= TIME_CAP_MS for run in runs),
             "train_time_within_stop_rule": all(training_time_check(run)[0] != "over" for run in runs),
@@ -191,13 +225,13 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
     return summary
 
 
-def seed_summary(run: ScoredRun) -> dict:
+def seed_summary(run: ScoredRun, code_bytes: int) -> dict:
     return {
         "seed": run.seed, "log": run.path.name, "val_loss": run.val_loss, "val_bpb": run.val_bpb,
         "pre_export_val_bpb": run.pre_export_val_bpb, "steps": run.steps, "step_avg_ms": run.step_avg_ms,
         "train_time_ms": run.train_time_ms, "gptq_time_ms": run.gptq_time_ms, "eval_time_ms": run.eval_time_ms,
         "stopped_by_wallclock_cap": run.stopped_by_wallclock_cap,
-        "bytes_total": run.artifact_bytes, "bytes_model": run.model_bytes,
+        "bytes_total": run.model_bytes + code_bytes, "bytes_model": run.model_bytes,
     }
 
 
@@ -280,6 +314,34 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
     return "\n".join(lines)
 
 
+def code_section(runs: list[ScoredRun], code: bytes) -> str:
+    """How the shipped train_gpt.py relates to the readable source: the kit's commit and one command."""
+    if not code.startswith(train_gpt.PACKED_CODE[0]):
+        return ""
+    commit = next(filter(None, (kit_commit(run.source) for run in runs)), None)
+    get = (f"git show {commit}:train_gpt.py > train_gpt_readable.py" if commit else
+           f"sed -n '/^source train_gpt.py bytes:/,/end_of_source$/p' {runs[0].path.name}  # the source the run logged")
+    return "\n".join([
+        "## Code", "",
+        f"`train_gpt.py` is packed ({len(code):,} bytes): the kit's trainer without docstrings (through `ast`), "
+        "compressed with brotli into a latin-1 string behind an `exec`. It runs the same program; the artifact counts "
+        "these bytes." + (f" It is the trainer of the kit's commit `{commit}`." if commit else ""), "",
+        "The readable source:", "", "```bash", get, "```", ""])
+
+
+def kit_commit(source: bytes) -> str | None:
+    """The first commit of this repository whose train_gpt.py is `source`, if git knows one."""
+    blob = hashlib.sha1(b"blob %d\0" % len(source) + source).hexdigest()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        found = subprocess.run(["git", "-C", str(root), "log", "--all", "--reverse", "--format=%H",
+                                f"--find-object={blob}", "--", "train_gpt.py"], capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.split()[0] if found.returncode == 0 and found.stdout.split() else None
+
+
 def training_compliance(compliance: dict) -> str:
     if compliance["train_time_under_cap"]:
         return "yes"
@@ -342,16 +404,18 @@ def folder_name(date: str, name: str) -> str:
     return f"{date}_{safe}"
 
 
-def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool) -> None:
+def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool, code: bytes | None = None) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         for run in runs:
             shutil.copyfile(run.path, staging / run.path.name)
-        (staging / "train_gpt.py").write_bytes(runs[0].source)
+        (staging / "train_gpt.py").write_bytes(runs[0].source if code is None else code)
         (staging / "submission.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         relative_folder = f"records/{folder.parent.name}/{folder.name}"
-        (staging / "README.md").write_text(render_readme(summary, runs, relative_folder), encoding="utf-8")
+        readme = render_readme(summary, runs, relative_folder)
+        readme += code_section(runs, runs[0].source if code is None else code)
+        (staging / "README.md").write_text(readme, encoding="utf-8")
         plot_val_bpb(runs, staging / "val_bpb.png")
         if force and folder.exists():
             shutil.rmtree(folder)
@@ -385,6 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-mixed-settings", action="store_true",
                         help="accept seeds whose settings differ in more than SEED and RUN_ID (the README then "
                              "gives each seed's own command)")
+    parser.add_argument("--pack-code", action=argparse.BooleanOptionalAction, default=None,
+                        help="ship train_gpt.py packed (train_gpt.pack_code); default: on for 10min_16mb")
     parser.add_argument("logs", nargs="+", type=Path)
     return parser.parse_args(argv)
 
@@ -402,10 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.records_dir / f"track_{args.track}" / folder_name(args.date, args.name)
         if folder.exists() and not args.force:
             raise Refusal(f"{folder} already exists; pass --force to replace it")
+        code = shipped_code(runs, args.track == "10min_16mb" if args.pack_code is None else args.pack_code)
+        check_artifacts_fit(runs, code)
         comparison = (compare_with_baseline(runs, read_record(args.compare_to), *record_margin(args), args.alpha)
                       if args.compare_to else None)
-        summary = submission_summary(args, runs, comparison)
-        write_folder(folder, runs, summary, args.force)
+        summary = submission_summary(args, runs, comparison, code)
+        write_folder(folder, runs, summary, args.force, code)
     except Refusal as refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
@@ -419,7 +487,8 @@ def print_summary(folder: Path, summary: dict) -> None:
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
     print(f"val_bpb {summary['val_bpb']:.8f}" + (f" +- {std:.8f} (sample std)" if std is not None else "")
-          + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes")
+          + f" over {len(summary['seeds'])} seed(s); artifact {summary['bytes_total']:,} bytes"
+          + f" (train_gpt.py {summary['bytes_code']:,})")
     if "comparison" in summary:
         comparison = summary["comparison"]
         claim = "SIGNIFICANT IMPROVEMENT" if comparison["significant"] else "NOT A SIGNIFICANT IMPROVEMENT"

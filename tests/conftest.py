@@ -70,9 +70,10 @@ def trainer_env(dataset, **overrides) -> dict:
     return env
 
 
-def run_trainer(env: dict, cwd, nproc: int = 1, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+def run_trainer(env: dict, cwd, nproc: int = 1, timeout: float = 300, script: Path = REPO / "train_gpt.py",
+                **popen) -> subprocess.CompletedProcess:
     """Run train_gpt.py as users do: plain python for one process, torchrun for several."""
-    script = str(REPO / "train_gpt.py")
+    script = str(script)
     if nproc == 1:
         cmd = [sys.executable, script]
     else:

@@ -95,7 +95,7 @@ def write_logs(folder: Path, *texts: str) -> list[Path]:
 def submit(tmp_path: Path, logs, *options: str, track: str = "10min_16mb") -> int:
     return make_submission.main(["--track", track, "--name", "Test Idea", "--author", "Ada Lovelace",
                                  "--github-id", "ada", "--date", DATE, "--records-dir", str(tmp_path / "records"),
-                                 *options, *map(str, logs)])
+                                 "--no-pack-code", *options, *map(str, logs)])  # stand-in sources: ship as run
 
 
 def folder_of(tmp_path: Path, track: str = "10min_16mb") -> Path:
@@ -258,6 +258,25 @@ def test_refuses_a_log_whose_source_was_edited(tmp_path, capsys):
     text = render_log(1).replace('print("train")', 'print("tuned")')
     assert submit(tmp_path, write_logs(tmp_path / "logs", text)) == 2
     assert "does not match the sha256 of its source header" in capsys.readouterr().err
+
+
+def with_code_id(text: str, code_id: str) -> str:
+    """The `Code size` line as the kit writes it: with the packed size and the code's identity (its sha256)."""
+    return re.sub(r"^(Code size: \d+ bytes)$", rf"\1 packed:900 code_id:{code_id}", text, flags=re.MULTILINE)
+
+
+def test_a_packed_and_a_plain_run_of_one_code_id_are_the_same_code(tmp_path):
+    """A packed run logs the source it unpacks (no docstrings, as ast.unparse writes it), a plain run its file."""
+    logs = write_logs(tmp_path / "logs", with_code_id(render_log(1, 2.06), "ab" * 32),
+                      with_code_id(render_log(2, 2.07, source="print('train')"), "ab" * 32))
+    assert submit(tmp_path, logs) == 0
+
+
+def test_refuses_runs_of_two_code_ids(tmp_path, capsys):
+    logs = write_logs(tmp_path / "logs", with_code_id(render_log(1, 2.06), "ab" * 32),
+                      with_code_id(render_log(2, 2.07, source="print('tuned')"), "cd" * 32))
+    assert submit(tmp_path, logs) == 2
+    assert f"{logs[1]}: its train_gpt.py differs from the one in {logs[0]}" in capsys.readouterr().err
 
 
 def line_number(text: str, prefix: str) -> int:

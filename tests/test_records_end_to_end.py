@@ -4,6 +4,7 @@ The expected values are read from the logs here with the SPEC's line formats, no
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -29,13 +30,18 @@ def line_value(log: str, pattern: str) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def real_logs(tiny_dataset, tmp_path_factory) -> dict:
-    """Three seeds, and one run scored on a prefix of the validation split, two at a time."""
+    """Three seeds (the last one run from the packed file, as shipped), and one run scored on a prefix of the
+    validation split, two at a time."""
     cwd = tmp_path_factory.mktemp("real_runs")
     envs = {f"seed{s}": trainer_env(tiny_dataset, SEED=s, RUN_ID=f"seed{s}") for s in SEEDS}
     envs["prefix"] = trainer_env(tiny_dataset, SEED=4, RUN_ID="prefix", MAX_VAL_TOKENS=4096)
     source = (REPO / "train_gpt.py").read_bytes()
+    (cwd / "packed").mkdir()
+    (cwd / "packed" / "train_gpt.py").write_bytes(make_submission.train_gpt.pack_code(source)[1])
+    scripts = {run_id: cwd / "packed" / "train_gpt.py" if run_id == f"seed{SEEDS[-1]}" else REPO / "train_gpt.py"
+               for run_id in envs}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(envs, pool.map(lambda env: run_trainer(env, cwd), envs.values())))
+        results = dict(zip(envs, pool.map(lambda run_id: run_trainer(envs[run_id], cwd, script=scripts[run_id]), envs)))
     for run_id, result in results.items():
         assert result.returncode == 0, f"{run_id}: {result.stderr[-3000:]}"
     return {"cwd": cwd, "source": source, "paths": [cwd / "logs" / f"seed{s}.txt" for s in SEEDS],
@@ -56,10 +62,11 @@ def submission(real_logs, tmp_path_factory) -> Path:
 def test_folder_holds_the_real_logs_and_their_source(real_logs, submission):
     for path in real_logs["paths"]:
         assert (submission / path.name).read_bytes() == path.read_bytes()
-    recovered = (submission / "train_gpt.py").read_bytes()
-    assert recovered == real_logs["source"]
-    for path in real_logs["paths"]:
-        assert int(line_value(path.read_text(), r"^Code size: (\d+) bytes$")) == len(recovered)
+    shipped = (submission / "train_gpt.py").read_bytes()  # packed on the 10-minute track (test_pack_code.py)
+    assert shipped == (real_logs["cwd"] / "packed" / "train_gpt.py").read_bytes()
+    for path in real_logs["paths"]:  # the plain runs and the packed run count as the same code
+        packed, code_id = line_value(path.read_text(), r"^Code size: \d+ bytes packed:(\d+) code_id:(\w+)$")
+        assert (int(packed), code_id) == (len(shipped), hashlib.sha256(shipped).hexdigest())
 
 
 def test_summary_values_are_the_logs_values(real_logs, submission):
@@ -71,7 +78,7 @@ def test_summary_values_are_the_logs_values(real_logs, submission):
     assert summary["val_loss"] == pytest.approx(sum(float(e[0]) for e in exact) / 3, abs=1e-8)
     assert summary["val_bpb"] == pytest.approx(sum(float(e[1]) for e in exact) / 3, abs=1e-8)
     assert summary["bytes_total"] == max(totals)
-    assert summary["bytes_code"] == len(real_logs["source"])
+    assert summary["bytes_code"] == len((submission / "train_gpt.py").read_bytes())
     for seed_summary, seed, (loss, bpb), total, (steps, train_ms, _) in zip(
             summary["seeds"], SEEDS, exact, totals, last_steps):
         assert (seed_summary["seed"], seed_summary["val_loss"], seed_summary["val_bpb"]) == (seed, float(loss), float(bpb))

@@ -70,11 +70,11 @@ def test_roundtrip_score_is_close_to_the_pre_export_score(tiny_run):
 def test_artifact_sizes_add_up(tiny_run):
     cwd, log = tiny_run
     (model_bytes,) = values(log, r"^Serialized model int8\+zlib: (\d+) bytes")
-    (code_bytes,) = values(log, r"^Code size: (\d+) bytes")
+    ((code_bytes, packed_bytes),) = values(log, r"^Code size: (\d+) bytes packed:(\d+) ")
     (total,) = values(log, r"^Total submission size int8\+zlib: (\d+) bytes")
     assert int(model_bytes) == (Path(cwd) / "logs" / "tiny.int8.ptz").stat().st_size
     assert int(code_bytes) == (REPO / "train_gpt.py").stat().st_size
-    assert int(total) == int(model_bytes) + int(code_bytes)
+    assert int(total) == int(model_bytes) + int(packed_bytes)  # EXPORT_PACKED_CODE=1: the code as shipped
 
 
 def test_log_embeds_the_exact_source(tiny_run):
@@ -146,7 +146,9 @@ def test_strong_default_tiny_run_exports_int6_lzma_scored_by_sliding_windows(tmp
     (model_bytes,) = values(log, r"^Serialized model int6\+lzma: (\d+) bytes")
     (total,) = values(log, r"^Total submission size int6\+lzma: (\d+) bytes$")
     assert int(model_bytes) == (tmp_path / "logs" / "strong.int6.ptz").stat().st_size
-    assert int(total) == int(model_bytes) + (REPO / "train_gpt.py").stat().st_size
+    ((code_bytes, packed_bytes),) = values(log, r"^Code size: (\d+) bytes packed:(\d+) ")
+    assert int(code_bytes) == (REPO / "train_gpt.py").stat().st_size
+    assert int(total) == int(model_bytes) + int(packed_bytes)  # EXPORT_PACKED_CODE=1: the code as shipped
     assert values(log, r"^final_int6_lzma_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$")
     run = read_run_log(tmp_path / "logs" / "strong.txt")  # the records/ tools read it as any other format
     assert (run.export_format_id, run.artifact_bytes) == ("int6_lzma", int(total))
