@@ -41,8 +41,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ARTIFACT_CAP_BYTES = 16_000_000
-# Scored validation tokens of the published exports (SPEC.md), to catch runs on another split.
+# The published exports (SPEC.md): validation tokens, to catch another split; tokenizer sha256s, named in the log.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
+PUBLISHED_TOKENIZERS = {"849ea920119b5135ace5016137e82ab397738fc29d723d5f9a6b74c4e31af191": "sp1024",
+                        "ba9892fc3502b8c5f649e838bbf825cd1b929a092c010854c8784351151d2745": "sp2048",
+                        "d76de35070ed9feb76afe3a7efc3a1a0e91e9aa4978360ecdc7fbc22a9725512": "sp4096",
+                        "4e979c92754cc9d7bdebd9dfe5edf3fc0b41b38714b394e4297fa851e3afd516": "sp8192"}
 
 # ----------------------------------------------------------------------------------------------
 # Settings: one place, read from the environment, validated before anything else happens.
@@ -1287,6 +1291,8 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     code = Path(__file__).read_bytes()
     log_run_header(log, s, rt, code)
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
+    known = PUBLISHED_TOKENIZERS.get(sha := hashlib.sha256(Path(s.tokenizer_path).read_bytes()).hexdigest())
+    log(f"tokenizer: published {known}" if known else f"tokenizer: custom (sha256 {sha})")
     split = load_validation_split(s)
     val_suffix = log_validation_split(log, split, s)
     evaluator = Evaluator(split, byte_table, s, rt)
