@@ -63,7 +63,7 @@ class RunError(RuntimeError):
 @dataclass(frozen=True)
 class Settings:
     """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
-    preset: str = "strong"  # strong | baseline (PRESETS): applied before the other variables
+    preset: str = "strong"  # strong | baseline | smoke (PRESETS): applied before the other variables
     # Data and run bookkeeping.
     data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
     tokenizer_path: str = ""  # empty: ./data/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
@@ -244,14 +244,18 @@ class Settings:
                 f"at least TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = {unit}")
 
 
-# What PRESET=baseline changes: the naive baseline of SPEC.md, with every technique off.
+# PRESET=baseline: the naive baseline of SPEC.md, every technique off. PRESET=smoke: every stage in seconds on a CPU.
 PRESETS = {"strong": {}, "baseline": dict(
     vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288,
     train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0,
     parallel_last_n=0, recur_layers="", smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04,
     scalar_lr=0.04, muon_momentum=0.95, muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0,
     muon_momentum_warmup_start=0.85, muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0,
-    export_format="int8+zlib", export_quant="rtn")}
+    export_format="int8+zlib", export_quant="rtn"), "smoke": dict(  # on what data/build_smoke_dataset.py writes
+    data_path="./data/smoke/datasets/fineweb10B_smoke", tokenizer_path="./data/smoke/tokenizers/fineweb_512_bpe.model",
+    vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2, recur_layers="1",
+    train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
+    warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096)}
 EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 

@@ -34,6 +34,7 @@ MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much 
 ALPHA = 0.01                     # ... with a one-sided p-value below this
 FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "val_bpb.png")
 PER_RUN_SETTINGS = ("SEED", "RUN_ID")  # differ between the seeds of one submission by design
+TOKENIZER_LINE = re.compile(r"^tokenizer: (published \S+|custom \(sha256 [0-9a-f]{64}\))$", re.M)  # train_gpt.py's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +261,7 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         f"- device: {first.device}, world size {first.world_size}",
         f"- model parameters: {fmt(first.model_params, ',')}",
         f"- validation split: {first.val_tokens:,} tokens, fingerprint {first.val_sha256}",
+        f"- tokenizer: {tokenizer_identity(runs)}",
         "- settings that differ from the defaults in train_gpt.py (all settings are in the logs):", "",
         "| setting | value |", "|---|---|",
         *(f"| {key} | `{value}` |" for key, value in changed_settings(first).items()), "",
@@ -271,6 +273,12 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
               "```bash", reproduce_command(runs, f"{folder}/train_gpt.py"), "```", "",
               "`val_bpb.png`: validation val_bpb against training time, one curve per seed.", ""]
     return "\n".join(lines)
+
+
+def tokenizer_identity(runs: list[ScoredRun]) -> str:
+    """What the logs' `tokenizer:` lines say: a published tokenizer's name, or custom with its sha256."""
+    said = sorted({m.group(1) for run in runs if (m := TOKENIZER_LINE.search(run.path.read_text(errors="replace")))})
+    return " / ".join(said) or "not named in the logs (a train_gpt.py older than its tokenizer line wrote them)"
 
 
 def training_compliance(compliance: dict) -> str:

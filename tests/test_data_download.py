@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,11 +13,12 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, read_log, run_trainer, trainer_env
 from download_hf_docs_and_tokenize import TokenizerSpec, build_export
 
 DOWNLOADER = REPO / "data" / "cached_challenge_fineweb.py"
@@ -394,6 +396,16 @@ def test_download_names_the_published_tokenizer(hub, tmp_path):
     sha = hashlib.sha256((SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model").read_bytes()).hexdigest()
     assert f"tokenizer: published sp1024 (tokenizers/fineweb_1024_bpe.model, sha256 {sha})" in result.stdout
     assert "WARNING" not in result.stderr
+
+
+def test_trainer_logs_the_downloaded_tokenizer_as_published(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "1").returncode == 0
+    dataset = SimpleNamespace(data_path=str(out / "datasets/fineweb10B_sp1024"), vocab_size=1024,
+                              tokenizer_path=str(out / "tokenizers/fineweb_1024_bpe.model"))
+    result = run_trainer(trainer_env(dataset, RUN_ID="published", ITERATIONS=1, VAL_LOSS_EVERY=0), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^tokenizer: published sp1024$", read_log(tmp_path, "published"), re.M)
 
 
 def test_download_warns_when_the_tokenizer_is_not_the_published_one(hub, tmp_path):
