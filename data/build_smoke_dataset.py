@@ -6,8 +6,8 @@
 The documents are the paragraphs of the repository's *.md and *.py files (nothing downloaded, nothing
 copied from elsewhere), shuffled with a fixed seed. The re-tokenizer turns them into a complete export
 with a small SentencePiece tokenizer: DIR/datasets/fineweb10B_smoke/, DIR/tokenizers/, DIR/manifest.json.
-It prints the DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to give train_gpt.py. This is for checking that
-the kit runs, not for measuring anything.
+It prints the DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to give train_gpt.py; PRESET=smoke reads the default
+location (data/smoke) by itself. This is for checking that the kit runs, not for measuring anything.
 """
 from __future__ import annotations
 
