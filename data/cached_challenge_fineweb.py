@@ -64,7 +64,7 @@ class DownloadError(RuntimeError):
 class HubSource:
     repo_id: str
     prefix: str  # the repo folder that mirrors the local output root
-    reason: str = "MATCHED_FINEWEB_REPO_ID"  # why this repo
+    reason: str = ""  # why this repo: the override, or the variant's default
 
     @classmethod
     def from_env(cls) -> HubSource:
@@ -473,8 +473,8 @@ def non_negative_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = HubSource.for_variant(args.variant)
-    print(f"{'verifying' if args.verify else 'reading'} {args.variant} from dataset repo {source.repo_id} "
-          f"({source.reason})")
+    print(f"{'verifying' if args.verify else 'reading'} {args.variant} "
+          f"{'against the manifest of' if args.verify else 'from'} dataset repo {source.repo_id} ({source.reason})")
     try:
         if not args.verify:
             download(source, args.output_root, args.variant, args.train_shards, args.with_docs)
