@@ -6,10 +6,9 @@ import hashlib
 
 import pytest
 
+import train_gpt
 from conftest import SHARED_DATA
 from test_records import folder_of, render_log, submit, write_logs
-
-import train_gpt
 
 TOKENIZERS = SHARED_DATA / "tokenizers"
 CUSTOM = "custom (sha256 " + "ab" * 32 + ")"
@@ -21,7 +20,7 @@ def sha256_of(path) -> str:
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data (the published tokenizers)")
 def test_each_published_tokenizer_is_known_by_its_sha256():
-    expected = {sha256_of(TOKENIZERS / f"fineweb_{vocab}_bpe.model"): f"sp{vocab}" for vocab in (1024, 2048, 4096, 8192)}
+    expected = {sha256_of(TOKENIZERS / f"fineweb_{v}_bpe.model"): f"sp{v}" for v in (1024, 2048, 4096, 8192)}
     assert train_gpt.PUBLISHED_TOKENIZERS == expected
     # The CaseOps tokenizer is left out: its case operators (U+E001..U+E004) are 3-byte pieces to the byte table,
     # while they stand for no byte of the text, so a score made with it here is not the records' score.
