@@ -44,8 +44,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ARTIFACT_CAP_BYTES = 16_000_000
-# Scored validation tokens of the published exports (SPEC.md), to catch runs on another split.
+# The published exports (SPEC.md): validation tokens, to catch another split; tokenizer sha256s, named in the log.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
+PUBLISHED_TOKENIZERS = {"849ea920119b5135ace5016137e82ab397738fc29d723d5f9a6b74c4e31af191": "sp1024",
+                        "ba9892fc3502b8c5f649e838bbf825cd1b929a092c010854c8784351151d2745": "sp2048",
+                        "d76de35070ed9feb76afe3a7efc3a1a0e91e9aa4978360ecdc7fbc22a9725512": "sp4096",
+                        "4e979c92754cc9d7bdebd9dfe5edf3fc0b41b38714b394e4297fa851e3afd516": "sp8192"}
 
 # ----------------------------------------------------------------------------------------------
 # Settings: one place, read from the environment, validated before anything else happens.
@@ -62,7 +66,7 @@ class RunError(RuntimeError):
 @dataclass(frozen=True)
 class Settings:
     """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
-    preset: str = "strong"  # strong | baseline (PRESETS): applied before the other variables
+    preset: str = "strong"  # strong | baseline | smoke (PRESETS): applied before the other variables
     # Data and run bookkeeping.
     data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
     tokenizer_path: str = ""  # empty: ./data/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
@@ -244,14 +248,18 @@ class Settings:
                 f"at least TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = {unit}")
 
 
-# What PRESET=baseline changes: the naive baseline of SPEC.md, with every technique off.
+# PRESET=baseline: the naive baseline of SPEC.md, every technique off. PRESET=smoke: every stage in seconds on a CPU.
 PRESETS = {"strong": {}, "baseline": dict(
     vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288,
     train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0,
     parallel_last_n=0, recur_layers="", smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04,
     scalar_lr=0.04, muon_momentum=0.95, muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0,
     muon_momentum_warmup_start=0.85, muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0,
-    export_format="int8+zlib", export_quant="rtn")}
+    export_format="int8+zlib", export_quant="rtn"), "smoke": dict(  # on what data/build_smoke_dataset.py writes
+    data_path="./data/smoke/datasets/fineweb10B_smoke", tokenizer_path="./data/smoke/tokenizers/fineweb_512_bpe.model",
+    vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2, recur_layers="1",
+    train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
+    warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096)}
 EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 
@@ -1350,6 +1358,8 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     code = pack_code(Path(__file__).read_bytes())  # (source, packed), from a plain or a packed file
     log_run_header(log, s, rt, code[0])
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
+    known = PUBLISHED_TOKENIZERS.get(sha := hashlib.sha256(Path(s.tokenizer_path).read_bytes()).hexdigest())
+    log(f"tokenizer: published {known}" if known else f"tokenizer: custom (sha256 {sha})")
     split = load_validation_split(s)
     check_split_fits_tokenizer(split, byte_table, s)
     val_suffix = log_validation_split(log, split, s)

@@ -3,17 +3,21 @@
 
     python3 data/cached_challenge_fineweb.py --variant sp1024 [--train-shards N | N] [--with-docs] [--verify]
 
-The export's manifest.json decides what exists: the variant must be one of its datasets and
---train-shards a count it has. Files land in data/datasets/fineweb10B_<variant>/, data/tokenizers/
-and data/manifest.json (--output-root moves them). A re-run skips complete files (a shard is
-complete when its header and size agree) and fetches missing, partial or corrupt ones again; every
-file arrives under a temporary name and is renamed, so no interrupted run leaves a file that looks
-complete. See data/README.md for the environment overrides (HF_ENDPOINT, MATCHED_FINEWEB_REPO_ID,
-MATCHED_FINEWEB_REMOTE_ROOT_PREFIX).
+Each variant has a default repo (VARIANT_REPO_IDS: sp1024 and byte260 from the official export, sp4096
+and sp8192 from the repo their records used); MATCHED_FINEWEB_REPO_ID overrides it. That repo's
+manifest.json decides what exists: the variant must be one of its datasets and --train-shards a count it
+has. Files land in data/datasets/fineweb10B_<variant>/, data/tokenizers/ and the manifest in
+data/manifests/<owner>--<repo>--<folder>.json, one per repo and folder, so no manifest serves another
+repo (--output-root moves them). A re-run skips complete files (a shard is complete when its header and
+size agree) and fetches missing, partial or corrupt ones again; every file arrives under a temporary
+name and is renamed, so no interrupted run leaves a file that looks complete. The tokenizer is checked
+against the published ones' sha256 (train_gpt.py's PUBLISHED_TOKENIZERS). See data/README.md for the
+environment overrides (HF_ENDPOINT, MATCHED_FINEWEB_REPO_ID, MATCHED_FINEWEB_REMOTE_ROOT_PREFIX).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import errno
 import hashlib
 import json
@@ -33,10 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shard_io, also when 
 from shard_io import read_shard_header, shard_bytes  # noqa: E402
 
 DATA_ROOT = Path(__file__).resolve().parent
-DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+TRAINER = DATA_ROOT.parent / "train_gpt.py"  # holds the published tokenizers' sha256 (PUBLISHED_TOKENIZERS)
+DEFAULT_REPO_ID = "willdepueoai/parameter-golf"  # the official export
+RECORDS_REPO_ID = "kevclark/parameter-golf"
+# Where each variant is published. The official export has sp1024 and byte260; the records that introduced
+# sp4096 and sp8192 downloaded them with MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf (their READMEs).
+VARIANT_REPO_IDS = {"sp1024": DEFAULT_REPO_ID, "byte260": DEFAULT_REPO_ID,
+                    "sp4096": RECORDS_REPO_ID, "sp8192": RECORDS_REPO_ID}
 DEFAULT_REMOTE_PREFIX = "datasets"
 DEFAULT_TRAIN_SHARDS = 80
 MANIFEST_NAME = "manifest.json"
+MANIFESTS_DIR = "manifests"  # in the output root: one cached manifest per repo and folder
 DOCS_FILE = "docs_selected.jsonl"
 DOCS_SIDECAR_FILE = "docs_selected.source_manifest.json"
 STAGING_DIR_NAME = ".hub_download"  # inside the output root, so the final rename stays on one disk
@@ -53,17 +64,37 @@ class DownloadError(RuntimeError):
 class HubSource:
     repo_id: str
     prefix: str  # the repo folder that mirrors the local output root
+    reason: str = ""  # why this repo: the override, or the variant's default
 
     @classmethod
     def from_env(cls) -> HubSource:
-        return cls(os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
-                   os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_PREFIX).strip("/"))
+        """The repo MATCHED_FINEWEB_REPO_ID names, else the official export."""
+        return cls.for_variant(None)
+
+    @classmethod
+    def for_variant(cls, variant: str | None) -> HubSource:
+        """The repo MATCHED_FINEWEB_REPO_ID names, else the variant's default (VARIANT_REPO_IDS)."""
+        prefix = os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_PREFIX).strip("/")
+        if override := os.environ.get("MATCHED_FINEWEB_REPO_ID", "").strip():
+            return cls(override, prefix, "set by MATCHED_FINEWEB_REPO_ID")
+        repo_id = VARIANT_REPO_IDS.get(variant, DEFAULT_REPO_ID)
+        if repo_id != DEFAULT_REPO_ID:
+            why = f"the repo the {variant} records downloaded from"
+        elif variant is None or variant in VARIANT_REPO_IDS:
+            why = "the official export"
+        else:
+            why = f"the official export, as the kit knows no other source for {variant}"
+        return cls(repo_id, prefix, f"{why}; MATCHED_FINEWEB_REPO_ID overrides")
 
     def remote_path(self, relpath: str) -> str:
         return f"{self.prefix}/{relpath}" if self.prefix else relpath
 
     def describe(self) -> str:
         return f"dataset repo {self.repo_id}, folder '{self.prefix}/', at {hub_endpoint()}"
+
+    def manifest_path(self, root: Path) -> Path:
+        """Where this repo's manifest is cached: a manifest of one repo never answers for another."""
+        return root / MANIFESTS_DIR / (f"{self.repo_id}/{self.prefix}".strip("/").replace("/", "--") + ".json")
 
 
 def hub_endpoint() -> str:
@@ -140,8 +171,9 @@ class _ByteFeed:
         pass
 
 
-def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar) -> None:
-    """Download `relpath` of the export to root/relpath: into a staging folder first, checked, then renamed."""
+def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar, destination: Path | None = None) -> None:
+    """Download `relpath` of the export to `destination` (default root/relpath): into a staging folder
+    first, checked, then renamed."""
     staging = root / STAGING_DIR_NAME
     try:
         for attempt in (1, 2):
@@ -152,7 +184,7 @@ def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar) -> None:
             if attempt == 2:
                 raise DownloadError(f"{source.remote_path(relpath)} arrived corrupt twice ({problem}); "
                                     f"the copy on the hub may be broken ({source.describe()})")
-        destination = root / relpath
+        destination = destination or root / relpath
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, destination)
     finally:
@@ -206,6 +238,7 @@ class VariantFiles:
     val_shards: list[str]  # paths relative to the output root, as on the hub under the prefix
     train_shards: list[str]
     other_files: list[str]  # tokenizer files, and the documents when asked for
+    tokenizer_model: str | None  # the SentencePiece model among them (None for the byte tokenizer)
 
     @property
     def all(self) -> list[str]:
@@ -226,7 +259,8 @@ def variant_files(manifest: dict, manifest_path: Path, variant: str, train_shard
     return VariantFiles(dataset,
                         [f"{folder}/fineweb_val_{i:06d}.bin" for i in range(files_val)],
                         [f"{folder}/fineweb_train_{i:06d}.bin" for i in range(train_shards)],
-                        tokenizer_files + ([DOCS_FILE, DOCS_SIDECAR_FILE] if with_docs else []))
+                        tokenizer_files + ([DOCS_FILE, DOCS_SIDECAR_FILE] if with_docs else []),
+                        tokenizer.get("model_path"))
 
 
 def is_shard(relpath: str) -> bool:
@@ -328,12 +362,11 @@ def fetch_all(source: HubSource, root: Path, relpaths: list[str]) -> None:
         bar.set_description(f"files {len(relpaths)}/{len(relpaths)}")
 
 
-def download(root: Path, variant: str, train_shards: int, with_docs: bool) -> None:
-    source = HubSource.from_env()
+def download(source: HubSource, root: Path, variant: str, train_shards: int, with_docs: bool) -> None:
     check_writable(root)
     probe_hub(source)
-    fetch_file(source, MANIFEST_NAME, root, tqdm(disable=True))  # always fresh: it decides everything else
-    manifest_path = root / MANIFEST_NAME
+    manifest_path = source.manifest_path(root)  # always fresh: it decides everything else
+    fetch_file(source, MANIFEST_NAME, root, tqdm(disable=True), destination=manifest_path)
     files = variant_files(load_manifest(manifest_path), manifest_path, variant, train_shards, with_docs)
     missing = incomplete_files(root, files.all)
     check_free_space(root, estimated_shard_bytes(files, missing))
@@ -342,11 +375,14 @@ def download(root: Path, variant: str, train_shards: int, with_docs: bool) -> No
           f"{source.describe()}; {len(files.all) - len(missing)} were already complete")
 
 
-def check_on_disk(root: Path, variant: str, train_shards: int, with_docs: bool) -> tuple[VariantFiles, list[str]]:
-    """The variant's files under `root` and every problem with them, without touching the network."""
-    manifest_path = root / MANIFEST_NAME
+def check_on_disk(source: HubSource, root: Path, variant: str, train_shards: int,
+                  with_docs: bool) -> tuple[VariantFiles, list[str]]:
+    """The variant's files under `root` and every problem with them, by the source's cached manifest, without
+    touching the network."""
+    manifest_path = source.manifest_path(root)
     if not manifest_path.is_file():
-        raise DownloadError(f"no manifest at {manifest_path}: download first (without --verify)")
+        raise DownloadError(f"no manifest of {source.repo_id} at {manifest_path}: download first (without "
+                            f"--verify), or set MATCHED_FINEWEB_REPO_ID to the repo the files came from")
     files = variant_files(load_manifest(manifest_path), manifest_path, variant, train_shards, with_docs)
     problems = [problem for p in files.all if (problem := file_problem(root / p, p))]
     if not problems:
@@ -370,6 +406,35 @@ def split_total_problems(root: Path, files: VariantFiles) -> list[str]:
             problems.append(f"{split} shards of {files.dataset['name']} hold {found:,} tokens but the manifest "
                             f"says {int(expected):,}: they come from another export; delete them and re-run")
     return problems
+
+
+def published_tokenizers(trainer: Path = TRAINER) -> dict[str, str] | None:
+    """sha256 -> name of the published tokenizers, read from train_gpt.py's table without importing it (torch);
+    None without that file (the data tools may run on their own, before the kit is on a pod)."""
+    if not trainer.is_file():
+        return None
+    for node in ast.parse(trainer.read_bytes()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "PUBLISHED_TOKENIZERS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
+
+
+def tokenizer_check(root: Path, files: VariantFiles, variant: str) -> tuple[str, str | None]:
+    """A line naming the variant's SentencePiece model as published or custom, and a warning when the variant
+    has a published tokenizer but this file is not it (scores made with it are not comparable with records)."""
+    sha = hashlib.sha256((root / files.tokenizer_model).read_bytes()).hexdigest()
+    published = published_tokenizers()
+    if published is None:
+        return f"tokenizer: sha256 {sha}, not checked: no train_gpt.py with PUBLISHED_TOKENIZERS at {TRAINER}", None
+    if sha in published:
+        return f"tokenizer: published {published[sha]} ({files.tokenizer_model}, sha256 {sha})", None
+    line = f"tokenizer: custom (sha256 {sha}): {files.tokenizer_model}"
+    if variant not in published.values():
+        return line, None
+    return line, (f"WARNING: {root / files.tokenizer_model} is not the published {variant} tokenizer: scores made "
+                  f"with it are not comparable with the records'; unless you meant to use your own, delete it and "
+                  f"download again from {VARIANT_REPO_IDS.get(variant, DEFAULT_REPO_ID)} (MATCHED_FINEWEB_REPO_ID "
+                  f"unset)")
 
 
 def summary(root: Path, files: VariantFiles) -> str:
@@ -407,10 +472,13 @@ def non_negative_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    source = HubSource.for_variant(args.variant)
+    print(f"{'verifying' if args.verify else 'reading'} {args.variant} "
+          f"{'against the manifest of' if args.verify else 'from'} dataset repo {source.repo_id} ({source.reason})")
     try:
         if not args.verify:
-            download(args.output_root, args.variant, args.train_shards, args.with_docs)
-        files, problems = check_on_disk(args.output_root, args.variant, args.train_shards, args.with_docs)
+            download(source, args.output_root, args.variant, args.train_shards, args.with_docs)
+        files, problems = check_on_disk(source, args.output_root, args.variant, args.train_shards, args.with_docs)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -420,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(problems)} problem(s); run without --verify to fetch those files again", file=sys.stderr)
         return 1
     print(("verified " if args.verify else "") + summary(args.output_root, files))
+    if files.tokenizer_model:  # the byte tokenizer has nothing to check
+        line, warning = tokenizer_check(args.output_root, files, args.variant)
+        print(line)
+        if warning:
+            print(warning, file=sys.stderr)
     return 0
 
 

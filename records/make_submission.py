@@ -40,6 +40,7 @@ ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
 MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
 ALPHA = 0.01                     # ... with a one-sided p-value below this
 FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "val_bpb.png")
+TOKENIZER_LINE = re.compile(r"^tokenizer: (published \S+|custom \(sha256 [0-9a-f]{64}\))$", re.M)  # train_gpt.py's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +301,7 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         f"- device: {first.device}, world size {first.world_size}",
         f"- model parameters: {fmt(first.model_params, ',')}",
         f"- validation split: {first.val_tokens:,} tokens, fingerprint {first.val_sha256}",
+        f"- tokenizer: {tokenizer_identity(runs)}",
         "- settings that differ from the defaults in train_gpt.py (all settings are in the logs):", "",
         "| setting | value |", "|---|---|",
         *(f"| {key} | `{value}` |" for key, value in changed_settings(first).items()), "",
@@ -340,6 +342,12 @@ def kit_commit(source: bytes) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return found.stdout.split()[0] if found.returncode == 0 and found.stdout.split() else None
+
+
+def tokenizer_identity(runs: list[ScoredRun]) -> str:
+    """What the logs' `tokenizer:` lines say: a published tokenizer's name, or custom with its sha256."""
+    said = sorted({m.group(1) for run in runs if (m := TOKENIZER_LINE.search(run.path.read_text(errors="replace")))})
+    return " / ".join(said) or "not named in the logs (a train_gpt.py older than its tokenizer line wrote them)"
 
 
 def training_compliance(compliance: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,16 +13,18 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, read_log, run_trainer, trainer_env
 from download_hf_docs_and_tokenize import TokenizerSpec, build_export
 
 DOWNLOADER = REPO / "data" / "cached_challenge_fineweb.py"
 RETOKENIZER = REPO / "data" / "download_hf_docs_and_tokenize.py"
 REPO_ID = "golf/test-export"
+OFFICIAL_REPO_ID, RECORDS_REPO_ID = "willdepueoai/parameter-golf", "kevclark/parameter-golf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 NUM_VAL_SHARDS, NUM_TRAIN_SHARDS = 2, 4
 
@@ -29,8 +32,9 @@ pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../share
 
 
 # ----------------------------------------------------------------------------------------------
-# A hub that serves a folder: HEAD and GET on /datasets/<repo>/resolve/<revision>/<path>, with the
-# headers huggingface_hub needs (X-Repo-Commit, ETag, Content-Length) and its error codes.
+# A hub that serves folders as repos (hub.repos: repo id -> folder): HEAD and GET on
+# /datasets/<repo>/resolve/<revision>/<path>, with the headers huggingface_hub needs (X-Repo-Commit, ETag,
+# Content-Length) and its error codes.
 
 class HubHandler(BaseHTTPRequestHandler):
     def do_HEAD(self):
@@ -42,11 +46,13 @@ class HubHandler(BaseHTTPRequestHandler):
     def respond(self, send_body: bool) -> None:
         hub = self.server
         hub.requests.append((self.command, unquote(self.path)))
-        prefix = f"/datasets/{REPO_ID}/resolve/"
-        if not self.path.startswith(prefix):
+        served = [(repo_root, self.path[len(prefix):]) for repo_id, repo_root in hub.repos.items()
+                  if self.path.startswith(prefix := f"/datasets/{repo_id}/resolve/")]
+        if not served:
             return self.send_error_code(404, "RepoNotFound")
-        _revision, _, filename = unquote(self.path[len(prefix):]).partition("/")
-        path = hub.repo_root / filename
+        repo_root, rest = served[0]
+        _revision, _, filename = unquote(rest).partition("/")
+        path = repo_root / filename
         if not path.is_file():
             return self.send_error_code(404, "EntryNotFound")
         body = path.read_bytes()
@@ -89,13 +95,28 @@ def export(tmp_path_factory) -> Path:
     return root / "datasets"
 
 
+@pytest.fixture(scope="module")
+def records_export(tmp_path_factory) -> Path:
+    """A second export, as the repo of the sp8192 records serves it: sp8192 with the published tokenizer, and an
+    sp1024 of its own (120 validation documents, not 100), so that its manifest disagrees with the first's."""
+    root = tmp_path_factory.mktemp("records_repo")
+    text = (SHARED_DATA / "fineweb_sample" / "fineweb_edu_sample10BT_prefix_1Mchars.txt").read_text(encoding="utf-8")
+    docs = root / "docs_selected.jsonl"
+    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()[:400]), encoding="utf-8")
+    specs = [TokenizerSpec(f"sp_bpe_{vocab}", f"sp{vocab}", vocab,
+                           reuse_model_path=SHARED_DATA / "tokenizers" / f"fineweb_{vocab}_bpe.model")
+             for vocab in (1024, 8192)]
+    build_export(docs, root / "datasets", specs, num_val_docs=120, shard_tokens=8000)
+    return root / "datasets"
+
+
 @pytest.fixture
 def hub(export, tmp_path):
-    """A running hub over a private copy of the export (tests may break files in it)."""
+    """A running hub over a private copy of the export (tests may break files in it), as repo REPO_ID."""
     repo_root = tmp_path / "served"
     shutil.copytree(export, repo_root / "datasets")
     server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
-    server.repo_root, server.requests = repo_root, []
+    server.repo_root, server.requests, server.repos = repo_root, [], {REPO_ID: repo_root}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -115,6 +136,7 @@ def run_tool(script: Path, endpoint: str, output_root: Path, *args: str, **env_o
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(output_root.parent / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
                MATCHED_FINEWEB_REPO_ID=REPO_ID)
     env.update(env_overrides)
+    env = {k: v for k, v in env.items() if v is not None}  # None: the variable is not set
     return subprocess.run([sys.executable, str(script), *args, "--output-root", str(output_root)],
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -144,11 +166,13 @@ def test_full_download_is_byte_identical_to_the_export(hub, tmp_path):
     result = run_downloader(hub.url, out, "--variant", "sp1024", "--train-shards", str(NUM_TRAIN_SHARDS))
     assert result.returncode == 0, result.stderr
     folder = "datasets/fineweb10B_sp1024"
-    expected = sorted(["manifest.json", "tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
+    expected = sorted(["tokenizers/fineweb_1024_bpe.model", "tokenizers/fineweb_1024_bpe.vocab"]
                       + [f"{folder}/{n}" for n in shard_names("train", NUM_TRAIN_SHARDS) + shard_names("val", 2)])
-    assert downloaded_files(out) == expected  # nothing else left behind: no staging folder, no temporary files
+    manifest = "manifests/golf--test-export--datasets.json"  # the manifest, cached under the repo and folder
+    assert downloaded_files(out) == sorted(expected + [manifest])  # no staging folder, no temporary files left
     for relpath in expected:
         assert (out / relpath).read_bytes() == (hub.export / relpath).read_bytes(), relpath
+    assert (out / manifest).read_bytes() == (hub.export / "manifest.json").read_bytes()
 
 
 def test_remote_folder_override_is_honoured(hub, tmp_path):
@@ -299,6 +323,100 @@ def test_with_docs_fetches_the_documents_and_checks_their_sha256(hub, tmp_path):
         f.write(b'{"text": "one more"}\n')
     result = run_downloader(hub.url, out, "--variant", "byte260", "0", "--with-docs", "--verify")
     assert result.returncode == 1 and "docs_selected.jsonl has sha256" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Each variant's default repo, the manifest cached per repo, and the published tokenizers.
+
+@pytest.fixture
+def two_repos(hub, records_export, tmp_path):
+    """The hub serves the official repo (the first export: sp1024, byte260) and the records' repo (sp1024 of
+    its own, sp8192) under their real names."""
+    records_root = tmp_path / "records_served"
+    shutil.copytree(records_export, records_root / "datasets")
+    hub.repos.update({OFFICIAL_REPO_ID: hub.repo_root, RECORDS_REPO_ID: records_root})
+    hub.records_export = records_root / "datasets"
+    return hub
+
+
+def val_split(root: Path, variant: str) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted((root / f"datasets/fineweb10B_{variant}").glob("fineweb_val_*")))
+
+
+def repos_asked(hub) -> set[str]:
+    return {path.split("/resolve/")[0].removeprefix("/datasets/") for _, path in hub.requests}
+
+
+def test_sp8192_comes_from_the_records_repo_by_default(two_repos, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(two_repos.url, out, "--variant", "sp8192", "1", MATCHED_FINEWEB_REPO_ID=None)
+    assert result.returncode == 0, result.stderr
+    assert val_split(out, "sp8192") == val_split(two_repos.records_export, "sp8192")
+    assert repos_asked(two_repos) == {RECORDS_REPO_ID}
+    assert f"reading sp8192 from dataset repo {RECORDS_REPO_ID} (the repo the sp8192 records downloaded from; " \
+           f"MATCHED_FINEWEB_REPO_ID overrides)" in result.stdout
+
+
+def test_sp1024_comes_from_the_official_repo_by_default(two_repos, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(two_repos.url, out, "--variant", "sp1024", "1", MATCHED_FINEWEB_REPO_ID=None)
+    assert result.returncode == 0, result.stderr
+    assert val_split(out, "sp1024") == val_split(two_repos.export, "sp1024") != \
+        val_split(two_repos.records_export, "sp1024")
+    assert repos_asked(two_repos) == {OFFICIAL_REPO_ID}
+    assert f"reading sp1024 from dataset repo {OFFICIAL_REPO_ID} (the official export;" in result.stdout
+
+
+def test_repo_override_wins_over_the_variants_default(two_repos, tmp_path):
+    out = tmp_path / "data"
+    result = run_downloader(two_repos.url, out, "--variant", "sp1024", "1", MATCHED_FINEWEB_REPO_ID=RECORDS_REPO_ID)
+    assert result.returncode == 0, result.stderr
+    assert val_split(out, "sp1024") == val_split(two_repos.records_export, "sp1024")
+    assert repos_asked(two_repos) == {RECORDS_REPO_ID}
+    assert f"reading sp1024 from dataset repo {RECORDS_REPO_ID} (set by MATCHED_FINEWEB_REPO_ID)" in result.stdout
+
+
+def test_a_manifest_of_one_repo_is_never_used_for_another(two_repos, tmp_path):
+    out = tmp_path / "data"
+    official, records = dict(MATCHED_FINEWEB_REPO_ID=OFFICIAL_REPO_ID), dict(MATCHED_FINEWEB_REPO_ID=RECORDS_REPO_ID)
+    assert run_downloader(two_repos.url, out, "--variant", "sp1024", "1", **official).returncode == 0
+    assert run_downloader(two_repos.url, out, "--variant", "sp8192", "1", **records).returncode == 0
+    # sp1024 is still checked against the official manifest, not the records' one fetched last
+    result = run_downloader(two_repos.url, out, "--variant", "sp1024", "1", "--verify", **official)
+    assert result.returncode == 0, result.stderr
+    result = run_downloader(two_repos.url, out, "--variant", "sp1024", "1", "--verify",
+                            MATCHED_FINEWEB_REPO_ID="someone/elsewhere")
+    assert result.returncode == 1
+    assert "no manifest of someone/elsewhere" in result.stderr
+
+
+def test_download_names_the_published_tokenizer(hub, tmp_path):
+    result = run_downloader(hub.url, tmp_path / "data", "--variant", "sp1024", "1")
+    assert result.returncode == 0, result.stderr
+    sha = hashlib.sha256((SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model").read_bytes()).hexdigest()
+    assert f"tokenizer: published sp1024 (tokenizers/fineweb_1024_bpe.model, sha256 {sha})" in result.stdout
+    assert "WARNING" not in result.stderr
+
+
+def test_trainer_logs_the_downloaded_tokenizer_as_published(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "1").returncode == 0
+    dataset = SimpleNamespace(data_path=str(out / "datasets/fineweb10B_sp1024"), vocab_size=1024,
+                              tokenizer_path=str(out / "tokenizers/fineweb_1024_bpe.model"))
+    result = run_trainer(trainer_env(dataset, RUN_ID="published", ITERATIONS=1, VAL_LOSS_EVERY=0), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^tokenizer: published sp1024$", read_log(tmp_path, "published"), re.M)
+
+
+def test_download_warns_when_the_tokenizer_is_not_the_published_one(hub, tmp_path):
+    model = hub.export / "tokenizers" / "fineweb_1024_bpe.model"
+    model.write_bytes(model.read_bytes() + b"\0")
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1")
+    assert result.returncode == 0, result.stderr  # a tokenizer of one's own is allowed, and named
+    assert f"tokenizer: custom (sha256 {hashlib.sha256(model.read_bytes()).hexdigest()})" in result.stdout
+    assert f"WARNING: {out / 'tokenizers/fineweb_1024_bpe.model'} is not the published sp1024 tokenizer" \
+        in result.stderr
 
 
 def test_retokenizer_fetches_the_published_documents_through_the_hub(hub, tmp_path):

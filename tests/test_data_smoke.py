@@ -1,8 +1,11 @@
 """data/build_smoke_dataset.py: an offline dataset from the repository's own text, and the README's
-smoke command on it."""
+smoke command on it: `python3 data/build_smoke_dataset.py && PRESET=smoke python3 train_gpt.py`."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,21 +15,43 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import REPO, read_log, run_trainer, trainer_env
+import train_gpt
+from conftest import REPO, read_log, run_trainer
 
 BUILDER = REPO / "data" / "build_smoke_dataset.py"
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> SimpleNamespace:
-    """The builder run as the README runs it (from the repository root), into a temporary folder."""
-    root = tmp_path_factory.mktemp("smoke")
-    result = subprocess.run([sys.executable, str(BUILDER), "--output-root", str(root)], cwd=REPO,
+    """The builder run into data/smoke of a temporary folder, from that folder: the layout the README's command
+    makes in the repository root."""
+    cwd = tmp_path_factory.mktemp("checkout")
+    root = cwd / "data" / "smoke"
+    result = subprocess.run([sys.executable, str(BUILDER), "--output-root", str(root)], cwd=cwd,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     settings = dict(re.findall(r"(DATA_PATH|TOKENIZER_PATH|VOCAB_SIZE)=(\S+)", result.stdout))
-    return SimpleNamespace(root=root, data_path=settings["DATA_PATH"], tokenizer_path=settings["TOKENIZER_PATH"],
+    return SimpleNamespace(cwd=cwd, root=root, data_path=str(cwd / settings["DATA_PATH"]),
+                           tokenizer_path=str(cwd / settings["TOKENIZER_PATH"]),
                            vocab_size=int(settings["VOCAB_SIZE"]))
+
+
+def smoke_env(**overrides) -> dict:
+    """PRESET=smoke and no other setting of the trainer's, as the README runs it."""
+    settings = {f.name.upper() for f in dataclasses.fields(train_gpt.Settings)}
+    env = {k: v for k, v in os.environ.items()
+           if k not in settings and not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(PRESET="smoke", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **overrides)
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke) -> SimpleNamespace:
+    """`PRESET=smoke python3 train_gpt.py` run once in the folder the smoke data was built in."""
+    result = run_trainer(smoke_env(), cwd=smoke.cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"^run_id:(\S+)", result.stdout, re.M).group(1)
+    return SimpleNamespace(run_id=run_id, log=read_log(smoke.cwd, run_id))
 
 
 def test_printed_settings_point_at_the_built_files(smoke):
@@ -61,9 +86,40 @@ def test_shards_hold_the_documents_in_order(smoke):
     np.testing.assert_array_equal(found, expected)
 
 
-def test_train_gpt_runs_on_the_smoke_dataset(smoke, tmp_path):
-    env = trainer_env(smoke, RUN_ID="smoke", ITERATIONS=4, TRAIN_BATCH_TOKENS=2048, TRAIN_SEQ_LEN=64,
-                      VAL_BATCH_SIZE=4096, WARMUP_STEPS=1, VAL_LOSS_EVERY=0)
-    result = run_trainer(env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:\S+$", read_log(tmp_path, "smoke"), re.M)
+def test_smoke_preset_trains_on_what_the_builder_wrote(smoke, smoke_run):
+    sha = hashlib.sha256(Path(smoke.tokenizer_path).read_bytes()).hexdigest()
+    assert f"tokenizer: custom (sha256 {sha})" in smoke_run.log  # the smoke tokenizer, trained on the spot
+    shards = r"^train_shards:\d+ pattern:\./data/smoke/datasets/fineweb10B_smoke/fineweb_train_"
+    assert re.search(shards, smoke_run.log, re.M)
+
+
+def test_smoke_preset_runs_every_stage(smoke_run):
+    stages = [r"step:0/\d+ val_loss:", r"step:\d+/\d+ train_loss:", r"recurrence:on", r"ema:applied",
+              r"step:\d+/\d+ val_loss:", r"gptq: \d+ms", r"Serialized model int6\+lzma: \d+ bytes",
+              r"eval_mode:sliding", r"final_int6_lzma_roundtrip_exact val_loss:", r"ttt_eval epochs:",
+              r"final_int6_lzma_roundtrip_exact val_loss:"]  # the round trip's score, then test-time training's
+    position = 0
+    for stage in stages:
+        found = re.compile(f"^{stage}", re.M).search(smoke_run.log, position)
+        assert found, f"no line for {stage!r} after the earlier stages"
+        position = found.end()
+
+
+def test_smoke_preset_caps_in_steps_not_seconds(smoke_run):
+    settings = json.loads(re.search(r"^settings:(.*)$", smoke_run.log, re.M).group(1))
+    assert settings["MAX_WALLCLOCK_SECONDS"] == 0
+    assert re.search(rf"^step:{settings['ITERATIONS']}/{settings['ITERATIONS']} val_loss:", smoke_run.log, re.M)
+    assert not re.search(r"^stopping_early", smoke_run.log, re.M)
+
+
+def test_smoke_preset_final_score_is_well_below_the_first_validation_score(smoke_run):
+    first = float(re.search(r"^step:0/\d+ val_loss:(\S+)", smoke_run.log, re.M).group(1))
+    final = float(re.findall(r"^final_\w+_roundtrip_exact val_loss:(\S+)", smoke_run.log, re.M)[-1])
+    assert final < first - 1.0  # nats per token: the loss visibly falls, from about ln(512) = 6.24 at step 0
+
+
+def test_smoke_preset_runs_again_without_a_new_run_id(smoke, smoke_run):
+    quick = dict(ITERATIONS="1", WARMUP_STEPS="0", VAL_LOSS_EVERY="0", TTT_EPOCHS="0", EVAL_STRIDE="0", EXPORT_QUANT="rtn")
+    again = run_trainer(smoke_env(**quick), cwd=smoke.cwd)  # the run id is all this run is about
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(r"^run_id:(\S+)", again.stdout, re.M).group(1) != smoke_run.run_id
