@@ -517,7 +517,8 @@ def project_to_8_gpus(facts: dict, settings: train_gpt.Settings, chunk_tokens_8:
         projection["gptq"] = {
             "ms_1_gpu": facts["gptq_ms"], "reserve_ms": round(1000 * s.gptq_reserve_seconds),
             "within_reserve": facts["gptq_ms"] <= 1000 * s.gptq_reserve_seconds,
-            "train_time_plus_gptq_ms": facts["train_time_plus_gptq_ms"], "cap_ms": round(1000 * s.max_wallclock_seconds),
+            "train_time_plus_gptq_ms": facts["train_time_plus_gptq_ms"],
+            "cap_ms": round(1000 * s.max_wallclock_seconds),
             "how": "on 8 GPUs the calibration batch splits over the ranks and the rounding runs on rank 0 as here: "
                    "at most the 1-GPU time"}
     passes, val_tokens = facts.get("eval_passes") or {}, facts.get("val_tokens")

@@ -124,7 +124,7 @@ def graphs_per_forward(big):
     torch.compile = orig_compile
     return len(count)
 big = tiny(device="cpu", vocab_size=int(sys.argv[3]), model_dim=128, num_heads=2, num_kv_heads=1, num_layers=4,
-           recur_layers="", data_path=sys.argv[2], train_batch_tokens=256)  # 2.5 MB of weights; DDP's first bucket: 1 MB
+           recur_layers="", data_path=sys.argv[2], train_batch_tokens=256)  # 2.5 MB of weights; DDP's first bucket 1 MB
 report["graphs_with_the_setting"] = graphs_per_forward(big)
 torch._dynamo.config.optimize_ddp = True
 report["graphs_split_at_buckets"] = graphs_per_forward(big)
@@ -152,8 +152,9 @@ def two_rank_report(tmp_path_factory, tiny_dataset) -> dict:
     script = folder / "two_ranks.py"
     script.write_text(TWO_RANK_SCRIPT)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(REPO), tiny_dataset.data_path, str(tiny_dataset.vocab_size)], capture_output=True, text=True,
-                          timeout=600, cwd=folder, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                           str(script), str(REPO), tiny_dataset.data_path, str(tiny_dataset.vocab_size)],
+                          capture_output=True, text=True, timeout=600, cwd=folder,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.split("REPORT ", 1)[1].splitlines()[0])
 
