@@ -1,7 +1,11 @@
 """Check the kit on a GPU machine with one command, offline: DIR/report.json and a readable DIR/report.md.
 
-    python3 bench/gpu_check.py --out DIR --data .device/data     # one GPU, at most ~19 minutes
-    python3 bench/gpu_check.py --out DIR --dry-run               # the same steps on the CPU at toy sizes (CI)
+    python3 bench/gpu_check.py --session --out DIR --data .device/data   # one GPU, one call: at most 540 s
+    python3 bench/gpu_check.py --out DIR --data .device/data             # every step, at most ~19 minutes
+    python3 bench/gpu_check.py --out DIR --dry-run [--session]           # the same on the CPU at toy sizes (CI)
+
+--session runs environment, timed_run (TTT chunks of one rank's share, EVAL_SLIDING=1, 40 s cap), the three
+CUDA tests that matter most and the baseline's throughput, and projects the figures to 8xH100 (bench/README.md).
 
 Steps, in order; each runs in child processes under a hard time limit, and a failure (or a timeout) is
 recorded in the report while the next step still runs:
