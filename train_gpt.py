@@ -1445,8 +1445,8 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: bytes, val_
     ttt = settings.ttt_epochs > 0  # TTT scores by sliding windows: the separate sliding pass only with EVAL_SLIDING=1
     passes = [("roundtrip", 0, "round-trip")] * (ttt or not stride) + [("sliding", stride, "sliding-window")] * bool(
         stride and (settings.eval_sliding or not ttt)) + [("ttt", stride, "test-time-training")] * ttt
+    ttt_detail = f" epochs:{settings.ttt_epochs} lr:{settings.ttt_lr} chunk_tokens:{settings.ttt_chunk_tokens}"
     for name, pass_stride, what in passes:
-        ttt_detail = f" epochs:{settings.ttt_epochs} lr:{settings.ttt_lr} chunk_tokens:{settings.ttt_chunk_tokens}"
         log(f"eval_pass:{name} stride:{pass_stride or settings.train_seq_len} window:{settings.train_seq_len}"
             + ttt_detail * (name == "ttt"))
         rt.sync()
