@@ -383,11 +383,14 @@ def session_run_settings(settings: train_gpt.Settings, dry_run: bool) -> tuple[d
     8-GPU chunk (TTT_CHUNK_TOKENS / 8: 2 sequences of 2048 by default), scored in batches of the same shape, so a
     1-GPU chunk takes what a chunk takes on 8; the validation split is SESSION_TTT_CHUNKS such chunks. EVAL_SLIDING=1
     times the sliding pass apart from TTT; every step is logged (ms/step before and after recurrence), and
-    dynamo's recompiles too."""
+    dynamo's recompiles too. EXPORT_FIT_CAP=0: 40 s of training leave weights that compress far worse than a
+    trained model's, so the step-down would only spend minutes compressing again; the bytes of the first int6
+    export are reported, with whether they would fit."""
     chunk = max(settings.ttt_chunk_tokens // REFERENCE_GPUS, settings.train_seq_len)
     if dry_run:  # toy sequences: the same 2 sequences per chunk as the default's 32,768 / 8 = 2 x 2048
         chunk = 2 * settings.train_seq_len
-    variables = {"TTT_CHUNK_TOKENS": chunk, "EVAL_SLIDING": 1, "TRAIN_LOG_EVERY": 1, "TORCH_LOGS": "recompiles"}
+    variables = {"TTT_CHUNK_TOKENS": chunk, "EVAL_SLIDING": 1, "TRAIN_LOG_EVERY": 1, "TORCH_LOGS": "recompiles",
+                 "EXPORT_FIT_CAP": 0}
     return variables, SESSION_TTT_CHUNKS[dry_run] * chunk
 
 
