@@ -271,8 +271,10 @@ def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_
     monkeypatch.setattr(train_gpt, "export_and_rescore", lambda *a: before_final.append(entries()) or
                         export_and_rescore(*a))
     settings = Settings.from_env(env)
+    log = train_gpt.RunLog("entries", True)
     try:
-        train_gpt.train(settings, train_gpt.setup_runtime(settings), train_gpt.RunLog("entries", True))
+        train_gpt.train(settings, train_gpt.setup_runtime(settings), log)
     finally:
         torch.set_num_threads(threads)
+        log.file.close()
     assert before_final == [5] and entries() == 5 < torch._dynamo.config.recompile_limit
