@@ -1,7 +1,11 @@
 """Check the kit on a GPU machine with one command, offline: DIR/report.json and a readable DIR/report.md.
 
-    python3 bench/gpu_check.py --out DIR --data .device/data     # one GPU, at most ~19 minutes
-    python3 bench/gpu_check.py --out DIR --dry-run               # the same steps on the CPU at toy sizes (CI)
+    python3 bench/gpu_check.py --session --out DIR --data .device/data   # one GPU, one call: at most 540 s
+    python3 bench/gpu_check.py --out DIR --data .device/data             # every step, at most ~19 minutes
+    python3 bench/gpu_check.py --out DIR --dry-run [--session]           # the same on the CPU at toy sizes (CI)
+
+--session runs environment, timed_run (TTT chunks of one rank's share, EVAL_SLIDING=1, 40 s cap), the three
+CUDA tests that matter most and the baseline's throughput, and projects the figures to 8xH100 (bench/README.md).
 
 Steps, in order; each runs in child processes under a hard time limit, and a failure (or a timeout) is
 recorded in the report while the next step still runs:
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -70,6 +75,18 @@ DRY_TIMED_RUN_CAP_S = 3.0
 DRY_BENCH = {"BENCH_STEPS": "1", "BENCH_WARMUP_STEPS": "1"}
 FULL_BENCH = {"BENCH_STEPS": "20", "BENCH_WARMUP_STEPS": "5"}
 
+# --session: the one device call (bench/README.md): at most ~9.5 minutes in all, the most telling steps first.
+SESSION_STEPS = ("environment", "timed_run", "cuda_tests", "throughput")
+SESSION_LIMITS_S = {"environment": 45, "timed_run": 330, "cuda_tests": 110, "throughput": 55}
+SESSION_TIMED_RUN_CAP_S = 40.0
+SESSION_TTT_CHUNKS = {False: 96, True: 2}  # TTT chunks of the validation prefix (by dry_run): ~30 s on a GPU
+SESSION_CUDA_TESTS = ("flash_attention_kernel or flash_cannot_run_fails or "
+                      "evaluation_on_cuda_equals_the_fp32_cpu")  # -k: the FlashAttention kernel, fp32 refused, eval
+SESSION_BENCH = {"BENCH_STEPS": "8", "BENCH_WARMUP_STEPS": "3"}
+# The record 1.0810's evaluation on 8xH100 with FlashAttention 3 (its train_seed42.log), in seconds.
+RECORD_EVAL_S = {"quantized (plain windows)": 25.5, "sliding": 121.0, "ttt": 366.5}
+EVAL_CAP_S = 600
+
 
 # ----------------------------------------------------------------------------------------------
 # Running steps: child processes under hard limits, results into the report.
@@ -81,8 +98,8 @@ class Check:
     def __init__(self, out: Path, work: Path, args: argparse.Namespace):
         self.out, self.work, self.args = out, work, args
         self.deadline = time.monotonic() + args.budget_s
-        self.limits = DRY_LIMITS_S if args.dry_run else LIMITS_S
-        self.report = {"tool": "bench/gpu_check.py", "dry_run": args.dry_run,
+        self.limits = DRY_LIMITS_S if args.dry_run else SESSION_LIMITS_S if args.session else LIMITS_S
+        self.report = {"tool": "bench/gpu_check.py", "dry_run": args.dry_run, "session": args.session,
                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "budget_s": args.budget_s, "data": str(args.data) if args.data else None,
                        "host": platform.node(), "steps": {}}
@@ -133,6 +150,10 @@ def run_command(cmd: list[str], env: dict, cwd: Path, limit_s: float) -> dict:
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
+    except BaseException:  # the check itself is being stopped (a signal, Ctrl-C): its child goes with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return {"returncode": proc.returncode, "timed_out": timed_out, "stdout": stdout, "stderr": stderr,
             "seconds": round(time.monotonic() - t0, 1)}
 
@@ -229,7 +250,8 @@ def git_commit() -> str | None:
 def step_cuda_tests(check: Check, limit_s: float) -> dict:
     junit = check.work / "cuda_tests.xml"
     # A test module that fails to import elsewhere in tests/ must not keep the CUDA tests from running.
-    run = run_command([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider",
+    subset = ["-k", SESSION_CUDA_TESTS] if check.args.session else []
+    run = run_command([sys.executable, "-m", "pytest", "-m", "cuda", *subset, "-q", "-rA", "-p", "no:cacheprovider",
                        "--continue-on-collection-errors", f"--junitxml={junit}", "tests"], child_env(check), REPO,
                       limit_s)
     write_text(check.out / "cuda_tests.txt", run["stdout"] + run["stderr"])
@@ -266,9 +288,10 @@ def read_junit(path: Path) -> list[dict]:
 
 def step_throughput(check: Check, limit_s: float) -> dict:
     runs, deadline = {}, time.monotonic() + limit_s
-    bench = DRY_BENCH if check.args.dry_run else FULL_BENCH
-    for i, (label, preset, progress) in enumerate(THROUGHPUT_RUNS):
-        share = (deadline - time.monotonic()) / (len(THROUGHPUT_RUNS) - i)  # time left, shared by the runs left
+    bench = DRY_BENCH if check.args.dry_run else SESSION_BENCH if check.args.session else FULL_BENCH
+    planned = THROUGHPUT_RUNS[:1] if check.args.session else THROUGHPUT_RUNS  # the session: the baseline only
+    for i, (label, preset, progress) in enumerate(planned):
+        share = (deadline - time.monotonic()) / (len(planned) - i)  # time left, shared by the runs left
         env = child_env(check, PRESET=preset, BENCH_PROGRESS=progress, **bench)
         run = run_command([sys.executable, str(REPO / "bench" / "throughput.py")], env, REPO, share)
         if run["returncode"] != 0:
@@ -299,6 +322,7 @@ def compare_with_reference(measured: dict) -> dict:
             "ratio_to_reference_tokens_per_s_per_gpu": round(per_device / REFERENCE_TOKENS_PER_S_PER_GPU, 4),
             "mfu": measured.get("mfu"), "reference_mfu": reference_figures()["mfu"],
             "ms_per_step": measured["ms_per_step"]["median"],
+            "reference_same_work_on_1_gpu_ms_per_step": reference_figures()["same_work_on_1_gpu_ms_per_step"],
             "note": "same work per GPU as the reference only with the baseline's settings on 1 GPU x 8 "
                     "accumulation steps (no all-reduce); other settings: compare MFU"}
 
@@ -354,27 +378,51 @@ def make_shards(settings: train_gpt.Settings, data: Path | None, folder: Path, v
     return {"data_path": str(folder), "tokenizer_path": str(tokenizer), "source": source}
 
 
+def session_run_settings(settings: train_gpt.Settings, dry_run: bool) -> tuple[dict, int]:
+    """(variables, validation tokens) of the session's timed run. One TTT chunk on 1 GPU is one rank's share of an
+    8-GPU chunk (TTT_CHUNK_TOKENS / 8: 2 sequences of 2048 by default), scored in batches of the same shape, so a
+    1-GPU chunk takes what a chunk takes on 8; the validation split is SESSION_TTT_CHUNKS such chunks. EVAL_SLIDING=1
+    times the sliding pass apart from TTT; every step is logged (ms/step before and after recurrence), and
+    dynamo's recompiles too. EXPORT_FIT_CAP=0: 40 s of training leave weights that compress far worse than a
+    trained model's, so the step-down would only spend minutes compressing again; the bytes of the first int6
+    export are reported, with whether they would fit."""
+    chunk = max(settings.ttt_chunk_tokens // REFERENCE_GPUS, settings.train_seq_len)
+    if dry_run:  # toy sequences: the same 2 sequences per chunk as the default's 32,768 / 8 = 2 x 2048
+        chunk = 2 * settings.train_seq_len
+    variables = {"TTT_CHUNK_TOKENS": chunk, "EVAL_SLIDING": 1, "TRAIN_LOG_EVERY": 1, "TORCH_LOGS": "recompiles",
+                 "EXPORT_FIT_CAP": 0}
+    return variables, SESSION_TTT_CHUNKS[dry_run] * chunk
+
+
 def step_timed_run(check: Check, limit_s: float) -> dict:
     settings = train_gpt.Settings.from_env(child_env(check))
     cap_s = DRY_TIMED_RUN_CAP_S if check.args.dry_run else check.args.timed_run_cap_s
     val_tokens = 32 * settings.train_seq_len if check.args.dry_run else 2**20
+    session_env = {}
+    if check.args.session:
+        session_env, val_tokens = session_run_settings(settings, check.args.dry_run)
     train_tokens = 200_000 if check.args.dry_run else 16 * settings.train_batch_tokens
     data = make_shards(settings, check.args.data, check.work / "timed_run_data", val_tokens, train_tokens)
     run_dir = check.work / "timed_run"
     run_dir.mkdir(exist_ok=True)
+    variables = dict(MAX_WALLCLOCK_SECONDS=cap_s, VAL_LOSS_EVERY=0, **session_env)
     env = child_env(check, DATA_PATH=data["data_path"], TOKENIZER_PATH=data["tokenizer_path"], RUN_ID="gpu_check",
-                    MAX_WALLCLOCK_SECONDS=cap_s, VAL_LOSS_EVERY=0)
+                    **variables)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(REPO / "train_gpt.py")]
     run = run_command(cmd, env, run_dir, limit_s)
     write_text(check.out / "timed_run_output.txt", run["stdout"] + run["stderr"])
     log_path = run_dir / "logs" / "gpu_check.txt"
-    result = {"command": " ".join(["MAX_WALLCLOCK_SECONDS=" + str(cap_s), "VAL_LOSS_EVERY=0", *cmd[2:]]),
-              "data": data, "cap_s": cap_s}
+    result = {"command": " ".join([*(f"{k}={v}" for k, v in variables.items()), *cmd[2:]]), "data": data,
+              "cap_s": cap_s}
     if log_path.exists():
         shutil.copyfile(log_path, check.out / "timed_run_log.txt")
         _, _, lines = split_layout(log_path, log_path.read_bytes())  # the log's lines, not the code's
         result["facts"] = read_timed_run_log(lines.decode("utf-8"), cap_s, settings.vocab_size)
+        result["facts"]["recompiles"] = run["stderr"].count("Recompiling function")  # TORCH_LOGS=recompiles
+        if check.args.session:
+            run_settings = train_gpt.Settings.from_env(env)
+            result["projection_8xh100"] = project_to_8_gpus(result["facts"], run_settings, settings.ttt_chunk_tokens)
     if run["returncode"] != 0:
         return {**result, **failure(run, "torchrun train_gpt.py")}
     facts = result.get("facts", {})
@@ -406,7 +454,6 @@ def read_timed_run_log(log: str, cap_s: float, vocab_size: int) -> dict:
         "time_ledger_ms": {k: int(v) for k, v in ledger.items()},
         "warmup_compile_ms": int(ledger["warmup_compile"]) if "warmup_compile" in ledger else None,
         "val_tokens": int(val_tokens) if val_tokens else None,
-        "eval_mode": last(r"^(eval_mode:.*)$"),
         "final_scores": finals,
         "peak_memory": last(r"^peak_memory (.*)$"),
         "artifact": {"model_bytes": int(m) if (m := last(r"^Serialized model \S+: (\d+) bytes")) else None,
@@ -416,6 +463,13 @@ def read_timed_run_log(log: str, cap_s: float, vocab_size: int) -> dict:
                      "over_the_cap": "WARNING: ARTIFACT OVER THE CAP" in log},
     }
     facts["artifact"]["fit_without_stepping_down"] = not facts["artifact"]["export_fit_steps"]
+    passes = re.findall(r"^eval_pass:(\w+) stride:(\d+)", log, re.MULTILINE)
+    facts["eval_passes"] = {name: {"stride": int(stride), "eval_time_ms": final["eval_time_ms"]}
+                            for (name, stride), final in zip(passes, finals)}
+    facts["eval_total_ms"] = int(t) if (t := last(r"^eval_total:(\d+)ms")) else None
+    gptq = re.findall(r"^gptq: (\d+)ms .*train_time\+gptq:(\d+)ms", log, re.MULTILINE)
+    facts["gptq_ms"], facts["train_time_plus_gptq_ms"] = (int(gptq[-1][0]), int(gptq[-1][1])) if gptq else (None, None)
+    facts["ms_per_step"] = step_times(log)
     if finals and facts["val_tokens"]:
         ms_per_m = sum(f["eval_time_ms"] for f in finals) / (facts["val_tokens"] / 1e6)  # all final passes
         published = train_gpt.PUBLISHED_VAL_TOKENS.get(vocab_size, (SP1024_VAL_TOKENS,))[0]
@@ -426,6 +480,83 @@ def read_timed_run_log(log: str, cap_s: float, vocab_size: int) -> dict:
             "assumes": "evaluation time linear in tokens and split evenly over 8 GPUs; the sum of the final lines' "
                        "eval_time (the round trip, then test-time training when TTT_EPOCHS > 0)"}
     return facts
+
+
+def step_times(log: str) -> dict:
+    """Median ms of one training step before depth recurrence switches on and after (from the train_time of
+    consecutive logged steps; the first two steps, still warming up, left out); None where no step was timed."""
+    times = {int(s): int(ms) for s, ms in re.findall(r"^step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", log,
+                                                      re.MULTILINE)}
+    switched = re.findall(r"^recurrence:on layers:\S+ step:(\d+)", log, re.MULTILINE)
+    first_recurring = int(switched[-1]) + 1 if switched else None  # the step count after the switching step
+    before, after = [], []
+    for step, ms in times.items():
+        if step > 2 and step - 1 in times:
+            recurring = first_recurring is not None and step >= first_recurring
+            (after if recurring else before).append(ms - times[step - 1])
+    return {"before_recurrence": float(np.median(before)) if before else None,
+            "after_recurrence": float(np.median(after)) if after else None}
+
+
+def ttt_chunk_count(num_scored: int, seq_len: int, stride: int, chunk_tokens: int) -> int:
+    """TTT's chunks, as train_gpt.Evaluator.evaluate_with_ttt forms them: windows grouped by their first target."""
+    ends = train_gpt.window_ends(num_scored, seq_len, stride)
+    return len(np.unique(np.concatenate(([0], ends[:-1])) // chunk_tokens))
+
+
+def scoring_batches(num_scored: int, seq_len: int, stride: int, ranks: int, batch_windows: int) -> int:
+    """Batches of `batch_windows` windows that one of `ranks` ranks scores in an evaluation pass."""
+    windows = len(train_gpt.window_ends(num_scored, seq_len, stride))
+    return math.ceil(math.ceil(windows / ranks) / batch_windows)
+
+
+def project_to_8_gpus(facts: dict, settings: train_gpt.Settings, chunk_tokens_8: int) -> dict:
+    """The session's 1-GPU figures carried over to 8 GPUs, each with how. `settings` are the timed run's (its
+    TTT chunk is one rank's share of `chunk_tokens_8`)."""
+    s, gpus, seq_len = settings, REFERENCE_GPUS, settings.train_seq_len
+    stride = s.eval_stride if 0 < s.eval_stride < seq_len else seq_len
+    steps = facts.get("ms_per_step") or {}
+    projection = {"training_ms_per_step": {
+        k: None if v is None else round(v / gpus, 1) for k, v in steps.items()},
+        "training_how": "8 GPUs each do 1/8 of the global batch (one accumulation step instead of 8): the 1-GPU "
+                        "ms/step / 8; DDP's gradient all-reduce, not measured on one GPU, comes on top"}
+    if facts.get("gptq_ms") is not None:
+        projection["gptq"] = {
+            "ms_1_gpu": facts["gptq_ms"], "reserve_ms": round(1000 * s.gptq_reserve_seconds),
+            "within_reserve": facts["gptq_ms"] <= 1000 * s.gptq_reserve_seconds,
+            "train_time_plus_gptq_ms": facts["train_time_plus_gptq_ms"],
+            "cap_ms": round(1000 * s.max_wallclock_seconds),
+            "how": "on 8 GPUs the calibration batch splits over the ranks and the rounding runs on rank 0 as here: "
+                   "at most the 1-GPU time"}
+    passes, val_tokens = facts.get("eval_passes") or {}, facts.get("val_tokens")
+    if not val_tokens or "sliding" not in passes:
+        return projection
+    accum_1, accum_8 = s.grad_accum_steps or gpus, s.grad_accum_steps or 1
+    batch_1, batch_8 = s.val_batch_size // (seq_len * accum_1), s.val_batch_size // (seq_len * gpus * accum_8)
+    per_batch_s = passes["sliding"]["eval_time_ms"] / 1000 / scoring_batches(val_tokens, seq_len, stride, 1, batch_1)
+    full = train_gpt.PUBLISHED_VAL_TOKENS.get(s.vocab_size, (SP1024_VAL_TOKENS,))[0]
+    seconds = {"roundtrip": per_batch_s * scoring_batches(full, seq_len, seq_len, gpus, batch_8),
+               "sliding": per_batch_s * scoring_batches(full, seq_len, stride, gpus, batch_8)}
+    evaluation = {"seconds_per_scoring_batch": round(per_batch_s, 4), "windows_per_batch": batch_1,
+                  "full_split_tokens": full}
+    if "ttt" in passes:
+        per_chunk_s = passes["ttt"]["eval_time_ms"] / 1000 / ttt_chunk_count(val_tokens, seq_len, stride,
+                                                                             s.ttt_chunk_tokens)
+        seconds["ttt"] = per_chunk_s * ttt_chunk_count(full, seq_len, stride, chunk_tokens_8)
+        evaluation["seconds_per_ttt_chunk"] = round(per_chunk_s, 4)
+    default_passes = ["roundtrip", "ttt"] if "ttt" in seconds else ["sliding"]
+    evaluation.update({
+        "seconds_8_gpus": {k: round(v, 1) for k, v in seconds.items()},
+        "total_s_default": round(sum(seconds[k] for k in default_passes), 1),
+        "total_s_with_eval_sliding": round(sum(seconds.values()), 1),
+        "cap_s": EVAL_CAP_S, "record_1_0810_8xh100_fa3_s": RECORD_EVAL_S,
+        "how": "a 1-GPU TTT chunk is one rank's share of an 8-GPU chunk, and scoring batches have the same shape on "
+               "1 and 8 GPUs: seconds per batch (from the sliding pass) x batches per rank of the full split "
+               "(plain: roundtrip, stride: sliding), seconds per chunk x chunks of the full split (TTT); no "
+               "all-reduce cost; the default passes are roundtrip + ttt (sliding only with EVAL_SLIDING=1)"})
+    evaluation["over_the_cap_default"] = evaluation["total_s_default"] > EVAL_CAP_S
+    projection["evaluation"] = evaluation
+    return projection
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,9 +615,28 @@ def render_markdown(report: dict) -> str:
                   f"- cap {steps['timed_run']['cap_s']} s: train_time {facts['train_time_ms']} ms after "
                   f"{facts['steps']} steps, within the cap: {facts['train_time_within_cap']}",
                   f"- compile and warm-up: {facts['warmup_compile_ms']} ms; ledger {facts['time_ledger_ms']}",
-                  f"- {facts['eval_mode']}, {facts['val_tokens']} validation tokens; final: {facts['final_scores']}",
+                  f"- evaluation passes {facts['eval_passes']} (total {facts['eval_total_ms']} ms) on "
+                  f"{facts['val_tokens']} validation tokens; final: {facts['final_scores']}",
                   f"- evaluation: {facts.get('eval')}",
+                  f"- ms/step on this device: {facts['ms_per_step']}; GPTQ {facts['gptq_ms']} ms, train_time+gptq "
+                  f"{facts['train_time_plus_gptq_ms']} ms; recompiles (TORCH_LOGS=recompiles): {facts['recompiles']}",
                   f"- artifact: {facts['artifact']}", f"- {facts['peak_memory']}"]
+    projection = steps.get("timed_run", {}).get("projection_8xh100")
+    if projection:
+        lines += ["", "## Projected to 8xH100 (from this device's figures)", "",
+                  f"- training ms/step {projection['training_ms_per_step']}: {projection['training_how']}"]
+        if "gptq" in projection:
+            lines.append(f"- GPTQ: {projection['gptq']}")
+        evaluation = projection.get("evaluation")
+        if evaluation:
+            over = " **OVER the 600 s cap**" if evaluation["over_the_cap_default"] else " (cap 600 s)"
+            lines += [f"- evaluation seconds on 8 GPUs {evaluation['seconds_8_gpus']}: default total "
+                      f"{evaluation['total_s_default']} s{over}, with EVAL_SLIDING=1 "
+                      f"{evaluation['total_s_with_eval_sliding']} s; the record 1.0810 (FlashAttention 3): "
+                      f"{evaluation['record_1_0810_8xh100_fa3_s']}",
+                      f"- {evaluation['seconds_per_scoring_batch']} s per scoring batch of "
+                      f"{evaluation['windows_per_batch']} windows, {evaluation.get('seconds_per_ttt_chunk')} s per "
+                      f"TTT chunk: {evaluation['how']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -494,27 +644,68 @@ def render_markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with --out and --data resolved to absolute paths now: the runs' children work in other
+    folders. A --data that is not a folder is an error (parser.error: one `error:` line, exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="folder for report.json, report.md and the runs' outputs")
     parser.add_argument("--data", type=Path, default=None,
                         help="folder with the sample text (*.txt) and tokenizers (*.model), searched recursively")
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
-    parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps of {', '.join(STEPS)}")
+    parser.add_argument("--session", action="store_true",
+                        help=f"the one-call GPU session: {', '.join(SESSION_STEPS)} in that order (bench/README.md)")
+    parser.add_argument("--only", default=None, help=f"comma-separated steps of {', '.join(STEPS)}")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="cap on the whole check (default: 1170 s; a dry run 600 s)")
-    parser.add_argument("--timed-run-cap-s", type=float, default=120.0,
-                        help="MAX_WALLCLOCK_SECONDS of the timed run (default 120)")
+                        help="cap on the whole check (default: 1170 s; with --session 540 s; a dry run 600 s)")
+    parser.add_argument("--timed-run-cap-s", type=float, default=None,
+                        help="MAX_WALLCLOCK_SECONDS of the timed run (default 120; with --session 40)")
     parser.add_argument("--probe-environment", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in args.only if s not in STEPS]
+    steps = SESSION_STEPS if args.session else STEPS
+    args.only = [s.strip() for s in (args.only or ",".join(steps)).split(",") if s.strip()]
+    unknown = [s for s in args.only if s not in steps]
     if unknown:
-        parser.error(f"--only {','.join(unknown)}: unknown step; choose from {', '.join(STEPS)}")
+        parser.error(f"--only {','.join(unknown)}: unknown step; choose from {', '.join(steps)}")
     if not args.probe_environment and args.out is None:
         parser.error("--out DIR is required")
+    if args.data is not None and not args.data.is_dir():
+        parser.error(f"--data {args.data}: no such folder; give the folder holding the sample text and tokenizers "
+                     f"(bench/README.md), or leave --data out for random tokens")
+    args.out, args.data = (None if a is None else a.resolve() for a in (args.out, args.data))
     if args.budget_s is None:
-        args.budget_s = 600.0 if args.dry_run else 1170.0
+        args.budget_s = 600.0 if args.dry_run else 540.0 if args.session else 1170.0
+    if args.timed_run_cap_s is None:
+        args.timed_run_cap_s = SESSION_TIMED_RUN_CAP_S if args.session else 120.0
     return args
+
+
+def prepare_out(out: Path) -> None:
+    """--out must be a folder this process can write: else one `error:` line, before any step runs."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".gpu_check_write_probe_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        sys.exit(f"error: --out {out}: cannot write there ({e.strerror or e}); give a folder you can write")
+
+
+WORK_PREFIX = "gpu_check_"
+
+
+def make_work_folder() -> Path:
+    """A fresh work folder named for this process; folders left by killed checks (their process gone) go first."""
+    root = Path(tempfile.gettempdir())
+    for stale in root.glob(f"{WORK_PREFIX}*_*"):
+        pid = stale.name.removeprefix(WORK_PREFIX).split("_", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}_"))
+
+
+def exit_on_signal(signum, frame) -> None:
+    """SIGTERM / SIGHUP (a timeout, a closed session): unwind, so that `finally` removes the work folder and
+    writes the report; the step's child process group is killed by run_command on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,11 +713,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_environment:
         print(json.dumps(probe_environment()))
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    check = Check(args.out.resolve(), work, args)
+    prepare_out(args.out)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, exit_on_signal)
+    work = make_work_folder()
+    check = Check(args.out, work, args)
     try:
-        for name in STEPS:
+        for name in SESSION_STEPS if args.session else STEPS:
             if name in args.only:
                 check.run_step(name, STEP_FUNCTIONS[name])
     finally:

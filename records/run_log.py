@@ -89,8 +89,14 @@ class ScoredRun:
     model_bytes: int | None
     artifact_bytes: int | None   # the last "Total submission size": code plus compressed model
     code_bytes: int | None
-    eval_time_ms: int | None     # eval_time of the score's rounded line
+    eval_time_ms: int | None     # eval_time of the score's rounded line (or of the score line itself)
     unpublished_split: bool      # the trainer warned: the split's token count is not the published one
+    eval_passes_ms: tuple        # (pass, eval_time in ms) of every score line with one, in order
+
+    @property
+    def eval_total_ms(self) -> int | None:
+        """All evaluation passes together: what the 10-minute evaluation cap bounds."""
+        return sum(ms for _, ms in self.eval_passes_ms) if self.eval_passes_ms else None
 
     @property
     def pre_export_val_bpb(self) -> float | None:
@@ -195,7 +201,19 @@ def read_run_log(path: str | Path, score_line: str | None = None, fallback_seed:
         model_bytes=found["model_bytes"].get(export_format), artifact_bytes=artifact_bytes,
         code_bytes=found.get("code_bytes"), eval_time_ms=None if eval_time_ms is None else int(eval_time_ms),
         unpublished_split="unpublished_split" in found,
+        eval_passes_ms=eval_passes(found["scores"], lines),
     )
+
+
+def eval_passes(scores: list, lines: list[str]) -> tuple:
+    """(name, ms) of each score line that gives its eval_time (official logs write `eval_time:366525ms`), named
+    by the kit's `eval_pass:<name>` lines where they announce them all."""
+    timed = [(name, int(ms)) for name, _, _, fields in scores
+             if not name.endswith("_exact") and (ms := number(fields.get("eval_time"))) is not None]
+    announced = [line.split()[0].removeprefix("eval_pass:") for line in lines if line.startswith("eval_pass:")]
+    if len(announced) == len(timed):
+        timed = [(name, ms) for name, (_, ms) in zip(announced, timed)]
+    return tuple(timed)
 
 
 def parse_line(line: str, number_in_file: int, found: dict) -> None:
@@ -281,7 +299,7 @@ def check_finished(path: Path, layout: str, raw: bytes, found: dict, settings: d
 
 
 def chosen_score(path: Path, scores: list, score_line: str | None) -> tuple[str, dict, dict]:
-    """(line name, its val_loss/val_bpb as floats, the fields of its rounded line or {})."""
+    """(line name, its val_loss/val_bpb as floats, the fields of its rounded line (itself if not `_exact`) or {})."""
     if score_line is None:
         chosen = [s for s in scores if s[0].endswith("_exact")]
         if not chosen:
@@ -300,7 +318,7 @@ def chosen_score(path: Path, scores: list, score_line: str | None) -> tuple[str,
     if name.endswith("_exact") and rounded:
         check_rounding(path, (number_in_file, line), values, rounded[-1])
         return name, values, rounded[-1][3]
-    return name, values, {}
+    return name, values, {} if name.endswith("_exact") else fields  # a rounded line chosen: its own eval_time
 
 
 def check_rounding(path: Path, exact: tuple[int, str], values: dict, rounded: tuple) -> None:
@@ -407,6 +425,8 @@ def describe_run(run: ScoredRun) -> list[str]:
         + (", stopped on the wallclock cap" if run.stopped_by_wallclock_cap else ""),
         f"  train_time       {known(run.train_time_ms, ',')} ms (step_avg {known(run.step_avg_ms)} ms)",
         f"  eval_time        {known(run.eval_time_ms, ',')} ms",
+        *([f"  eval passes      " + ", ".join(f"{name} {ms:,} ms" for name, ms in run.eval_passes_ms)
+           + f"; total {run.eval_total_ms:,} ms"] if run.eval_passes_ms else []),
         f"  artifact bytes   {known(run.artifact_bytes, ',')} (code {known(run.code_bytes, ',')}, "
         f"format {known(run.export_format_id)})",
         f"  val split        {run.val_split}",

@@ -142,3 +142,24 @@ def test_attention_flash_cannot_run_fails_instead_of_falling_back():
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float32)  # flash takes only fp16 / bf16
     with pytest.raises(RuntimeError):
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_ttt_compiles_no_graph_after_the_warm_up_compiled_its_step():
+    """compile_ttt (run in warm-up) compiles TTT's training graph; TTT inside the timed evaluation then compiles
+    nothing: scoring uses the evaluation graph, training the warmed-up one, every batch of one shape."""
+    from torch._dynamo.utils import counters
+    settings = Settings.for_preset("strong", train_seq_len=256, val_batch_size=4 * 256, ttt_chunk_tokens=512,
+                                   ttt_epochs=1)
+    model = perturbed_model(settings).cuda()
+    model.compute_dtype = torch.bfloat16
+    model.recurrence_active = bool(settings.recur_layers)  # as after training
+    tokens = np.random.default_rng(0).integers(0, settings.vocab_size, 6 * 256 + 1).astype(np.uint16)
+    ones = np.ones(settings.vocab_size, np.int64)
+    ev = train_gpt.Evaluator(train_gpt.ValidationSplit(tokens, True),
+                             train_gpt.ByteTable(ones, ones == 0, ones == 0), settings, cuda_runtime())
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    ev.evaluate(compiled, 64)  # the evaluation graph, as the last validation of training compiles it
+    ev.compile_ttt(model, compiled)
+    before = counters["stats"]["unique_graphs"]
+    ev.evaluate_with_ttt(compiled, 64)
+    assert counters["stats"]["unique_graphs"] == before

@@ -2,7 +2,9 @@
 compiled graph), FlashAttention-sized heads, Muon state made once, and the model compiled as one graph."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -186,3 +188,93 @@ def test_trainer_compiles_the_model_so_that_a_graph_break_is_an_error(tiny_datas
     inputs = torch.randint(0, tiny_dataset.vocab_size, (1, SEQ_LEN))
     with pytest.raises(torch._dynamo.exc.Unsupported):
         trainer.compiled(inputs, inputs)
+
+
+# ---- test-time training: one batch shape, its graph compiled in warm-up ------------------------------
+
+
+def ttt_evaluator(num_scored: int, chunk_tokens: int) -> train_gpt.Evaluator:
+    tokens = np.random.default_rng(2).integers(0, VOCAB, num_scored + 1).astype(np.uint16)
+    table = train_gpt.ByteTable(np.ones(VOCAB, np.int64), np.zeros(VOCAB, bool), np.zeros(VOCAB, bool))
+    settings = tiny(val_batch_size=4 * SEQ_LEN, ttt_chunk_tokens=chunk_tokens, ttt_epochs=2)
+    return train_gpt.Evaluator(train_gpt.ValidationSplit(tokens, True), table, settings, cpu_runtime())
+
+
+class ModeRecorder(ShapeRecorder):
+    """Notes each call's (batch shape, training mode, grad enabled, recurrence on)."""
+
+    def forward(self, inputs, targets):
+        self.shapes.append((tuple(inputs.shape), self.model.training, torch.is_grad_enabled(),
+                            self.model.recurrence_active))
+        return self.model(inputs, targets)
+
+
+def test_every_ttt_training_batch_has_the_shape_compiled_in_warm_up():
+    """Plain windows of 16, chunks of 40 tokens (by each window's first target): 3 sequences (0-47), 2 (48-79), 3,
+    2, then the last chunk (not trained). Batches of ceil(40 / 16) = 3 rows, filled when short: one shape."""
+    ev = ttt_evaluator(12 * SEQ_LEN, chunk_tokens=40)
+    model = perturbed_model(ev.settings)
+    warm_up = ModeRecorder(model)
+    ev.compile_ttt(model, warm_up)
+    model.recurrence_active = True  # as after training
+    during = ModeRecorder(model)
+    ev.evaluate_with_ttt(during, 0)
+    training = [call for call in during.shapes if call[1]]
+    assert warm_up.shapes == [((3, SEQ_LEN), True, True, True)]
+    assert len(training) == 2 * 4 and set(training) == {((3, SEQ_LEN), True, True, True)}  # epochs x chunks
+
+
+def test_compile_ttt_leaves_weights_gradients_and_recurrence_as_they_were():
+    ev = ttt_evaluator(12 * SEQ_LEN, chunk_tokens=40)
+    model = perturbed_model(ev.settings)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev.compile_ttt(model, model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.recurrence_active is False
+
+
+def test_ttt_filler_rows_weigh_nothing():
+    """The same TTT in batches of 3 rows (short ones filled with repeats) and of 1 row (nothing to fill)."""
+    model = perturbed_model(tiny())
+    model.recurrence_active = True
+    scores = []
+    for rows in (3, 1):
+        ev = ttt_evaluator(12 * SEQ_LEN, chunk_tokens=40)
+        ev.ttt_rows = rows
+        scores.append(ev.evaluate_with_ttt(copy.deepcopy(model), 0))  # chunks of 3, 2, 3, 2 sequences
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)  # fp32 gradients summed in another grouping
+
+
+def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_evaluation(tmp_path, monkeypatch):
+    """Under fullgraph=True dynamo keeps at most torch._dynamo.config.recompile_limit (8) graphs of GPT.forward;
+    past it the run fails. Five: training with recurrence off and on, evaluation with recurrence off and on,
+    TTT's training batch (compiled in warm-up). A new shape or mode would fail here first, not on 8 GPUs; and
+    nothing compiles inside the timed final evaluation. Dynamo's eager backend: the same cache, no compiler."""
+    from shard_io import write_shard
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    rng = np.random.default_rng(0)
+    write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, 256, 50_000).astype(np.uint16))
+    write_shard(tmp_path / "fineweb_val_000000.bin", rng.integers(0, 256, 12 * 64 + 1).astype(np.uint16))
+    (tmp_path / "bytes.json").write_text('{"vocab_size": 256, "byte_offset": 0}')
+    env = dict(PRESET="strong", DEVICE="cpu", COMPILE="1", VOCAB_SIZE="256", DATA_PATH=str(tmp_path),
+               TOKENIZER_PATH=str(tmp_path / "bytes.json"), NUM_LAYERS="3", RECUR_LAYERS="1", MODEL_DIM="64",
+               NUM_HEADS="1", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", VAL_BATCH_SIZE="1024",
+               ITERATIONS="4", WARMUP_STEPS="2", VAL_LOSS_EVERY="2", MAX_WALLCLOCK_SECONDS="0", EVAL_STRIDE="16",
+               TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256", RUN_ID="entries", EXPORT_QUANT="rtn")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend
+    entries = lambda: len(_debug_get_cache_entry_list(train_gpt.GPT.forward.__code__))  # noqa: E731
+    before_final = []
+    export_and_rescore = train_gpt.export_and_rescore
+    monkeypatch.setattr(train_gpt, "export_and_rescore", lambda *a: before_final.append(entries()) or
+                        export_and_rescore(*a))
+    settings = Settings.from_env(env)
+    log = train_gpt.RunLog("entries", True)
+    try:
+        train_gpt.train(settings, train_gpt.setup_runtime(settings), log)
+    finally:
+        torch.set_num_threads(threads)
+        log.file.close()
+    assert before_final == [5] and entries() == 5 < torch._dynamo.config.recompile_limit

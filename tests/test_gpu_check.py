@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -53,7 +55,7 @@ def test_dry_run_runs_every_step_on_the_cpu(dry_run_report):
 def test_dry_run_timed_run_goes_through_export_and_the_round_trip_within_its_cap(dry_run_report):
     facts = dry_run_report[0]["steps"]["timed_run"]["facts"]
     assert facts["stopped_by_wallclock_cap"] and facts["train_time_within_cap"]
-    assert facts["final_scores"] and facts["eval_mode"].startswith("eval_mode:sliding")
+    assert facts["final_scores"] and list(facts["eval_passes"]) == ["roundtrip", "ttt"]  # the default: TTT on
     assert facts["artifact"]["total_bytes"] > facts["artifact"]["model_bytes"] > 0
     assert facts["artifact"]["over_the_cap"] is False  # the warning text in the logged source does not count
 
@@ -69,9 +71,10 @@ peak_memory allocated:30000MiB reserved:32000MiB
 export_fit: 16100000 bytes > 16000000; now int6 matrices, int5 MLP matrices
 Serialized model int6+lzma: 15900000 bytes (path:logs/x.int6.ptz)
 Total submission size int6+lzma: 15960000 bytes
-eval_mode:sliding stride:64 window:2048
+eval_pass:sliding stride:64 window:2048
 final_int6_lzma_roundtrip val_loss:3.2000 val_bpb:1.9500 eval_time:2000ms
 final_int6_lzma_roundtrip_exact val_loss:3.20000000 val_bpb:1.95000000
+eval_total:2000ms
 time_ledger warmup_compile:80000ms training:121500ms validation:3000ms export:40000ms roundtrip_eval:2000ms total:250000ms
 """
 
@@ -131,7 +134,7 @@ def test_without_data_the_shards_are_random_ids_with_a_table_of_vocab_size(tmp_p
 
 
 def make_check(tmp_path, budget_s: float = 600) -> gpu_check.Check:
-    args = argparse.Namespace(dry_run=True, budget_s=budget_s, data=None)
+    args = argparse.Namespace(dry_run=True, budget_s=budget_s, data=None, session=False)
     return gpu_check.Check(tmp_path, tmp_path, args)
 
 
@@ -173,3 +176,145 @@ def test_unknown_step_is_refused():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--out", "x", "--only", "environment,warp_speed"])
     assert gpu_check.parse_args(["--out", "x", "--only", "timed_run"]).only == ["timed_run"]
+
+
+# ---- the one-call session (--session) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def session_report(tmp_path_factory) -> tuple[dict, Path]:
+    """The session's dry run: its steps at toy sizes on the CPU, the projections computed from toy figures."""
+    out = tmp_path_factory.mktemp("session")
+    data = ["--data", str(SHARED_DATA)] if SHARED_DATA.exists() else []
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), "--dry-run",
+                           "--session", *data], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_session_runs_its_four_steps_in_order_and_reports_each(session_report):
+    report, out = session_report
+    assert report["session"] is True and list(report["steps"]) == list(gpu_check.SESSION_STEPS)
+    steps = report["steps"]
+    assert [steps[name]["status"] for name in gpu_check.SESSION_STEPS] == ["ok", "ok", "skipped", "ok"]
+    assert steps["cuda_tests"]["counts"]["skipped"] == 3  # the flash kernel, fp32 refused, CUDA eval = CPU eval
+    assert list(steps["throughput"]["runs"]) == ["baseline"]
+    assert all(f"| {name} | **" in (out / "report.md").read_text() for name in gpu_check.SESSION_STEPS)
+
+
+def test_session_timed_run_times_every_pass_and_projects_them_to_8_gpus(session_report):
+    timed = session_report[0]["steps"]["timed_run"]
+    assert "EVAL_SLIDING=1" in timed["command"] and "TORCH_LOGS=recompiles" in timed["command"]
+    assert list(timed["facts"]["eval_passes"]) == ["roundtrip", "sliding", "ttt"]
+    evaluation = timed["projection_8xh100"]["evaluation"]
+    assert set(evaluation["seconds_8_gpus"]) == {"roundtrip", "sliding", "ttt"}
+    assert evaluation["total_s_default"] == pytest.approx(
+        evaluation["seconds_8_gpus"]["roundtrip"] + evaluation["seconds_8_gpus"]["ttt"], abs=0.11)
+    assert timed["facts"]["gptq_ms"] > 0 and timed["facts"]["recompiles"] == 0  # no compiling on the CPU
+
+
+def test_session_ttt_chunk_on_one_gpu_is_one_ranks_share_of_an_8_gpu_chunk():
+    variables, val_tokens = gpu_check.session_run_settings(train_gpt.Settings(), dry_run=False)
+    chunk = train_gpt.Settings().ttt_chunk_tokens // 8  # 32,768 / 8 = 4,096: 2 sequences of 2,048
+    assert variables["TTT_CHUNK_TOKENS"] == chunk and val_tokens == gpu_check.SESSION_TTT_CHUNKS[False] * chunk
+
+
+SESSION_LOG = """step:1/20000 train_loss:9.0 train_time:1500ms step_avg:1500.00ms
+step:2/20000 train_loss:8.0 train_time:2500ms step_avg:1250.00ms
+step:3/20000 train_loss:7.0 train_time:3400ms step_avg:1133.33ms
+step:4/20000 train_loss:7.0 train_time:4300ms step_avg:1075.00ms
+step:5/20000 train_loss:7.0 train_time:5200ms step_avg:1040.00ms
+recurrence:on layers:3,4,5 step:5
+step:6/20000 train_loss:6.0 train_time:6500ms step_avg:1083.33ms
+step:7/20000 train_loss:6.0 train_time:7700ms step_avg:1100.00ms
+step:8/20000 train_loss:6.0 train_time:8900ms step_avg:1112.50ms
+gptq: 8000ms (calibration and rounding) train_time+gptq:38000ms
+"""
+
+
+def test_ms_per_step_is_the_median_step_before_and_after_recurrence_switches_on():
+    # steps 3-5 took 900 ms each (1-2 are warm-up); steps 6-8, with recurrence on, 1300, 1200, 1200 ms
+    assert gpu_check.step_times(SESSION_LOG) == {"before_recurrence": 900.0, "after_recurrence": 1200.0}
+
+
+def test_evaluation_projection_to_8_gpus_counts_batches_and_chunks_of_the_full_split():
+    """Run: 96 chunks of 4,096 tokens = 393,216 tokens; sliding (stride 64, windows of 2,048): (393,216 - 2,048) / 64
+    + 1 = 6,113 windows in batches of 524,288 / 2,048 / 8 = 32: 192 batches in 10 s, 52.08 ms each. Full sp8192
+    split, 40,540,160 tokens on 8 GPUs: sliding 633,409 windows, 79,177 per rank, 2,475 batches = 128.91 s; plain
+    19,795 windows, 2,475 per rank, 78 batches = 4.06 s; TTT 30 s / 96 chunks x 1,238 chunks of 32,768 = 386.88 s."""
+    settings = train_gpt.Settings(ttt_chunk_tokens=4096, eval_sliding=1, max_wallclock_seconds=40)
+    facts = {"val_tokens": 96 * 4096, "gptq_ms": 8000, "train_time_plus_gptq_ms": 38000,
+             "ms_per_step": {"before_recurrence": 900.0, "after_recurrence": 1200.0},
+             "eval_passes": {"roundtrip": {"stride": 2048, "eval_time_ms": 1000},
+                             "sliding": {"stride": 64, "eval_time_ms": 10_000},
+                             "ttt": {"stride": 64, "eval_time_ms": 30_000}}}
+    projection = gpu_check.project_to_8_gpus(facts, settings, chunk_tokens_8=32_768)
+    evaluation = projection["evaluation"]
+    assert evaluation["seconds_8_gpus"] == pytest.approx({"roundtrip": 4.1, "sliding": 128.9, "ttt": 386.9}, abs=0.05)
+    assert evaluation["total_s_default"] == pytest.approx(4.06 + 386.88, abs=0.1)
+    assert evaluation["total_s_with_eval_sliding"] == pytest.approx(4.06 + 128.91 + 386.88, abs=0.1)
+    assert evaluation["over_the_cap_default"] is False
+    assert projection["training_ms_per_step"] == {"before_recurrence": 112.5, "after_recurrence": 150.0}
+    assert projection["gptq"]["within_reserve"] is True and projection["gptq"]["cap_ms"] == 40_000
+
+
+# ---- bad options and kills (issue 16, items 9-12) ----------------------------------------------------
+
+
+def test_a_relative_data_folder_is_resolved_when_the_options_are_read(tmp_path, monkeypatch):
+    """The timed run's child works in another folder: a relative --data must not reach it as such."""
+    (tmp_path / ".device" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    args = gpu_check.parse_args(["--out", "out", "--data", ".device/data"])
+    assert args.data == tmp_path / ".device" / "data" and args.out == tmp_path / "out"
+
+
+def test_a_data_folder_that_does_not_exist_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.parse_args(["--out", str(tmp_path / "out"), "--data", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and f"error: --data {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+def test_an_out_folder_that_cannot_be_written_is_one_error_line(tmp_path, case):
+    if case == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = {"a file": blocker, "under a file": blocker / "out", "read-only": tmp_path / "ro" / "out"}[case]
+    if case == "read-only":
+        (tmp_path / "ro").mkdir(mode=0o500)
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), "--dry-run",
+                           "--only", "multi_rank"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.startswith(f"error: --out {out}")
+
+
+def test_a_check_stopped_by_sigterm_removes_its_work_folder_and_keeps_its_report(tmp_path):
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), "--dry-run",
+                             "--only", "environment"], env={**os.environ, "TMPDIR": str(scratch)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):  # the report says the step is running once the check is inside it
+        if (out / "report.json").exists() and '"running"' in (out / "report.json").read_text():
+            break
+        time.sleep(0.1)
+    work = list(scratch.glob("gpu_check_*"))
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert len(work) == 1 and not work[0].exists() and list(scratch.iterdir()) == []
+    assert json.loads((out / "report.json").read_text())["steps"]["environment"]["status"] == "running"
+
+
+def test_work_folders_of_checks_that_were_killed_outright_are_removed_by_the_next(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"gpu_check_{int(dead.stdout)}_abc"
+    stale.mkdir()
+    (stale / "shard.bin").write_bytes(b"x")
+    live = tmp_path / f"gpu_check_{os.getppid()}_def"  # a check still running (here: this test's parent)
+    live.mkdir()
+    work = gpu_check.make_work_folder()
+    assert not stale.exists() and live.exists() and work.exists() and work.parent == tmp_path

@@ -15,7 +15,7 @@ import pytest
 from test_records import RECORDS, folder_of, read_summary, render_log, submit, write_logs
 
 import compare_runs  # noqa: E402  (records/ is on sys.path through test_records)
-from run_log import read_run_log  # noqa: E402
+from run_log import describe_run, read_run_log  # noqa: E402
 
 OFFICIAL_SOURCE = '''"""The official stand-in trainer."""
 import os
@@ -120,7 +120,7 @@ def test_score_line_option_picks_a_named_line(tmp_path):
     path = write(tmp_path / "train.log", official_log(extra_scores=extra))
     assert read_run_log(path).score_line == "final_int6_sliding_window_exact"
     phased = read_run_log(path, score_line="quantized_ttt_phased")
-    assert (phased.val_bpb, phased.eval_time_ms) == (1.0613, None)
+    assert (phased.val_bpb, phased.eval_time_ms) == (1.0613, 512_000)  # a rounded line: its own eval_time
     assert read_run_log(path, score_line="final_int8_zlib_roundtrip_exact").val_bpb == 1.22436570
 
 
@@ -343,3 +343,24 @@ def test_compare_runs_takes_seeds_for_logs_that_name_none(tmp_path, capsys):
     assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b), "--seeds", "1", "2", "3", "0", "0", "0"]) == 0
     out = capsys.readouterr().out
     assert "A: 3 log(s), seeds 1, 2, 3" in out and "B: 3 log(s), seeds 1337, 42, 7" in out
+
+
+def test_every_pass_with_an_eval_time_is_read_and_totalled_as_the_records_write_them(tmp_path):
+    """The 1.0810 record's log: `quantized ... eval_time:25515ms`, then the sliding and TTT passes, no _exact lines."""
+    extra = ["quantized val_loss:2.84065044 val_bpb:1.09970431 eval_time:25515ms",
+             "quantized_sliding_window val_loss:2.79714850 val_bpb:1.08286335 eval_time:120961ms",
+             "quantized_ttt val_loss:2.79180191 val_bpb:1.08079352 eval_time:366525ms"]
+    run = read_run_log(write(tmp_path / "train.log", official_log(extra_scores=extra)), score_line="quantized_ttt")
+    assert (run.val_bpb, run.eval_time_ms) == (1.08079352, 366_525)
+    assert run.eval_passes_ms == (("final_int8_zlib_roundtrip", 1402), ("quantized", 25_515),
+                                  ("quantized_sliding_window", 120_961), ("quantized_ttt", 366_525))
+    assert run.eval_total_ms == 1402 + 25_515 + 120_961 + 366_525
+
+
+def test_the_kits_passes_are_named_by_their_eval_pass_lines(tmp_path):
+    passes = ["eval_pass:roundtrip stride:2048 window:2048", *score_lines("final_int6_lzma_roundtrip", 2.0, 1.2, 9_000),
+              "eval_pass:ttt stride:64 window:2048", *score_lines("final_int6_lzma_roundtrip", 1.9, 1.1, 400_000)]
+    path = write(tmp_path / "train.log", "\n".join(passes) + "\n")
+    run = read_run_log(path)
+    assert run.eval_passes_ms == (("roundtrip", 9_000), ("ttt", 400_000)) and run.eval_time_ms == 400_000
+    assert "eval passes      roundtrip 9,000 ms, ttt 400,000 ms; total 409,000 ms" in "\n".join(describe_run(run))
