@@ -9,9 +9,9 @@ embedding are above the record's 65,536-weight passthrough threshold, so GPTQ qu
 depth recurrence switches on at 35% of training; sliding windows and test-time training run over several chunks.
 
 Tolerances: losses relative 1e-3 for the first 20 steps, scores within 0.005 bpb, model bytes within 0.5% (issue 15).
-Both scripts run fp32 on the CPU (tests/reference_record.py), so the expected difference is float summation order;
-the scores also differ by the record's shorter last sliding windows, which the kit scores at full length, and the
-bytes by the containers the two pickle their tensors in.
+Both scripts run fp32 on the CPU (tests/reference_record.py), so the expected difference is float summation order,
+and for the bytes the containers the two pickle their tensors in. (Both score the same sliding windows: the record
+trims the split to whole sequences, so with a stride that divides the sequence its last window is full length too.)
 """
 from __future__ import annotations
 
