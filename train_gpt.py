@@ -58,7 +58,8 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
+    """Defaults: the strong configuration, the recipe of the 1.0810 record (2026-04-09; tests/test_record_*.py
+    prove it equal to the record's code). Fractions are of the training time (see training_progress)."""
     preset: str = "strong"  # strong | baseline (PRESETS): applied before the other variables
     # Data and run bookkeeping.
     data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
@@ -70,8 +71,8 @@ class Settings:
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
     # Evaluation and logging.
     val_batch_size: int = 524_288
-    val_loss_every: int = 1000
-    train_log_every: int = 200
+    val_loss_every: int = 4000
+    train_log_every: int = 500
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
     eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
     ttt_epochs: int = 3  # score-first test-time training: epochs on each chunk once it is scored; 0: off
@@ -80,9 +81,7 @@ class Settings:
     # Schedule and batch.
     iterations: int = 20_000
     warmdown_iters: int = 1200  # used when WARMDOWN_FRAC=0
-    warmdown_frac: float = 0.6  # linear LR decay over this last fraction of training
-    min_lr_frac: float = 0.1  # LR floor, as a fraction of the peak LR
-    lr_warmup_frac: float = 0.0  # linear LR warm-up over this first fraction of training
+    warmdown_frac: float = 0.72  # linear LR decay to 0 over this last fraction of training
     warmup_steps: int = 20
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
@@ -94,7 +93,7 @@ class Settings:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: int = 3
+    mlp_mult: int = 4
     mlp_leaky_slope: float = 0.5  # MLP activation leaky_relu(x, slope)^2; 0 is relu^2
     tie_embeddings: int = 1
     rope_base: float = 10000.0
@@ -102,31 +101,35 @@ class Settings:
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
     parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
-    recur_layers: str = "3,4,5"  # contiguous block indices run a second time (shared weights); "": none
-    recur_start_frac: float = 0.5  # ... from this fraction of training on
+    recur_layers: str = "3,4,5"  # contiguous block indices run again (shared weights); "": none
+    num_loops: int = 2  # ... this many extra times
+    recur_start_frac: float = 0.35  # ... from this fraction of training on
+    skip_gates: int = 1  # 1: each U-Net skip is mixed in by a learned sigmoid gate; 0: added
     logit_softcap: float = 30.0
     qk_gain_init: float = 5.25
     tied_embed_init_std: float = 0.005
-    smear_gate: int = 1  # 1: each position adds a gated share of the previous token's embedding (not across BOS)
+    ortho_init: int = 1  # 1: orthogonal matrices (the record's init); 0: PyTorch's default (the baseline's)
+    smear_gate: int = 0  # 1: each position adds a gated share of the previous token's embedding (not across BOS)
     # Optimizers.
     embed_lr: float = 0.6
     head_lr: float = 0.008
-    tied_embed_lr: float = 0.035
-    matrix_lr: float = 0.025
-    scalar_lr: float = 0.025
-    muon_momentum: float = 0.97
+    tied_embed_lr: float = 0.03
+    matrix_lr: float = 0.022
+    scalar_lr: float = 0.02
+    muon_momentum: float = 0.99
     muon_backend_steps: int = 5
-    muon_ns_coeffs: str = "polar"  # polar: per-iteration Polar Express coefficients | fixed: one quintic
+    muon_ns_coeffs: str = "fixed"  # fixed: one quintic | polar: per-iteration Polar Express coefficients
     muon_row_norm: int = 1  # 1: normalise each row of the update before Newton-Schulz
-    muon_weight_decay: float = 0.09  # decoupled: W <- W (1 - lr wd) - lr update
+    muon_weight_decay: float = 0.095  # decoupled: W <- W (1 - lr wd) - lr update
+    embed_weight_decay: float = 0.085  # the same for the token embedding (AdamW)
+    scalar_weight_decay: float = 0.02  # ... and for the control tensors (AdamW)
     muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 500  # used when MUON_MOMENTUM_WARMUP_FRAC=0
-    muon_momentum_warmup_frac: float = 0.3
+    muon_momentum_warmup_steps: int = 1500
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997  # export an EMA of the weights, updated every step; 0: the raw weights
+    ema_decay: float = 0.9965  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
     export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
     export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
@@ -192,14 +195,15 @@ class Settings:
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
                      "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
-                     "muon_weight_decay", "gptq_reserve_seconds", "ttt_epochs", "ttt_lr"):
+                     "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay", "gptq_reserve_seconds",
+                     "ttt_epochs", "ttt_lr", "num_loops"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
-        for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
-                     "muon_momentum_warmup_frac"):
+        for name in ("warmdown_frac", "recur_start_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
-        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate"):
+        for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "overwrite", "smear_gate", "skip_gates",
+                     "ortho_init"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -242,12 +246,12 @@ class Settings:
 
 # What PRESET=baseline changes: the naive baseline of SPEC.md, with every technique off.
 PRESETS = {"strong": {}, "baseline": dict(
-    vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288,
-    train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0,
-    parallel_last_n=0, recur_layers="", smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04,
-    scalar_lr=0.04, muon_momentum=0.95, muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0,
-    muon_momentum_warmup_start=0.85, muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0,
-    export_format="int8+zlib", export_quant="rtn")}
+    vocab_size=1024, eval_stride=0, ttt_epochs=0, val_loss_every=1000, train_log_every=200, warmdown_frac=0.0,
+    train_batch_tokens=524_288, train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0,
+    ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="", skip_gates=0, ortho_init=0, qk_gain_init=1.5,
+    tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95, muon_row_norm=0, muon_weight_decay=0.0,
+    embed_weight_decay=0.0, scalar_weight_decay=0.0, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
+    grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn")}
 EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
 
 
@@ -882,6 +886,7 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
 
@@ -986,47 +991,65 @@ class Block(nn.Module):
         return after_attn + self.mlp_scale.to(x.dtype) * self.mlp(self.norm_scale * rms_norm(mlp_input))
 
 
+SMEAR_GATE_INPUTS = 12  # SmearGate reads this many leading channels of a token's embedding
+
+
+def encoder_decoder(order: list[int]) -> tuple[list[int], list[int]]:
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
 class GPT(nn.Module):
-    """Blocks in a U-Net: outputs of the first half are added, with learned weights, to the second half.
-    Depth recurrence: once `recurrence_active` is set, the blocks RECUR_LAYERS run a second time (same weights)
-    right after their first pass: more depth for no bytes. Under torch.compile, switching it on recompiles."""
+    """Blocks in a U-Net: the outputs of the first half of the block passes are mixed, with learned weights (and
+    gates), into the second half. Depth recurrence: once `recurrence_active` is set, the blocks RECUR_LAYERS run
+    1 + NUM_LOOPS times in a row (same weights), and the longer list of passes is split into the two halves
+    again: more depth for no bytes. Under torch.compile, switching it on recompiles."""
 
     def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
-        s, dim = settings, settings.model_dim
+        s, dim, recur = settings, settings.model_dim, settings.recur_layer_ids
         self.compute_dtype, self.logit_softcap = compute_dtype, s.logit_softcap
         self.tok_emb = nn.Embedding(s.vocab_size, dim)
-        self.num_encoder_layers = s.num_layers // 2
-        num_skips = min(self.num_encoder_layers, s.num_layers - self.num_encoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.blocks = nn.ModuleList(Block(dim, s, i) for i in range(s.num_layers))
-        self.recur_layers, self.recurrence_active = s.recur_layer_ids, False
-        self.smear_gate = nn.Parameter(torch.zeros(dim)) if s.smear_gate else None
         self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
+        looped = (list(range(recur[0])) + recur * (s.num_loops + 1) + list(range(recur[-1] + 1, s.num_layers))
+                  if recur else list(range(s.num_layers)))
+        self.passes = {False: encoder_decoder(list(range(s.num_layers))), True: encoder_decoder(looped)}
+        self.recurrence_active = False
+        num_skips = len(self.passes[True][0])  # the looped split has the most encoder passes
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if s.skip_gates else None
+        # Input-dependent SmearGate (later records): lambda (0 at init) x sigmoid(gate . first 12 channels).
+        self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_INPUTS)) if s.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if s.smear_gate else None
         if s.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=s.tied_embed_init_std)
+        for m in self.modules() if s.ortho_init else ():  # the record's init, drawn in its order
+            if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T) ids -> (B, T, C). SmearGate: position t adds sigmoid(gate) (per channel) x the embedding of
-        token t-1, a cheap bigram; not where token t is BOS, a document's first token: nothing crosses documents."""
+        """(B, T) ids -> (B, T, C). SmearGate: position t adds lambda x sigmoid(gate(e_t[:12])) x e_{t-1}, a cheap
+        bigram; not where token t is BOS, a document's first token: nothing crosses documents."""
         x = self.tok_emb(input_ids).to(self.compute_dtype)
         if self.smear_gate is not None:
-            share = torch.sigmoid(self.smear_gate.to(x.dtype)) * (input_ids[:, 1:, None] != BOS_ID)
+            gate = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_GATE_INPUTS], self.smear_gate.to(x.dtype)))
+            share = self.smear_lambda.to(x.dtype) * gate * (input_ids[:, 1:, None] != BOS_ID)
             x = torch.cat((x[:, :1], x[:, 1:] + share * x[:, :-1]), dim=1)
         return rms_norm(x)
 
     def logits(self, input_ids: Tensor) -> Tensor:
         x = x0 = self.embed(input_ids)  # (B, T, C)
+        encoder, decoder = self.passes[self.recurrence_active]
         skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder_layers and skips:
-                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder_layers:
-                skips.append(x)
-            if self.recurrence_active and i == self.recur_layers[-1]:
-                for j in self.recur_layers:
-                    x = self.blocks[j](x, x0)
+        for i in encoder:
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        for k, i in enumerate(decoder):
+            if skips:
+                skip = self.skip_weights[k].to(x.dtype) * skips.pop()
+                gates = self.skip_gates
+                x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[k].to(x.dtype)))
+            x = self.blocks[i](x, x0)
         x = rms_norm(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))  # (B, T, V)
@@ -1039,8 +1062,8 @@ class GPT(nn.Module):
 
     def control_tensor_names(self) -> set[str]:
         """Vectors and gains: trained with Adam and stored in fp32 by the export."""
-        return {name for name, p in self.named_parameters() if p.ndim < 2 or name.endswith(("skip_weights",
-                                                                                          "resid_mix"))}
+        return {name for name, p in self.named_parameters()
+                if p.ndim < 2 or name.endswith(("skip_weights", "skip_gates", "resid_mix", "smear_gate"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1054,9 +1077,10 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
     scalars = [p for n, p in named.items() if n in control]
     adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=runtime.device.type == "cuda")
     token_lr = s.tied_embed_lr if s.tie_embeddings else s.embed_lr
-    groups = [[model.tok_emb.weight], scalars] + ([[model.lm_head.weight]] if model.lm_head is not None else [])
-    lrs = [token_lr, s.scalar_lr] + ([s.head_lr] if model.lm_head is not None else [])
-    optimizers = [torch.optim.Adam([dict(params=g, lr=lr, base_lr=lr)], **adam) for g, lr in zip(groups, lrs)]
+    groups = [([model.tok_emb.weight], token_lr, s.embed_weight_decay), (scalars, s.scalar_lr, s.scalar_weight_decay)]
+    groups += [([model.lm_head.weight], s.head_lr, 0.0)] if model.lm_head is not None else []
+    optimizers = [torch.optim.AdamW([dict(params=g, lr=lr, base_lr=lr)], weight_decay=wd, **adam)  # wd 0: Adam
+                  for g, lr, wd in groups]
     orthogonalize = partial(newton_schulz_orthogonalize, coeffs=NS_COEFFS[s.muon_ns_coeffs])
     muon = Muon(matrices, s.matrix_lr, s.muon_momentum, s.muon_backend_steps, runtime.rank, runtime.world_size,
                 ns_dtype=runtime.compute_dtype,
@@ -1068,24 +1092,21 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
 
 
 def training_progress(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """How far training is, from 0 to 1: by steps or by the wall-clock cap, whichever is further. Schedules
-    given as fractions of this have the same shape on slower hardware under the cap."""
+    """How far training is, from 0 to 1: by the wall-clock cap (less the GPTQ reserve), as the record computes it,
+    or by steps if that is further (a run that ends at ITERATIONS, never on the record's runs). Schedules given as
+    fractions of this have the same shape on slower hardware under the cap."""
     s = settings
     by_clock = elapsed_ms / (1000 * s.training_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return min(max(step / s.iterations, by_clock), 1.0)
 
 
 def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """Warm-up over the first LR_WARMUP_FRAC, then a linear warmdown over the last WARMDOWN_FRAC of training
-    (or the last WARMDOWN_ITERS steps when WARMDOWN_FRAC=0) down to the floor MIN_LR_FRAC."""
+    """A linear warmdown to 0 over the last WARMDOWN_FRAC of training (or the last WARMDOWN_ITERS steps when
+    WARMDOWN_FRAC=0)."""
     s = settings
-    progress = training_progress(step, elapsed_ms, s)
-    warmup = min(progress / s.lr_warmup_frac, 1.0) if s.lr_warmup_frac > 0 else 1.0
     if s.warmdown_frac > 0:
-        warmdown = min((1.0 - progress) / s.warmdown_frac, 1.0)
-    else:
-        warmdown = step_based_warmdown(step, elapsed_ms, s)
-    return warmup * (s.min_lr_frac + (1.0 - s.min_lr_frac) * warmdown)
+        return min((1.0 - training_progress(step, elapsed_ms, s)) / s.warmdown_frac, 1.0)
+    return step_based_warmdown(step, elapsed_ms, s)
 
 
 def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> float:
@@ -1102,14 +1123,10 @@ def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> flo
     return min(by_steps, min(remaining_ms / max(warmdown_ms, 1e-9), 1.0))
 
 
-def muon_momentum(step: int, settings: Settings, progress: float = 0.0) -> float:
-    """Linear from MUON_MOMENTUM_WARMUP_START over the first MUON_MOMENTUM_WARMUP_FRAC of training (or the
-    first MUON_MOMENTUM_WARMUP_STEPS steps when that fraction is 0)."""
+def muon_momentum(step: int, settings: Settings) -> float:
+    """Linear from MUON_MOMENTUM_WARMUP_START over the first MUON_MOMENTUM_WARMUP_STEPS steps."""
     s = settings
-    if s.muon_momentum_warmup_frac > 0:
-        frac = min(progress / s.muon_momentum_warmup_frac, 1.0)
-    else:
-        frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
 
 
@@ -1122,8 +1139,9 @@ class WeightEMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+    def update(self) -> None:  # multiply-add as the record, not lerp: the same float rounding
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach().float() for p in self.params], alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -1148,6 +1166,9 @@ class Trainer:
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
         self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
+        # As the record and the official baseline: in bf16 runs only the linear weights and control tensors stay
+        # fp32, so the token embedding (also the tied head) is stored, updated and averaged in bf16.
+        self.model.tok_emb.to(runtime.compute_dtype)
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
         self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
@@ -1181,7 +1202,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
                 if isinstance(opt, Muon):
-                    group["momentum"] = muon_momentum(step, s, progress)
+                    group["momentum"] = muon_momentum(step, s)
         if s.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
         for opt in self.optimizers:
