@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
-import lzma
 import shutil
 
 import numpy as np
@@ -45,9 +43,10 @@ def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
 
 
 def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_dataset):
-    """The tied embedding's hessian comes from the final hidden states: its logits must be the model's."""
+    """The tied embedding's hessian comes from the final hidden states: its logits must be the model's. H is the
+    mean over the calibration batches of X^T X, as the record's."""
     s = Settings.for_preset("strong", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
-                            **{**SMALL, "recur_layers": "1"})
+                            **{**SMALL, "recur_layers": "1", "gptq_calibration_batches": 3})
     runtime = train_gpt.setup_runtime(s)
     torch.manual_seed(0)
     model = train_gpt.GPT(s)
@@ -55,16 +54,18 @@ def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_da
     for p in model.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     hessians = train_gpt.collect_hessians(model, s, runtime)
-    (inputs, targets), = train_gpt.TrainBatchLoader(s, runtime).next_step()
-    captured = []
-    hook = model.blocks[-1].register_forward_hook(lambda m, args, out: captured.append(out))
-    logits = model.logits(inputs)
-    hook.remove()
-    hidden = train_gpt.rms_norm(captured[-1])
-    head = s.logit_softcap * torch.tanh(hidden @ model.tok_emb.weight.T / s.logit_softcap)
-    assert torch.allclose(head, logits, atol=1e-5)
-    flat = hidden.flatten(0, 1)
-    assert torch.allclose(hessians["tok_emb.weight"], flat.T @ flat, rtol=1e-4, atol=1e-3)
+    expected = 0
+    for inputs, targets in train_gpt.TrainBatchLoader(s, runtime).calibration_batches(3):
+        captured = []
+        hook = model.blocks[-1].register_forward_hook(lambda m, args, out: captured.append(out))
+        logits = model.logits(inputs)
+        hook.remove()
+        hidden = train_gpt.rms_norm(captured[-1])
+        head = s.logit_softcap * torch.tanh(hidden @ model.tok_emb.weight.T / s.logit_softcap)
+        assert torch.allclose(head, logits, atol=1e-5)
+        flat = hidden.flatten(0, 1)
+        expected = expected + flat.T @ flat / 3
+    assert torch.allclose(hessians["tok_emb.weight"], expected, rtol=1e-4, atol=1e-3)
     assert {"blocks.0.attn.c_q.weight", "blocks.1.mlp.proj.weight"} <= hessians.keys()
 
 
@@ -140,7 +141,7 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
         assert result.returncode == 0, result.stderr[-3000:]
         assert "gptq: " in read_log(tmp_path, run_id)
         artifacts.append((tmp_path / "logs" / f"{run_id}.int6.ptz").read_bytes())
-    packed = torch.load(io.BytesIO(lzma.decompress(artifacts[0])))
+    packed = train_gpt.decompress_packed(artifacts[0])
     assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 31  # a GPTQ-rounded int6 matrix is in it
     assert artifacts[0] == artifacts[1]
 
@@ -183,8 +184,7 @@ def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypat
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     lines = []
-    packed = torch.load(io.BytesIO(lzma.decompress(train_gpt.export_artifact(model, settings, 0, lines.append,
-                                                                              hessians))))
+    packed = train_gpt.decompress_packed(train_gpt.export_artifact(model, settings, 0, lines.append, hessians))
     assert [line.split("; ")[1] for line in lines] == [f"now int{b} matrices, int{m} MLP matrices"
                                                        for b, m in train_gpt.FIT_CAP_STEPS]
     assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 7  # int4
