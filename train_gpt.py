@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # for EXPORT_FORMAT
-
 ARTIFACT_CAP_BYTES = 16_000_000
 # Scored validation tokens of the published exports (SPEC.md), to catch runs on another split.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
@@ -468,8 +467,8 @@ class TokenStream:
         self.paths, self.vocab_size, self.seq_len = paths, vocab_size, seq_len
         self.shard_index, self.position, self.tokens = -1, 0, np.empty(0, dtype=np.uint16)
 
-    def take(self, n: int) -> np.ndarray:
-        pieces = []
+    def sequences(self, count: int) -> list[tuple[np.ndarray, int]]:  # one block: each overlaps the next by 1
+        pieces, n = [], count * self.seq_len + 1
         while n > 0:
             if self.position >= self.tokens.size:
                 self.shard_index = (self.shard_index + 1) % len(self.paths)
@@ -477,10 +476,7 @@ class TokenStream:
                 check_token_ids(self.tokens, self.vocab_size, self.paths[self.shard_index])
             pieces.append(self.tokens[self.position:self.position + n])
             self.position, n = self.position + pieces[-1].size, n - pieces[-1].size
-        return np.concatenate(pieces)
-
-    def sequences(self, count: int) -> list[tuple[np.ndarray, int]]:  # one block: each overlaps the next by 1
-        block = self.take(count * self.seq_len + 1)
+        block = np.concatenate(pieces)
         return [(block, i * self.seq_len) for i in range(count)]
 
 
@@ -793,8 +789,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
     over the columns not yet rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move
     least. Inputs that never fire (diagonal 0) lose their weights."""
     W, H, qmax = w.to(H.device, torch.float32), H.float().clone(), 2 ** (bits - 1) - 1
-    # The record clamps at 1e-10, which fp16 stores as 0 (NaN codes); 2^-24 is fp16's smallest step.
-    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()
+    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()  # the record's 1e-10: 0 in fp16
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     H.diagonal().add_(0.01 * H.diagonal().mean())  # damped for a well-conditioned inverse
@@ -816,9 +811,9 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
-    """H = X^T X of each matrix's inputs, averaged over GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens
-    (a fresh loader's stream 0, as the record's rank 0; never validation), shared out over the ranks and summed;
-    the tied embedding's inputs are the final hidden states it scores."""
+    """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens
+    (stream 0 afresh, as the record's rank 0; never validation) shared by the ranks; the tied embedding's inputs
+    are the final hidden states it scores."""
     hessians, last = {}, {}
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
@@ -883,21 +878,20 @@ def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
     record's byte shuffle (even bytes, then odd ones), then quality 11; its first byte is never 0x78 or 0xfd."""
     buffer = io.BytesIO()
     torch.save(packed, buffer)
-    raw = np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
     if export_format.endswith("brotli"):  # the bytes of a kind (e.g. fp16 exponents) side by side compress better
-        return brotli.compress(SHUFFLE_MAGIC + raw[0::2].tobytes() + raw[1::2].tobytes(), quality=11)
+        return brotli.compress(SHUFFLE_MAGIC + buffer.getvalue()[0::2] + buffer.getvalue()[1::2], quality=11)
     if export_format.endswith("lzma"):  # stronger than zlib on quantised weights (range coder with wider context)
-        return lzma.compress(raw.tobytes(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
-    return zlib.compress(raw.tobytes(), level=9)
+        return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    return zlib.compress(buffer.getvalue(), level=9)
 
 
 def decompress_packed(blob: bytes) -> dict:  # compress_packed's input, from its output
     if blob.startswith((XZ_MAGIC, ZLIB_HEADER)):
         raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
     else:  # brotli: the first byte's low bits are 1011 (RFC 7932: a 4 MiB window)
-        shuffled = np.frombuffer(brotli.decompress(blob), dtype=np.uint8)[len(SHUFFLE_MAGIC):]
-        raw = np.empty_like(shuffled)
-        raw[0::2], raw[1::2] = shuffled[:(shuffled.size + 1) // 2], shuffled[(shuffled.size + 1) // 2:]
+        shuffled = brotli.decompress(blob)[len(SHUFFLE_MAGIC):]
+        raw, half = bytearray(len(shuffled)), (len(shuffled) + 1) // 2
+        raw[0::2], raw[1::2] = shuffled[:half], shuffled[half:]
     return torch.load(io.BytesIO(raw), map_location="cpu")
 
 

@@ -10,6 +10,7 @@ import torch
 
 import train_gpt
 from conftest import REPO, read_log, run_trainer, trainer_env, write_shard
+from reference_record import load_record
 from train_gpt import Settings
 
 # Matrices large enough to be quantised (more than INT8_KEEP_FLOAT_MAX_NUMEL weights), trained for seconds.
@@ -203,3 +204,46 @@ def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
     code_bytes, lines = (REPO / "train_gpt.py").stat().st_size, []
     blob = train_gpt.export_artifact(model, settings, code_bytes, lines.append, hessians)
     assert len(blob) + code_bytes <= train_gpt.ARTIFACT_CAP_BYTES, len(blob)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ as the 1.0810 record rounds, run by the record's own code beside the kit's.
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    return load_record(tmp_path_factory.mktemp("record"), {"NUM_LAYERS": "1", "MODEL_DIM": "320", "NUM_HEADS": "4",
+                                                           "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "NUM_LOOPS": "0"})
+
+
+def test_gptq_gives_the_records_codes_and_scales_from_the_same_weights_and_hessian(record):
+    """Exactly equal, with inputs that never fire (their weights are zeroed) and rows of varied scale, in int6 at
+    the matrices' clip and int8 at the embedding's."""
+    torch.manual_seed(0)
+    for rows, cols, bits, sigmas in [(256, 192, 6, 12.85), (96, 384, 6, 12.85), (300, 128, 8, 20.0)]:
+        x = torch.randn(2 * cols, cols) @ (torch.eye(cols) + torch.randn(cols, cols) / cols**0.5)
+        x[:, [3, 50]] = 0
+        w = torch.randn(rows, cols) * 0.02 * (0.5 + torch.rand(rows, 1))
+        q, scale = train_gpt.gptq_quantize(w, x.T @ x, bits, sigmas)
+        record_q, record_scale = record.gptq_quantize_weight(w, x.T @ x, clip_sigmas=sigmas, clip_range=2**(bits - 1) - 1)
+        assert torch.equal(q, record_q) and torch.equal(scale, record_scale)
+        assert torch.equal(q[:, [3, 50]], torch.zeros(rows, 2, dtype=torch.int8))
+
+
+def test_default_export_quantizes_a_state_dict_as_the_records(record):
+    """The record's gptq_mixed_quantize on its own model's state dict: the same codes and scales, and every float
+    tensor of at most 65,536 values (control tensors too) as fp16."""
+    torch.manual_seed(0)
+    model = record.GPT(record.Hyperparameters())
+    state = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    hessians = {name: correlated_inputs_hessian(t.shape[1]) for name, t in state.items() if t.numel() > 65536}
+    result, meta = record.gptq_mixed_quantize(state, hessians, record.Hyperparameters())
+    s = Settings()
+    packed = train_gpt.quantize_state_dict(state, set(), s.export_bits,
+                                           gptq=(hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas))
+    assert packed["int8"].keys() == hessians.keys() and packed["float"].keys() == state.keys() - hessians.keys()
+    assert {"tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.proj.weight"} <= hessians.keys()
+    for name in hessians:
+        assert torch.equal(packed["int8"][name], result[name + ".q"]), name
+        assert torch.equal(packed["scales"][name], result[name + ".scale"]), name
+    for name, t in packed["float"].items():
+        assert t.dtype == torch.float16 and torch.equal(t, result[name]), name
