@@ -16,6 +16,7 @@ import copy
 import gc
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import lzma
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # for EXPORT_FORMAT
 ARTIFACT_CAP_BYTES = 16_000_000
 # Scored validation tokens of the published exports (SPEC.md), to catch runs on another split.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
@@ -85,6 +87,7 @@ class Settings:
     warmup_steps: int = 20
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
+    loader_streams: int = 8  # the sequences of the record's loader on this many GPUs (its 8); 0: shards in order
     grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
     max_wallclock_seconds: float = 600.0
     # Model.
@@ -131,12 +134,13 @@ class Settings:
     grad_clip_norm: float = 0.3
     ema_decay: float = 0.9965  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
-    export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
+    export_format: str = "int6+brotli"  # <int6|int8>+<brotli|lzma|zlib>
     export_fit_cap: int = 1  # 1: while int6 overflows the cap, matrices take fewer bits (FIT_CAP_STEPS)
     export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: clip search
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
     gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
-    gptq_reserve_seconds: float = 10.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
+    gptq_reserve_seconds: float = 12.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
+    gptq_calibration_batches: int = 64  # micro-batches of training sequences whose layer inputs make the hessians
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -189,14 +193,14 @@ class Settings:
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
-                     "ttt_chunk_tokens"):
+                     "ttt_chunk_tokens", "gptq_calibration_batches"):
             require(getattr(s, name) >= 1, name.upper(), getattr(s, name), "a whole number >= 1")
         for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "max_val_tokens",
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
                      "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
                      "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay", "gptq_reserve_seconds",
-                     "ttt_epochs", "ttt_lr", "num_loops"):
+                     "ttt_epochs", "ttt_lr", "num_loops", "loader_streams"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
@@ -217,6 +221,8 @@ class Settings:
         require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
                 "a name without path separators, at most 200 bytes (it names files)")
         require(s.tie_embeddings in (0, 1), "TIE_EMBEDDINGS", s.tie_embeddings, "0 or 1")
+        require(brotli or "brotli" not in s.export_format, "EXPORT_FORMAT", s.export_format,
+                "int6+lzma or int8+zlib unless the brotli package is installed: pip install -r requirements.txt")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
         require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
         require((s.model_dim // s.num_heads) % 8 == 0 and s.model_dim // s.num_heads <= 256, "MODEL_DIM", s.model_dim,
@@ -251,8 +257,8 @@ PRESETS = {"strong": {}, "baseline": dict(
     ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="", skip_gates=0, ortho_init=0, qk_gain_init=1.5,
     tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95, muon_row_norm=0, muon_weight_decay=0.0,
     embed_weight_decay=0.0, scalar_weight_decay=0.0, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
-    grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn")}
-EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
+    grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn", loader_streams=0)}
+EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 
 def parse_setting(name: str, raw: str, kind: type):
@@ -459,56 +465,97 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
 
 
 class TokenStream:
-    """The training shards read in order as one endless stream of tokens."""
+    """The training shards read in order as one endless stream of tokens (the official loader)."""
 
-    def __init__(self, data_path: str, vocab_size: int):
-        self.paths, self.vocab_size = shard_paths(data_path, "train", vocab_size), vocab_size
-        if sum(shard_token_count(p) for p in self.paths) == 0:  # all headers now, not after the training time
-            raise ValueError(f"the train shards in {data_path} hold no tokens: download them again")
-        self.shard_index, self.position = -1, 0
-        self.tokens = np.empty(0, dtype=np.uint16)
+    def __init__(self, paths: list[str], vocab_size: int, seq_len: int):
+        self.paths, self.vocab_size, self.seq_len = paths, vocab_size, seq_len
+        self.shard_index, self.position, self.tokens = -1, 0, np.empty(0, dtype=np.uint16)
 
-    def _next_shard(self) -> None:
-        self.shard_index = (self.shard_index + 1) % len(self.paths)
-        self.tokens = read_shard(self.paths[self.shard_index])
-        check_token_ids(self.tokens, self.vocab_size, self.paths[self.shard_index])
-        self.position = 0
-
-    def take(self, n: int) -> np.ndarray:
-        pieces = []
+    def sequences(self, count: int) -> list[tuple[np.ndarray, int]]:  # one block: each overlaps the next by 1
+        pieces, n = [], count * self.seq_len + 1
         while n > 0:
             if self.position >= self.tokens.size:
-                self._next_shard()
-            piece = self.tokens[self.position:self.position + n]
-            pieces.append(piece)
-            self.position += piece.size
-            n -= piece.size
-        return np.concatenate(pieces)
+                self.shard_index = (self.shard_index + 1) % len(self.paths)
+                self.tokens, self.position = read_shard(self.paths[self.shard_index]), 0
+                check_token_ids(self.tokens, self.vocab_size, self.paths[self.shard_index])
+            pieces.append(self.tokens[self.position:self.position + n])
+            self.position, n = self.position + pieces[-1].size, n - pieces[-1].size
+        block = np.concatenate(pieces)
+        return [(block, i * self.seq_len) for i in range(count)]
+
+
+class ShuffledSequences:
+    """The 1.0810 record's ShuffledSequenceLoader on its rank v of n: shards paths[v::n], numpy PCG64(v). Each shard
+    is cut at a random phase into sequences in a random order; each sequence comes from a shard drawn with
+    probability its sequences left; once all are used, all shards are cut again."""
+
+    def __init__(self, paths: list[str], counts: list[int], v: int, n: int, seq_len: int):
+        self.paths, self.counts, self.seq_len = paths[v::n], counts[v::n], seq_len
+        self.rng = np.random.Generator(np.random.PCG64(v))
+        self.maps = [np.memmap(p, "<u2", "r", SHARD_HEADER_BYTES, (c,)) for p, c in zip(self.paths, self.counts)]
+        self.starts = [self.cut(i) for i in range(len(self.paths))]
+        if not any(self.starts):
+            raise ValueError(f"the train shards {', '.join(self.paths)} hold no TRAIN_SEQ_LEN + 1 = {seq_len + 1} "
+                             f"tokens: download them again or lower TRAIN_SEQ_LEN")
+
+    def cut(self, i: int) -> list[int]:
+        num_tokens, seq_len = self.counts[i], self.seq_len
+        max_phase = min(seq_len - 1, max(0, num_tokens - seq_len - 1))
+        phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        return (phase + self.rng.permutation(max(0, num_tokens - 1 - phase) // seq_len) * seq_len).tolist()
+
+    def sequences(self, count: int) -> list[tuple[np.ndarray, int]]:  # (tokens, start): read when sliced
+        drawn = []
+        for _ in range(count):
+            if not any(self.starts):
+                self.starts = [self.cut(i) for i in range(len(self.paths))]
+            remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
+            i = int(self.rng.choice(len(self.paths), p=remaining / remaining.sum()))
+            drawn.append((self.maps[i], self.starts[i].pop()))
+        return drawn
 
 
 class TrainBatchLoader:
-    """Each step takes one block of TRAIN_BATCH_TOKENS + 1 tokens from the stream and cuts it into
-    sequences; sequence j goes to micro-step j // (world x sequences per micro-batch) of its rank.
-    Every world size and accumulation count therefore trains on exactly the same sequences."""
+    """A step's TRAIN_BATCH_TOKENS / TRAIN_SEQ_LEN sequences: j goes to micro-step j // (world x micro-batch) of
+    rank j // micro-batch % world, so every world size and accumulation count trains on the same sequences: with
+    LOADER_STREAMS=N, the v-th N-th of them from stream v (the record's GPU v of N; one per shard if fewer); with 0,
+    one block of the shards read in order (the official loader). A rank reads only its own sequences."""
 
     def __init__(self, settings: Settings, runtime: Runtime):
-        self.stream = TokenStream(settings.data_path, settings.vocab_size)
-        self.batch_tokens, self.seq_len, self.rt = settings.train_batch_tokens, settings.train_seq_len, runtime
-        self.micro_seqs = self.batch_tokens // (self.seq_len * runtime.world_size * runtime.grad_accum_steps)
+        s, rt, self.rt = settings, runtime, runtime
+        self.vocab_size, self.seq_len = s.vocab_size, s.train_seq_len
+        self.paths = shard_paths(s.data_path, "train", s.vocab_size)
+        self.counts = [shard_token_count(p) for p in self.paths]  # all headers now, not after the training time
+        if sum(self.counts) == 0:
+            raise ValueError(f"the train shards in {s.data_path} hold no tokens: download them again")
+        self.num_streams, seqs = min(s.loader_streams, len(self.paths)), s.train_batch_tokens // s.train_seq_len
+        self.micro_seqs, n = seqs // (rt.world_size * rt.grad_accum_steps), max(1, self.num_streams)
+        self.mine = [(m * rt.world_size + rt.rank) * self.micro_seqs + i  # this rank's sequences, micro-step by step
+                     for m in range(rt.grad_accum_steps) for i in range(self.micro_seqs)]
+        self.parts = {v: range(-(-v * seqs // n), -(-(v + 1) * seqs // n)) for v in range(n)}
+        self.stream = partial(ShuffledSequences, self.paths, self.counts, n=n, seq_len=self.seq_len) if \
+            self.num_streams else lambda v: TokenStream(self.paths, self.vocab_size, self.seq_len)
+        self.streams = {v: self.stream(v) for v, part in self.parts.items() if set(part) & set(self.mine)}
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
-        block = self.stream.take(self.batch_tokens + 1)
-        span = self.micro_seqs * self.seq_len
-        batches = []
-        for micro in range(self.rt.grad_accum_steps):
-            start = (micro * self.rt.world_size + self.rt.rank) * span
-            local = torch.from_numpy(block[start:start + span + 1].astype(np.int64))  # only this rank's part
-            if self.rt.device.type == "cuda":
-                local = local.pin_memory().to(self.rt.device, non_blocking=True)
-            else:
-                local = local.to(self.rt.device)
-            batches.append((local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)))
-        return batches
+        drawn = {}
+        for v, stream in self.streams.items():  # a stream draws all its sequences, to stay in step
+            drawn.update(zip(self.parts[v], stream.sequences(len(self.parts[v]))))
+        mine = [drawn[j] for j in self.mine]
+        return [self.batch(mine[i:i + self.micro_seqs]) for i in range(0, len(mine), self.micro_seqs)]
+
+    def calibration_batches(self, count: int):
+        """GPTQ's: `count` micro-batches of stream 0 (the record's rank 0) from its start, every world-th per rank."""
+        drawn = self.stream(0).sequences(count * self.micro_seqs)
+        for b in range(self.rt.rank, count, self.rt.world_size):
+            yield self.batch(drawn[b * self.micro_seqs:(b + 1) * self.micro_seqs])
+
+    def batch(self, sequences: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
+        rows = np.stack([tokens[start:start + self.seq_len + 1] for tokens, start in sequences])
+        check_token_ids(rows, self.vocab_size, f"the train shards in {os.path.dirname(self.paths[0])}")
+        rows = torch.from_numpy(rows.astype(np.int64))
+        rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
+        return rows[:, :-1].to(self.rt.device), rows[:, 1:].to(self.rt.device)
 
 
 @dataclass
@@ -701,8 +748,8 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------------------------
 # Export: per-row quantisation of matrices, rounded by GPTQ or plainly (int8, or int6 with the embedding in
-# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The
-# compressor is told apart by its own header (xz magic), so loading is unambiguous.
+# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then brotli, lzma or zlib. The
+# compressor is told apart by its own header, so loading is unambiguous.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -741,15 +788,18 @@ def quantize_clip_search(t: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022): per-row int<bits> with the clip at clip_sigmas x the row's std, rounded column
-    by column (largest input energy first); each column's rounding error is spread over the columns not yet
-    rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move least."""
-    W, qmax = w.to(H.device, torch.float32).clone(), 2 ** (bits - 1) - 1
-    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-14).half().float()
-    # Damped for a well-conditioned inverse; inputs that never fire (diagonal 0) get plain rounding.
-    H = H.float() + torch.diag((H.diagonal() == 0) + 0.01 * H.diagonal().mean())
+    """GPTQ (Frantar et al. 2022), rounding as the 1.0810 record's: per-row int<bits> with the clip at clip_sigmas x
+    the row's std, rounded column by column (largest input energy first); each column's rounding error is spread
+    over the columns not yet rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move
+    least. Inputs that never fire (diagonal 0) lose their weights."""
+    W, H, qmax = w.to(H.device, torch.float32), H.float().clone(), 2 ** (bits - 1) - 1
+    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()  # the record's 1e-10: 0 in fp16
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # damped for a well-conditioned inverse
     order = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, order].T.contiguous(), H[order][:, order]  # W^T: the columns to round are contiguous rows
+    W[dead[order]] = 0
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
     Q = torch.zeros_like(W)
     for a in range(0, W.size(0), block):  # lazy batch updates: the far columns take one matmul per block
@@ -765,8 +815,9 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
-    """H = X^T X of each matrix's inputs over one batch of TRAINING tokens (a fresh loader: the stream's start,
-    never validation), summed over ranks; the tied embedding's inputs are the final hidden states it scores."""
+    """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens
+    (stream 0 afresh, as the record's rank 0; never validation) shared by the ranks; the tied embedding's inputs
+    are the final hidden states it scores."""
     hessians, last = {}, {}
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
@@ -774,7 +825,7 @@ def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> 
     hooks = [m.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
              for name, m in model.named_modules() if isinstance(m, CastedLinear)]
     hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last.update(x=out)))
-    for inputs, targets in TrainBatchLoader(settings, runtime).next_step():
+    for inputs, targets in TrainBatchLoader(settings, runtime).calibration_batches(settings.gptq_calibration_batches):
         model(inputs, targets)
         if model.lm_head is None:
             add("tok_emb.weight", rms_norm(last["x"]))  # the output head's input, as GPT.logits computes it
@@ -782,7 +833,7 @@ def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> 
         hook.remove()
     for H in hessians.values() if runtime.distributed else ():
         dist.all_reduce(H)
-    return hessians
+    return {name: H / settings.gptq_calibration_batches for name, H in hessians.items()}
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
@@ -793,7 +844,7 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
 def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
                         mlp_bits: int | None = None, gptq: tuple[dict, float, float] | None = None) -> dict:
     """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales; the embedding, also the tied
-    output head, stays int8; control tensors stay fp32; other small tensors go fp16. All in int8 storage.
+    output head, stays int8; control_names stay fp32; other small tensors go fp16. All in int8 storage.
     gptq = (hessians, clip sigmas, embedding clip sigmas): matrices with a hessian are rounded by GPTQ."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
@@ -823,21 +874,33 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
     return {name: t.to(getattr(torch, packed["dtypes"][name])) for name, t in state_dict.items()}
 
 
-XZ_MAGIC = b"\xfd7zXZ\x00"
+XZ_MAGIC, ZLIB_HEADER, SHUFFLE_MAGIC = b"\xfd7zXZ\x00", b"\x78", b"BSHF\x02"
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
-    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says."""
+    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says. brotli: the
+    record's byte shuffle (even bytes, then odd ones), then quality 11; its first byte is never 0x78 or 0xfd."""
     buffer = io.BytesIO()
     torch.save(packed, buffer)
+    if export_format.endswith("brotli"):  # the bytes of a kind (e.g. fp16 exponents) side by side compress better
+        return brotli.compress(SHUFFLE_MAGIC + buffer.getvalue()[0::2] + buffer.getvalue()[1::2], quality=11)
     if export_format.endswith("lzma"):  # stronger than zlib on quantised weights (range coder with wider context)
         return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
     return zlib.compress(buffer.getvalue(), level=9)
 
 
+def decompress_packed(blob: bytes) -> dict:  # compress_packed's input, from its output
+    if blob.startswith((XZ_MAGIC, ZLIB_HEADER)):
+        raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
+    else:  # brotli: the first byte's low bits are 1011 (RFC 7932: a 4 MiB window)
+        shuffled = brotli.decompress(blob)[len(SHUFFLE_MAGIC):]
+        raw, half = bytearray(len(shuffled)), (len(shuffled) + 1) // 2
+        raw[0::2], raw[1::2] = shuffled[:half], shuffled[half:]
+    return torch.load(io.BytesIO(raw), map_location="cpu")
+
+
 def decompress_model(blob: bytes) -> dict[str, Tensor]:
-    raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
-    return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
+    return dequantize_state_dict(decompress_packed(blob))
 
 
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
@@ -849,7 +912,8 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
     (MLP first: two thirds of the weights) take fewer bits: how compressible trained weights are is only
     known after training, and an artifact over the cap is no submission at all. With `hessians`, GPTQ
     rounds the matrices; its time is added to ledger["gptq"]."""
-    s, state, control = settings, model.state_dict(), model.control_tensor_names()
+    s, state = settings, model.state_dict()
+    control = model.control_tensor_names() if s.export_bits == 8 else set()  # int6: the record's fp16 for all
     gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
     for i, (bits, mlp_bits) in enumerate(plans):
@@ -1313,7 +1377,9 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     evaluator = Evaluator(split, byte_table, s, rt)
     trainer = Trainer(s, rt)
     log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
-    log(f"train_shards:{len(trainer.loader.stream.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}")
+    streams = trainer.loader.num_streams
+    log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}" +
+        (f" loader_streams:{streams} (one per shard, fewer than LOADER_STREAMS)" if streams < s.loader_streams else ""))
     ledger = {}
     t_start = time.perf_counter()
     trainer.warm_up_and_restore(s.warmup_steps, log)

@@ -187,6 +187,6 @@ def test_ttt_run_logs_both_scores_and_two_ranks_agree_with_one(tmp_path, tiny_da
         assert result.returncode == 0, result.stderr[-3000:]
         log = read_log(tmp_path, run_id)
         assert values(log, r"^ttt_eval epochs:3 lr:0.005 chunk_tokens:1024 ")
-        finals.append([float(v) for v in values(log, r"^final_int6_lzma_roundtrip_exact val_loss:\S+ val_bpb:(\S+)")])
+        finals.append([float(v) for v in values(log, r"^final_int6_brotli_roundtrip_exact val_loss:\S+ val_bpb:(\S+)")])
     assert len(finals[0]) == 2 and finals[0][1] < finals[0][0]
     assert finals[1] == pytest.approx(finals[0], rel=1e-4)

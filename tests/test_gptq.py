@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
-import lzma
 import shutil
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 
 import train_gpt
 from conftest import REPO, read_log, run_trainer, trainer_env, write_shard
+from reference_record import load_record
 from train_gpt import Settings
 
 # Matrices large enough to be quantised (more than INT8_KEEP_FLOAT_MAX_NUMEL weights), trained for seconds.
@@ -45,9 +44,10 @@ def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
 
 
 def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_dataset):
-    """The tied embedding's hessian comes from the final hidden states: its logits must be the model's."""
+    """The tied embedding's hessian comes from the final hidden states: its logits must be the model's. H is the
+    mean over the calibration batches of X^T X, as the record's."""
     s = Settings.for_preset("strong", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
-                            **{**SMALL, "recur_layers": "1"})
+                            **{**SMALL, "recur_layers": "1", "gptq_calibration_batches": 3})
     runtime = train_gpt.setup_runtime(s)
     torch.manual_seed(0)
     model = train_gpt.GPT(s)
@@ -55,16 +55,18 @@ def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_da
     for p in model.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     hessians = train_gpt.collect_hessians(model, s, runtime)
-    (inputs, targets), = train_gpt.TrainBatchLoader(s, runtime).next_step()
-    captured = []
-    hook = model.blocks[-1].register_forward_hook(lambda m, args, out: captured.append(out))
-    logits = model.logits(inputs)
-    hook.remove()
-    hidden = train_gpt.rms_norm(captured[-1])
-    head = s.logit_softcap * torch.tanh(hidden @ model.tok_emb.weight.T / s.logit_softcap)
-    assert torch.allclose(head, logits, atol=1e-5)
-    flat = hidden.flatten(0, 1)
-    assert torch.allclose(hessians["tok_emb.weight"], flat.T @ flat, rtol=1e-4, atol=1e-3)
+    expected = 0
+    for inputs, targets in train_gpt.TrainBatchLoader(s, runtime).calibration_batches(3):
+        captured = []
+        hook = model.blocks[-1].register_forward_hook(lambda m, args, out: captured.append(out))
+        logits = model.logits(inputs)
+        hook.remove()
+        hidden = train_gpt.rms_norm(captured[-1])
+        head = s.logit_softcap * torch.tanh(hidden @ model.tok_emb.weight.T / s.logit_softcap)
+        assert torch.allclose(head, logits, atol=1e-5)
+        flat = hidden.flatten(0, 1)
+        expected = expected + flat.T @ flat / 3
+    assert torch.allclose(hessians["tok_emb.weight"], expected, rtol=1e-4, atol=1e-3)
     assert {"blocks.0.attn.c_q.weight", "blocks.1.mlp.proj.weight"} <= hessians.keys()
 
 
@@ -140,7 +142,7 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
         assert result.returncode == 0, result.stderr[-3000:]
         assert "gptq: " in read_log(tmp_path, run_id)
         artifacts.append((tmp_path / "logs" / f"{run_id}.int6.ptz").read_bytes())
-    packed = torch.load(io.BytesIO(lzma.decompress(artifacts[0])))
+    packed = train_gpt.decompress_packed(artifacts[0])
     assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 31  # a GPTQ-rounded int6 matrix is in it
     assert artifacts[0] == artifacts[1]
 
@@ -183,8 +185,7 @@ def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypat
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     lines = []
-    packed = torch.load(io.BytesIO(lzma.decompress(train_gpt.export_artifact(model, settings, 0, lines.append,
-                                                                              hessians))))
+    packed = train_gpt.decompress_packed(train_gpt.export_artifact(model, settings, 0, lines.append, hessians))
     assert [line.split("; ")[1] for line in lines] == [f"now int{b} matrices, int{m} MLP matrices"
                                                        for b, m in train_gpt.FIT_CAP_STEPS]
     assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 7  # int4
@@ -203,3 +204,46 @@ def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
     code_bytes, lines = (REPO / "train_gpt.py").stat().st_size, []
     blob = train_gpt.export_artifact(model, settings, code_bytes, lines.append, hessians)
     assert len(blob) + code_bytes <= train_gpt.ARTIFACT_CAP_BYTES, len(blob)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ as the 1.0810 record rounds, run by the record's own code beside the kit's.
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    return load_record(tmp_path_factory.mktemp("record"), {"NUM_LAYERS": "1", "MODEL_DIM": "320", "NUM_HEADS": "4",
+                                                           "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "NUM_LOOPS": "0"})
+
+
+def test_gptq_gives_the_records_codes_and_scales_from_the_same_weights_and_hessian(record):
+    """Exactly equal, with inputs that never fire (their weights are zeroed) and rows of varied scale, in int6 at
+    the matrices' clip and int8 at the embedding's."""
+    torch.manual_seed(0)
+    for rows, cols, bits, sigmas in [(256, 192, 6, 12.85), (96, 384, 6, 12.85), (300, 128, 8, 20.0)]:
+        x = torch.randn(2 * cols, cols) @ (torch.eye(cols) + torch.randn(cols, cols) / cols**0.5)
+        x[:, [3, 50]] = 0
+        w = torch.randn(rows, cols) * 0.02 * (0.5 + torch.rand(rows, 1))
+        q, scale = train_gpt.gptq_quantize(w, x.T @ x, bits, sigmas)
+        record_q, record_scale = record.gptq_quantize_weight(w, x.T @ x, clip_sigmas=sigmas, clip_range=2**(bits - 1) - 1)
+        assert torch.equal(q, record_q) and torch.equal(scale, record_scale)
+        assert torch.equal(q[:, [3, 50]], torch.zeros(rows, 2, dtype=torch.int8))
+
+
+def test_default_export_quantizes_a_state_dict_as_the_records(record):
+    """The record's gptq_mixed_quantize on its own model's state dict: the same codes and scales, and every float
+    tensor of at most 65,536 values (control tensors too) as fp16."""
+    torch.manual_seed(0)
+    model = record.GPT(record.Hyperparameters())
+    state = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    hessians = {name: correlated_inputs_hessian(t.shape[1]) for name, t in state.items() if t.numel() > 65536}
+    result, meta = record.gptq_mixed_quantize(state, hessians, record.Hyperparameters())
+    s = Settings()
+    packed = train_gpt.quantize_state_dict(state, set(), s.export_bits,
+                                           gptq=(hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas))
+    assert packed["int8"].keys() == hessians.keys() and packed["float"].keys() == state.keys() - hessians.keys()
+    assert {"tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.proj.weight"} <= hessians.keys()
+    for name in hessians:
+        assert torch.equal(packed["int8"][name], result[name + ".q"]), name
+        assert torch.equal(packed["scales"][name], result[name + ".scale"]), name
+    for name, t in packed["float"].items():
+        assert t.dtype == torch.float16 and torch.equal(t, result[name]), name

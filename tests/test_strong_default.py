@@ -52,7 +52,7 @@ def test_strong_is_the_default_and_variables_override_either_preset():
     strong = Settings.from_env({})
     assert strong == Settings() and strong.preset == "strong"
     assert (strong.num_layers, strong.mlp_mult, strong.train_seq_len, strong.export_format) == \
-        (11, 3, 2048, "int6+lzma")
+        (11, 3, 2048, "int6+brotli")
     assert Settings.for_preset("baseline") == Settings.from_env({"PRESET": "baseline"})
     assert Settings.from_env({"PRESET": "baseline", "EMA_DECAY": "0.9"}).ema_decay == 0.9
     assert Settings.from_env({"PRESET": "strong", "NUM_LAYERS": "7", "RECUR_LAYERS": "3"}).num_layers == 7
