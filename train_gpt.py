@@ -1231,7 +1231,7 @@ class Trainer:
         torch.manual_seed(settings.seed)
         self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
         # As the record and the official baseline: in bf16 runs only the linear weights and control tensors stay
-        # fp32, so the token embedding (also the tied head) is stored, updated and averaged in bf16.
+        # fp32, so the token embedding (also the tied head) is stored and updated in bf16.
         self.model.tok_emb.to(runtime.compute_dtype)
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model

@@ -128,3 +128,15 @@ def test_logits_differ_when_one_setting_is_changed_back(record, changed_back):
     with torch.no_grad():
         ours_logits, theirs_logits = ours.logits(ids), theirs.forward_logits(ids)
     assert (ours_logits - theirs_logits).abs().max() > 1e-3 * theirs_logits.abs().max()
+
+
+def test_bf16_runs_keep_the_same_tensors_in_bf16_as_the_record(record, monkeypatch):
+    """The record casts its model to bf16 and restores the linear weights and control tensors to fp32: the token
+    embedding (the tied head) stays bf16. The kit's Trainer with a bf16 compute dtype stores each tensor alike."""
+    theirs = record.GPT(record.Hyperparameters()).bfloat16()
+    record.restore_fp32_params(theirs)
+    monkeypatch.setattr(train_gpt, "TrainBatchLoader", lambda *args: None)  # no data needed to build the model
+    runtime = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.bfloat16, False)
+    ours = train_gpt.Trainer(Settings(**REDUCED_KIT), runtime).model
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert ours.tok_emb.weight.dtype == torch.bfloat16
