@@ -85,27 +85,41 @@ def record_layout_data(tmp_path_factory) -> Path:
     return root
 
 
-def run(script: Path, env: dict, cwd: Path) -> str:
+def start(script: Path, env: dict, cwd: Path) -> subprocess.Popen:
+    """`python3 script` in cwd, one thread, its output into cwd/output.txt (no pipe to fill while the other runs)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     full_env.update({k: str(v) for k, v in env.items()}, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, str(script)], env=full_env, cwd=cwd, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+    with open(cwd / "output.txt", "w", encoding="utf-8") as output:
+        return subprocess.Popen([sys.executable, str(script)], env=full_env, cwd=cwd, stdout=output,
+                                stderr=subprocess.STDOUT)
+
+
+def finished_output(process: subprocess.Popen, cwd: Path) -> str:
+    returncode = process.wait(timeout=600)
+    output = (cwd / "output.txt").read_text(encoding="utf-8")
+    assert returncode == 0, output[-5000:]
+    return output
 
 
 @pytest.fixture(scope="module")
-def record_log(tmp_path_factory, record_layout_data) -> str:
-    folder = tmp_path_factory.mktemp("record_run")
-    return run(record_copy(folder), {**RECORD_ENV, "DATA_DIR": f"{record_layout_data}/"}, folder)
+def logs(tmp_path_factory, record_layout_data) -> tuple[str, str]:
+    """The record's output and the kit's, both run at once (one thread each: 2 cores run both in the time of one)."""
+    record_folder, kit_folder = tmp_path_factory.mktemp("record_run"), tmp_path_factory.mktemp("kit_run")
+    record = start(record_copy(record_folder), {**RECORD_ENV, "DATA_DIR": f"{record_layout_data}/"}, record_folder)
+    kit = start(REPO / "train_gpt.py", {**KIT_ENV, "DATA_PATH": record_layout_data / "datasets" / "fineweb10B_sp1024",
+                                        "TOKENIZER_PATH": record_layout_data / "tokenizers" / "fineweb_1024_bpe.model"},
+                kit_folder)
+    return finished_output(record, record_folder), finished_output(kit, kit_folder)
 
 
 @pytest.fixture(scope="module")
-def kit_log(tmp_path_factory, record_layout_data) -> str:
-    folder = tmp_path_factory.mktemp("kit_run")
-    return run(REPO / "train_gpt.py", {**KIT_ENV, "DATA_PATH": record_layout_data / "datasets" / "fineweb10B_sp1024",
-                                       "TOKENIZER_PATH": record_layout_data / "tokenizers" / "fineweb_1024_bpe.model"},
-               folder)
+def record_log(logs) -> str:
+    return logs[0]
+
+
+@pytest.fixture(scope="module")
+def kit_log(logs) -> str:
+    return logs[1]
 
 
 def record_train_losses(log: str) -> list[float]:
