@@ -155,8 +155,8 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
 
 
 def test_two_ranks_export_the_same_gptq_artifact_as_one(tmp_path, tiny_dataset):
-    """Each rank calibrates on its share of the batch and the hessians are summed: rank 0 rounds with the same
-    H as one process that saw the whole batch. Two ranks train the same math up to float rounding, so a few
+    """Each rank calibrates on its share of the calibration batches and the hessians are summed: rank 0 rounds
+    with the same H as one process that saw all of them. Two ranks train the same math up to float rounding, so a few
     weights may round the other way (40 of 1.0M seen); rank 0 rounding with its own half-batch H: 14%."""
     artifacts = []
     for run_id, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
@@ -188,7 +188,8 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
 
 def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
-    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384})  # c_q: 147k weights
+    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
+                                                "export_format": "int6+lzma"})  # four passes: lzma is the faster
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     lines = []
@@ -201,10 +202,10 @@ def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypat
 
 
 def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
-    """SLOW (225 s on a shared 2-core box: GPTQ over 30M weights, then one lzma pass over them, the larger part).
+    """SLOW (225 s on a shared 2-core box with int6+lzma: GPTQ over 30M weights, then one compression pass).
     The default export (GPTQ, int6 matrices, int8 embedding) of the default model with an 8192 x 512 embedding,
     Gaussian rows as in test_default_model_artifact_fits_the_cap, fits 16,000,000 bytes (14,387,436 model bytes
-    measured, in int6 at once)."""
+    measured with int6+lzma, before int6+brotli became the default, in int6 at once)."""
     settings = Settings(vocab_size=8192)
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
