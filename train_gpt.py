@@ -555,7 +555,7 @@ class TrainBatchLoader:
         check_token_ids(rows, self.vocab_size, f"the train shards in {os.path.dirname(self.paths[0])}")
         rows = torch.from_numpy(rows.astype(np.int64))
         rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
-        return rows[:, :-1].to(self.rt.device), rows[:, 1:].to(self.rt.device)
+        return rows[:, :-1].contiguous().to(self.rt.device), rows[:, 1:].contiguous().to(self.rt.device)
 
 
 @dataclass

@@ -13,7 +13,14 @@ import train_gpt
 from reference_record import load_record
 from train_gpt import Settings
 
-pytestmark = pytest.mark.skipif(train_gpt.brotli is None, reason="brotli is not installed")
+needs_brotli = pytest.mark.skipif(train_gpt.brotli is None, reason="brotli is not installed")
+
+
+def test_brotli_format_without_the_brotli_package_is_a_settings_error(monkeypatch):
+    monkeypatch.setattr(train_gpt, "brotli", None)
+    with pytest.raises(train_gpt.SettingsError, match=r"^EXPORT_FORMAT='int6\+brotli' is invalid: .* pip install"):
+        Settings.from_env({})
+    assert Settings.from_env({"EXPORT_FORMAT": "int6+lzma"}).export_format == "int6+lzma"
 
 
 def packed_model(**settings) -> dict:
@@ -32,6 +39,7 @@ def assert_same_packed(a: dict, b: dict) -> None:
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@needs_brotli
 @pytest.mark.parametrize("export_format", train_gpt.EXPORT_FORMATS)
 def test_every_format_loads_back_by_its_own_header(export_format):
     packed = packed_model()
@@ -46,6 +54,7 @@ def test_artifacts_written_before_brotli_still_load():
         assert_same_packed(train_gpt.decompress_packed(blob), packed)
 
 
+@needs_brotli
 def test_default_format_is_the_records_shuffle_and_brotli(tmp_path):
     """The record's own _decompress reads the kit's default blob: the same byte shuffle, brotli stream."""
     assert Settings().export_format == "int6+brotli" and Settings.for_preset("baseline").export_format == "int8+zlib"
@@ -55,6 +64,7 @@ def test_default_format_is_the_records_shuffle_and_brotli(tmp_path):
     assert_same_packed(torch.load(io.BytesIO(raw)), packed)
 
 
+@needs_brotli
 def test_model_bytes_are_no_more_than_the_records_for_the_same_codes(tmp_path):
     """The record saves {'w': codes, scales and fp16 tensors, 'm': a description per tensor}; the kit its packed
     dict. Same tensors, same compressor: the kit's container may not cost more (the cap counts every byte)."""

@@ -80,6 +80,13 @@ def test_gptq_time_is_reserved_inside_the_wallclock_cap():
     assert Settings.from_env({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10", "EXPORT_QUANT": "rtn"})
 
 
+def test_gptq_calibrates_and_reserves_time_as_the_record_by_default():
+    s = Settings.from_env({})
+    assert (s.gptq_calibration_batches, s.gptq_reserve_seconds) == (64, 12.0)
+    with pytest.raises(train_gpt.SettingsError, match="^GPTQ_CALIBRATION_BATCHES=0 is invalid"):
+        Settings.from_env({"GPTQ_CALIBRATION_BATCHES": "0"})
+
+
 def test_export_quant_names_a_known_rounding():
     assert Settings.from_env({}).export_quant == "gptq"
     assert Settings.from_env({"PRESET": "baseline"}).export_quant == "rtn"  # the baseline stays exact
@@ -148,8 +155,8 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
 
 
 def test_two_ranks_export_the_same_gptq_artifact_as_one(tmp_path, tiny_dataset):
-    """Each rank calibrates on its share of the batch and the hessians are summed: rank 0 rounds with the same
-    H as one process that saw the whole batch. Two ranks train the same math up to float rounding, so a few
+    """Each rank calibrates on its share of the calibration batches and the hessians are summed: rank 0 rounds
+    with the same H as one process that saw all of them. Two ranks train the same math up to float rounding, so a few
     weights may round the other way (40 of 1.0M seen); rank 0 rounding with its own half-batch H: 14%."""
     artifacts = []
     for run_id, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
@@ -181,7 +188,8 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
 
 def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
-    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384})  # c_q: 147k weights
+    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
+                                                "export_format": "int6+lzma"})  # four passes: lzma is the faster
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     lines = []
@@ -194,10 +202,10 @@ def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypat
 
 
 def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
-    """SLOW (225 s on a shared 2-core box: GPTQ over 30M weights, then one lzma pass over them, the larger part).
+    """SLOW (225 s on a shared 2-core box with int6+lzma: GPTQ over 30M weights, then one compression pass).
     The default export (GPTQ, int6 matrices, int8 embedding) of the default model with an 8192 x 512 embedding,
     Gaussian rows as in test_default_model_artifact_fits_the_cap, fits 16,000,000 bytes (14,387,436 model bytes
-    measured, in int6 at once)."""
+    measured with int6+lzma, before int6+brotli became the default, in int6 at once)."""
     settings = Settings(vocab_size=8192)
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
@@ -230,20 +238,23 @@ def test_gptq_gives_the_records_codes_and_scales_from_the_same_weights_and_hessi
 
 
 def test_default_export_quantizes_a_state_dict_as_the_records(record):
-    """The record's gptq_mixed_quantize on its own model's state dict: the same codes and scales, and every float
-    tensor of at most 65,536 values (control tensors too) as fp16."""
+    """The record's gptq_mixed_quantize on the same state dict and hessians: the default export has the same codes
+    and scales, and every float tensor of at most 65,536 values (control tensors too) in fp16."""
+    s = Settings(vocab_size=1024, num_layers=1, model_dim=320, num_heads=4, num_kv_heads=2, recur_layers="")
     torch.manual_seed(0)
-    model = record.GPT(record.Hyperparameters())
-    state = {k: v + 0.02 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    model = train_gpt.GPT(s)
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    state = model.state_dict()
     hessians = {name: correlated_inputs_hessian(t.shape[1]) for name, t in state.items() if t.numel() > 65536}
-    result, meta = record.gptq_mixed_quantize(state, hessians, record.Hyperparameters())
-    s = Settings()
-    packed = train_gpt.quantize_state_dict(state, set(), s.export_bits,
-                                           gptq=(hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas))
-    assert packed["int8"].keys() == hessians.keys() and packed["float"].keys() == state.keys() - hessians.keys()
     assert {"tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.proj.weight"} <= hessians.keys()
+    hessians["blocks.0.mlp.fc.weight"][7], hessians["blocks.0.mlp.fc.weight"][:, 7] = 0, 0  # an input never fires
+    result, meta = record.gptq_mixed_quantize(state, hessians, record.Hyperparameters())
+    packed = train_gpt.decompress_packed(train_gpt.export_artifact(model, s, 0, print, hessians))
+    assert packed["int8"].keys() == hessians.keys() and packed["float"].keys() == state.keys() - hessians.keys()
     for name in hessians:
         assert torch.equal(packed["int8"][name], result[name + ".q"]), name
         assert torch.equal(packed["scales"][name], result[name + ".scale"]), name
+    assert model.control_tensor_names() <= packed["float"].keys()
     for name, t in packed["float"].items():
         assert t.dtype == torch.float16 and torch.equal(t, result[name]), name

@@ -197,6 +197,13 @@ def test_token_ids_beyond_the_vocabulary_are_rejected_when_read(tmp_path):
         train_gpt.TrainBatchLoader(settings, cpu_runtime()).next_step()
 
 
+def test_the_default_is_the_records_eight_gpu_loader_and_the_baseline_the_official_one():
+    assert train_gpt.Settings.from_env({}).loader_streams == 8
+    assert train_gpt.Settings.from_env({"PRESET": "baseline"}).loader_streams == 0
+    with pytest.raises(train_gpt.SettingsError, match=r"^LOADER_STREAMS=-1 is invalid"):
+        train_gpt.Settings.from_env({"LOADER_STREAMS": "-1"})
+
+
 def test_shards_without_one_sequence_are_an_error_at_start(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5))
     settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=16)
