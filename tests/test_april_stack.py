@@ -34,12 +34,14 @@ def test_baseline_preset_keeps_the_1024_vocabulary_and_its_files_with_every_apri
 
 def test_the_1_0810_records_settings_are_the_default():
     s = Settings()
-    assert (s.recur_layer_ids, s.num_loops, s.recur_start_frac, s.qk_gain_init, s.mlp_mult) == ([3, 4, 5], 2, 0.35, 5.25, 4)
+    assert (s.recur_layer_ids, s.num_loops, s.recur_start_frac, s.qk_gain_init, s.mlp_mult) == \
+        ([3, 4, 5], 2, 0.35, 5.25, 4)
     assert (s.matrix_lr, s.muon_momentum, s.muon_momentum_warmup_start, s.muon_momentum_warmup_steps) == \
         (0.022, 0.99, 0.92, 1500)
     assert (s.muon_weight_decay, s.embed_weight_decay, s.scalar_weight_decay, s.muon_ns_coeffs) == \
         (0.095, 0.085, 0.02, "fixed")
-    assert (s.tied_embed_lr, s.scalar_lr, s.warmdown_frac, s.ema_decay, s.grad_clip_norm) == (0.03, 0.02, 0.72, 0.9965, 0.3)
+    assert (s.tied_embed_lr, s.scalar_lr, s.warmdown_frac, s.ema_decay, s.grad_clip_norm) == \
+        (0.03, 0.02, 0.72, 0.9965, 0.3)
     assert (s.skip_gates, s.ortho_init, s.val_loss_every, s.train_log_every) == (1, 1, 4000, 500)
     assert (s.smear_gate, s.ttt_epochs, s.ttt_lr, s.ttt_chunk_tokens) == (0, 3, 0.005, 32_768)
 

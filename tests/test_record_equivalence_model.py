@@ -49,7 +49,7 @@ def perturbed_record_model(record, seed: int = 0):
 
 
 def assert_close_relative(ours: torch.Tensor, theirs: torch.Tensor, rtol: float) -> None:
-    """|ours - theirs| <= rtol x the largest |theirs|: logits near 0 have no meaningful relative error."""
+    """|ours - theirs| <= rtol x the largest |theirs|: values near 0 have no meaningful relative error."""
     error = (ours - theirs).abs().max().item()
     assert error <= rtol * theirs.abs().max().item(), f"max difference {error:.3g}, scale {theirs.abs().max():.3g}"
 
