@@ -18,6 +18,7 @@ import fcntl
 import gc
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import lzma
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # for EXPORT_FORMAT
 ARTIFACT_CAP_BYTES = 16_000_000
 # The published exports (SPEC.md): validation tokens, to catch another split; tokenizer sha256s, named in the log.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
@@ -65,7 +67,8 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults: the strong configuration. Fractions are of the training time (see training_progress)."""
+    """Defaults: the strong configuration, the recipe of the 1.0810 record (2026-04-09; tests/test_record_*.py
+    prove it equal to the record's code). Fractions are of the training time (see training_progress)."""
     preset: str = "strong"  # strong | baseline | smoke (PRESETS): applied before the other variables
     # Data and run bookkeeping.
     data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
@@ -78,8 +81,8 @@ class Settings:
     optimize_ddp: int = 0  # 1: dynamo splits the compiled DDP graph at the gradient buckets; 0: one graph (the record)
     # Evaluation and logging.
     val_batch_size: int = 524_288
-    val_loss_every: int = 1000
-    train_log_every: int = 200
+    val_loss_every: int = 4000
+    train_log_every: int = 500
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
     eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
     ttt_epochs: int = 3  # score-first test-time training: epochs on each chunk once it is scored; 0: off
@@ -89,12 +92,11 @@ class Settings:
     # Schedule and batch.
     iterations: int = 20_000
     warmdown_iters: int = 1200  # used when WARMDOWN_FRAC=0
-    warmdown_frac: float = 0.6  # linear LR decay over this last fraction of training
-    min_lr_frac: float = 0.1  # LR floor, as a fraction of the peak LR
-    lr_warmup_frac: float = 0.0  # linear LR warm-up over this first fraction of training
+    warmdown_frac: float = 0.72  # linear LR decay to 0 over this last fraction of training
     warmup_steps: int = 20
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
+    loader_streams: int = 8  # the sequences of the record's loader on this many GPUs (its 8); 0: shards in order
     grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
     max_wallclock_seconds: float = 600.0
     # Model.
@@ -103,7 +105,7 @@ class Settings:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: int = 3
+    mlp_mult: int = 4
     mlp_leaky_slope: float = 0.5  # MLP activation leaky_relu(x, slope)^2; 0 is relu^2
     tie_embeddings: int = 1
     rope_base: float = 10000.0
@@ -111,39 +113,44 @@ class Settings:
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
     parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
-    recur_layers: str = "3,4,5"  # contiguous block indices run a second time (shared weights); "": none
-    recur_start_frac: float = 0.5  # ... from this fraction of training on
+    recur_layers: str = "3,4,5"  # contiguous block indices run again (shared weights); "": none
+    num_loops: int = 2  # ... this many extra times
+    recur_start_frac: float = 0.35  # ... from this fraction of training on
+    skip_gates: int = 1  # 1: each U-Net skip is mixed in by a learned sigmoid gate; 0: added
     logit_softcap: float = 30.0
     qk_gain_init: float = 5.25
     tied_embed_init_std: float = 0.005
-    smear_gate: int = 1  # 1: each position adds a gated share of the previous token's embedding (not across BOS)
+    ortho_init: int = 1  # 1: orthogonal matrices (the record's init); 0: PyTorch's default (the baseline's)
+    smear_gate: int = 0  # 1: each position adds a gated share of the previous token's embedding (not across BOS)
     # Optimizers.
     embed_lr: float = 0.6
     head_lr: float = 0.008
-    tied_embed_lr: float = 0.035
-    matrix_lr: float = 0.025
-    scalar_lr: float = 0.025
-    muon_momentum: float = 0.97
+    tied_embed_lr: float = 0.03
+    matrix_lr: float = 0.022
+    scalar_lr: float = 0.02
+    muon_momentum: float = 0.99
     muon_backend_steps: int = 5
-    muon_ns_coeffs: str = "polar"  # polar: per-iteration Polar Express coefficients | fixed: one quintic
+    muon_ns_coeffs: str = "fixed"  # fixed: one quintic | polar: per-iteration Polar Express coefficients
     muon_row_norm: int = 1  # 1: normalise each row of the update before Newton-Schulz
-    muon_weight_decay: float = 0.09  # decoupled: W <- W (1 - lr wd) - lr update
+    muon_weight_decay: float = 0.095  # decoupled: W <- W (1 - lr wd) - lr update
+    embed_weight_decay: float = 0.085  # the same for the token embedding (AdamW)
+    scalar_weight_decay: float = 0.02  # ... and for the control tensors (AdamW)
     muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 500  # used when MUON_MOMENTUM_WARMUP_FRAC=0
-    muon_momentum_warmup_frac: float = 0.3
+    muon_momentum_warmup_steps: int = 1500
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997  # export an EMA of the weights, updated every step; 0: the raw weights
+    ema_decay: float = 0.9965  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
-    export_format: str = "int6+lzma"  # <int6|int8>+<lzma|zlib>
-    export_fit_cap: int = 1  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
+    export_format: str = "int6+brotli"  # <int6|int8>+<brotli|lzma|zlib>
+    export_fit_cap: int = 0  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
     export_packed_code: int = 1  # 1: the fit and the Total line count this file packed (pack_code), as shipped
     export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: clip search
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
     gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
-    gptq_reserve_seconds: float = 10.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
+    gptq_reserve_seconds: float = 12.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
+    gptq_calibration_batches: int = 64  # micro-batches of training sequences whose layer inputs make the hessians
 
     @classmethod
     def from_env(cls, env=os.environ) -> Settings:
@@ -196,21 +203,21 @@ class Settings:
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
-                     "ttt_chunk_tokens"):
+                     "ttt_chunk_tokens", "gptq_calibration_batches"):
             require(getattr(s, name) >= 1, name.upper(), getattr(s, name), "a whole number >= 1")
         for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "max_val_tokens",
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
                      "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
-                     "muon_weight_decay", "gptq_reserve_seconds", "ttt_epochs", "ttt_lr"):
+                     "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay", "gptq_reserve_seconds",
+                     "ttt_epochs", "ttt_lr", "num_loops", "loader_streams"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
-        for name in ("warmdown_frac", "min_lr_frac", "lr_warmup_frac", "recur_start_frac",
-                     "muon_momentum_warmup_frac"):
+        for name in ("warmdown_frac", "recur_start_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
         for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "export_packed_code", "overwrite", "smear_gate",
-                     "tie_embeddings", "eval_sliding", "optimize_ddp"):
+                     "tie_embeddings", "eval_sliding", "optimize_ddp", "skip_gates", "ortho_init"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -223,6 +230,8 @@ class Settings:
                 s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
         require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
                 "a name without path separators, at most 200 bytes (it names files)")
+        require(brotli or "brotli" not in s.export_format, "EXPORT_FORMAT", s.export_format,
+                "int6+lzma or int8+zlib unless the brotli package is installed: pip install -r requirements.txt")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
         require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
         require((s.model_dim // s.num_heads) % 8 == 0 and s.model_dim // s.num_heads <= 256, "MODEL_DIM", s.model_dim,
@@ -252,17 +261,18 @@ class Settings:
 
 # PRESET=baseline: the naive baseline of SPEC.md, every technique off. PRESET=smoke: every stage in seconds on a CPU.
 PRESETS = {"strong": {}, "baseline": dict(
-    vocab_size=1024, eval_stride=0, ttt_epochs=0, warmdown_frac=0.0, min_lr_frac=0.0, train_batch_tokens=524_288,
-    train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0, ln_scale=0, xsa_last_n=0,
-    parallel_last_n=0, recur_layers="", smear_gate=0, qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04,
-    scalar_lr=0.04, muon_momentum=0.95, muon_ns_coeffs="fixed", muon_row_norm=0, muon_weight_decay=0.0,
-    muon_momentum_warmup_start=0.85, muon_momentum_warmup_frac=0.0, grad_clip_norm=0.0, ema_decay=0.0,
-    export_format="int8+zlib", export_quant="rtn"), "smoke": dict(  # on what data/build_smoke_dataset.py writes
+    vocab_size=1024, eval_stride=0, ttt_epochs=0, val_loss_every=1000, train_log_every=200, warmdown_frac=0.0,
+    train_batch_tokens=524_288, train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0,
+    ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="", skip_gates=0, ortho_init=0, qk_gain_init=1.5,
+    tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95, muon_row_norm=0, muon_weight_decay=0.0,
+    embed_weight_decay=0.0, scalar_weight_decay=0.0, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
+    grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn", loader_streams=0),
+    "smoke": dict(  # on what data/build_smoke_dataset.py writes
     data_path="./data/smoke/datasets/fineweb10B_smoke", tokenizer_path="./data/smoke/tokenizers/fineweb_512_bpe.model",
     vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2, recur_layers="1",
     train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
     warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096)}
-EXPORT_FORMATS = ("int6+lzma", "int6+zlib", "int8+lzma", "int8+zlib")
+EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 
 def parse_setting(name: str, raw: str, kind: type):
@@ -470,56 +480,97 @@ def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
 
 
 class TokenStream:
-    """The training shards read in order as one endless stream of tokens."""
+    """The training shards read in order as one endless stream of tokens (the official loader)."""
 
-    def __init__(self, data_path: str, vocab_size: int):
-        self.paths, self.vocab_size = shard_paths(data_path, "train", vocab_size), vocab_size
-        if sum(shard_token_count(p) for p in self.paths) == 0:  # all headers now, not after the training time
-            raise ValueError(f"the train shards in {data_path} hold no tokens: download them again")
-        self.shard_index, self.position = -1, 0
-        self.tokens = np.empty(0, dtype=np.uint16)
+    def __init__(self, paths: list[str], vocab_size: int, seq_len: int):
+        self.paths, self.vocab_size, self.seq_len = paths, vocab_size, seq_len
+        self.shard_index, self.position, self.tokens = -1, 0, np.empty(0, dtype=np.uint16)
 
-    def _next_shard(self) -> None:
-        self.shard_index = (self.shard_index + 1) % len(self.paths)
-        self.tokens = read_shard(self.paths[self.shard_index])
-        check_token_ids(self.tokens, self.vocab_size, self.paths[self.shard_index])
-        self.position = 0
-
-    def take(self, n: int) -> np.ndarray:
-        pieces = []
+    def sequences(self, count: int) -> list[tuple[np.ndarray, int]]:  # one block: each overlaps the next by 1
+        pieces, n = [], count * self.seq_len + 1
         while n > 0:
             if self.position >= self.tokens.size:
-                self._next_shard()
-            piece = self.tokens[self.position:self.position + n]
-            pieces.append(piece)
-            self.position += piece.size
-            n -= piece.size
-        return np.concatenate(pieces)
+                self.shard_index = (self.shard_index + 1) % len(self.paths)
+                self.tokens, self.position = read_shard(self.paths[self.shard_index]), 0
+                check_token_ids(self.tokens, self.vocab_size, self.paths[self.shard_index])
+            pieces.append(self.tokens[self.position:self.position + n])
+            self.position, n = self.position + pieces[-1].size, n - pieces[-1].size
+        block = np.concatenate(pieces)
+        return [(block, i * self.seq_len) for i in range(count)]
+
+
+class ShuffledSequences:
+    """The 1.0810 record's ShuffledSequenceLoader on its rank v of n: shards paths[v::n], numpy PCG64(v). Each shard
+    is cut at a random phase into sequences in a random order; each sequence comes from a shard drawn with
+    probability its sequences left; once all are used, all shards are cut again."""
+
+    def __init__(self, paths: list[str], counts: list[int], v: int, n: int, seq_len: int):
+        self.paths, self.counts, self.seq_len = paths[v::n], counts[v::n], seq_len
+        self.rng = np.random.Generator(np.random.PCG64(v))
+        self.maps = [np.memmap(p, "<u2", "r", SHARD_HEADER_BYTES, (c,)) for p, c in zip(self.paths, self.counts)]
+        self.starts = [self.cut(i) for i in range(len(self.paths))]
+        if not any(self.starts):
+            raise ValueError(f"the train shards {', '.join(self.paths)} hold no TRAIN_SEQ_LEN + 1 = {seq_len + 1} "
+                             f"tokens: download them again or lower TRAIN_SEQ_LEN")
+
+    def cut(self, i: int) -> list[int]:
+        num_tokens, seq_len = self.counts[i], self.seq_len
+        max_phase = min(seq_len - 1, max(0, num_tokens - seq_len - 1))
+        phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        return (phase + self.rng.permutation(max(0, num_tokens - 1 - phase) // seq_len) * seq_len).tolist()
+
+    def sequences(self, count: int) -> list[tuple[np.ndarray, int]]:  # (tokens, start): read when sliced
+        drawn = []
+        for _ in range(count):
+            if not any(self.starts):
+                self.starts = [self.cut(i) for i in range(len(self.paths))]
+            remaining = np.array([len(s) for s in self.starts], dtype=np.float64)
+            i = int(self.rng.choice(len(self.paths), p=remaining / remaining.sum()))
+            drawn.append((self.maps[i], self.starts[i].pop()))
+        return drawn
 
 
 class TrainBatchLoader:
-    """Each step takes one block of TRAIN_BATCH_TOKENS + 1 tokens from the stream and cuts it into
-    sequences; sequence j goes to micro-step j // (world x sequences per micro-batch) of its rank.
-    Every world size and accumulation count therefore trains on exactly the same sequences."""
+    """A step's TRAIN_BATCH_TOKENS / TRAIN_SEQ_LEN sequences: j goes to micro-step j // (world x micro-batch) of
+    rank j // micro-batch % world, so every world size and accumulation count trains on the same sequences: with
+    LOADER_STREAMS=N, the v-th N-th of them from stream v (the record's GPU v of N; one per shard if fewer); with 0,
+    one block of the shards read in order (the official loader). A rank reads only its own sequences."""
 
     def __init__(self, settings: Settings, runtime: Runtime):
-        self.stream = TokenStream(settings.data_path, settings.vocab_size)
-        self.batch_tokens, self.seq_len, self.rt = settings.train_batch_tokens, settings.train_seq_len, runtime
-        self.micro_seqs = self.batch_tokens // (self.seq_len * runtime.world_size * runtime.grad_accum_steps)
+        s, rt, self.rt = settings, runtime, runtime
+        self.vocab_size, self.seq_len = s.vocab_size, s.train_seq_len
+        self.paths = shard_paths(s.data_path, "train", s.vocab_size)
+        self.counts = [shard_token_count(p) for p in self.paths]  # all headers now, not after the training time
+        if sum(self.counts) == 0:
+            raise ValueError(f"the train shards in {s.data_path} hold no tokens: download them again")
+        self.num_streams, seqs = min(s.loader_streams, len(self.paths)), s.train_batch_tokens // s.train_seq_len
+        self.micro_seqs, n = seqs // (rt.world_size * rt.grad_accum_steps), max(1, self.num_streams)
+        self.mine = [(m * rt.world_size + rt.rank) * self.micro_seqs + i  # this rank's sequences, micro-step by step
+                     for m in range(rt.grad_accum_steps) for i in range(self.micro_seqs)]
+        self.parts = {v: range(-(-v * seqs // n), -(-(v + 1) * seqs // n)) for v in range(n)}
+        self.stream = partial(ShuffledSequences, self.paths, self.counts, n=n, seq_len=self.seq_len) if \
+            self.num_streams else lambda v: TokenStream(self.paths, self.vocab_size, self.seq_len)
+        self.streams = {v: self.stream(v) for v, part in self.parts.items() if set(part) & set(self.mine)}
 
     def next_step(self) -> list[tuple[Tensor, Tensor]]:
-        block = self.stream.take(self.batch_tokens + 1)
-        span = self.micro_seqs * self.seq_len
-        batches = []
-        for micro in range(self.rt.grad_accum_steps):
-            start = (micro * self.rt.world_size + self.rt.rank) * span
-            local = torch.from_numpy(block[start:start + span + 1].astype(np.int64))  # only this rank's part
-            if self.rt.device.type == "cuda":
-                local = local.pin_memory().to(self.rt.device, non_blocking=True)
-            else:
-                local = local.to(self.rt.device)
-            batches.append((local[:-1].view(-1, self.seq_len), local[1:].view(-1, self.seq_len)))
-        return batches
+        drawn = {}
+        for v, stream in self.streams.items():  # a stream draws all its sequences, to stay in step
+            drawn.update(zip(self.parts[v], stream.sequences(len(self.parts[v]))))
+        mine = [drawn[j] for j in self.mine]
+        return [self.batch(mine[i:i + self.micro_seqs]) for i in range(0, len(mine), self.micro_seqs)]
+
+    def calibration_batches(self, count: int):
+        """GPTQ's: `count` micro-batches of stream 0 (the record's rank 0) from its start, every world-th per rank."""
+        drawn = self.stream(0).sequences(count * self.micro_seqs)
+        for b in range(self.rt.rank, count, self.rt.world_size):
+            yield self.batch(drawn[b * self.micro_seqs:(b + 1) * self.micro_seqs])
+
+    def batch(self, sequences: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
+        rows = np.stack([tokens[start:start + self.seq_len + 1] for tokens, start in sequences])
+        check_token_ids(rows, self.vocab_size, f"the train shards in {os.path.dirname(self.paths[0])}")
+        rows = torch.from_numpy(rows.astype(np.int64))
+        rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
+        return rows[:, :-1].contiguous().to(self.rt.device), rows[:, 1:].contiguous().to(self.rt.device)
 
 
 @dataclass
@@ -744,8 +795,8 @@ class Evaluator:
 
 # ----------------------------------------------------------------------------------------------
 # Export: per-row quantisation of matrices, rounded by GPTQ or plainly (int8, or int6 with the embedding in
-# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then zlib or lzma. The
-# compressor is told apart by its own header (xz magic), so loading is unambiguous.
+# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then brotli, lzma or zlib. The
+# compressor is told apart by its own header, so loading is unambiguous.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -784,15 +835,18 @@ def quantize_clip_search(t: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022): per-row int<bits> with the clip at clip_sigmas x the row's std, rounded column
-    by column (largest input energy first); each column's rounding error is spread over the columns not yet
-    rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move least."""
-    W, qmax = w.to(H.device, torch.float32).clone(), 2 ** (bits - 1) - 1
-    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-14).half().float()
-    # Damped for a well-conditioned inverse; inputs that never fire (diagonal 0) get plain rounding.
-    H = H.float() + torch.diag((H.diagonal() == 0) + 0.01 * H.diagonal().mean())
+    """GPTQ (Frantar et al. 2022), rounding as the 1.0810 record's: per-row int<bits> with the clip at clip_sigmas x
+    the row's std, rounded column by column (largest input energy first); each column's rounding error is spread
+    over the columns not yet rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move
+    least. Inputs that never fire (diagonal 0) lose their weights."""
+    W, H, qmax = w.to(H.device, torch.float32), H.float().clone(), 2 ** (bits - 1) - 1
+    scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()  # the record's 1e-10: 0 in fp16
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    H.diagonal().add_(0.01 * H.diagonal().mean())  # damped for a well-conditioned inverse
     order = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, order].T.contiguous(), H[order][:, order]  # W^T: the columns to round are contiguous rows
+    W[dead[order]] = 0
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
     Q = torch.zeros_like(W)
     for a in range(0, W.size(0), block):  # lazy batch updates: the far columns take one matmul per block
@@ -808,8 +862,9 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
-    """H = X^T X of each matrix's inputs over one batch of TRAINING tokens (a fresh loader: the stream's start,
-    never validation), summed over ranks; the tied embedding's inputs are the final hidden states it scores."""
+    """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens
+    (stream 0 afresh, as the record's rank 0; never validation) shared by the ranks; the tied embedding's inputs
+    are the final hidden states it scores."""
     hessians, last = {}, {}
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
@@ -817,7 +872,7 @@ def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> 
     hooks = [m.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
              for name, m in model.named_modules() if isinstance(m, CastedLinear)]
     hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last.update(x=out)))
-    for inputs, targets in TrainBatchLoader(settings, runtime).next_step():
+    for inputs, targets in TrainBatchLoader(settings, runtime).calibration_batches(settings.gptq_calibration_batches):
         model(inputs, targets)
         if model.lm_head is None:
             add("tok_emb.weight", rms_norm(last["x"]))  # the output head's input, as GPT.logits computes it
@@ -825,7 +880,7 @@ def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> 
         hook.remove()
     for H in hessians.values() if runtime.distributed else ():
         dist.all_reduce(H)
-    return hessians
+    return {name: H / settings.gptq_calibration_batches for name, H in hessians.items()}
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
@@ -836,7 +891,7 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
 def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
                         mlp_bits: int | None = None, gptq: tuple[dict, float, float] | None = None) -> dict:
     """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales; the embedding, also the tied
-    output head, stays int8; control tensors stay fp32; other small tensors go fp16. All in int8 storage.
+    output head, stays int8; control_names stay fp32; other small tensors go fp16. All in int8 storage.
     gptq = (hessians, clip sigmas, embedding clip sigmas): matrices with a hessian are rounded by GPTQ."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
@@ -866,22 +921,34 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
     return {name: t.to(getattr(torch, packed["dtypes"][name])) for name, t in state_dict.items()}
 
 
-XZ_MAGIC = b"\xfd7zXZ\x00"
+XZ_MAGIC, ZLIB_HEADER, SHUFFLE_MAGIC = b"\xfd7zXZ\x00", b"\x78", b"BSHF\x02"
 PACKED_CODE = (b'# -*- coding: latin-1 -*-\nimport brotli;exec(brotli.decompress("', b'".encode("latin-1")))\n')
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
-    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says."""
+    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says. brotli: the
+    record's byte shuffle (even bytes, then odd ones), then quality 11; its first byte is never 0x78 or 0xfd."""
     buffer = io.BytesIO()
     torch.save(packed, buffer)
+    if export_format.endswith("brotli"):  # the bytes of a kind (e.g. fp16 exponents) side by side compress better
+        return brotli.compress(SHUFFLE_MAGIC + buffer.getvalue()[0::2] + buffer.getvalue()[1::2], quality=11)
     if export_format.endswith("lzma"):  # stronger than zlib on quantised weights (range coder with wider context)
         return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
     return zlib.compress(buffer.getvalue(), level=9)
 
 
+def decompress_packed(blob: bytes) -> dict:  # compress_packed's input, from its output
+    if blob.startswith((XZ_MAGIC, ZLIB_HEADER)):
+        raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
+    else:  # brotli: the first byte's low bits are 1011 (RFC 7932: a 4 MiB window)
+        shuffled = brotli.decompress(blob)[len(SHUFFLE_MAGIC):]
+        raw, half = bytearray(len(shuffled)), (len(shuffled) + 1) // 2
+        raw[0::2], raw[1::2] = shuffled[:half], shuffled[half:]
+    return torch.load(io.BytesIO(raw), map_location="cpu")
+
+
 def decompress_model(blob: bytes) -> dict[str, Tensor]:
-    raw = lzma.decompress(blob) if blob.startswith(XZ_MAGIC) else zlib.decompress(blob)
-    return dequantize_state_dict(torch.load(io.BytesIO(raw), map_location="cpu"))
+    return dequantize_state_dict(decompress_packed(blob))
 
 
 def pack_code(code: bytes) -> tuple[bytes, bytes]:
@@ -906,7 +973,8 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
                     ledger: dict | None = None) -> bytes:
     """The compressed model. With EXPORT_FIT_CAP=1, while over the cap, a few +-1 codes are zeroed (prune_to_fit) or,
     were that to go deep, matrices take fewer bits. With `hessians`, GPTQ rounds the matrices (time: ledger["gptq"])."""
-    s, state, control = settings, model.state_dict(), model.control_tensor_names()
+    s, state = settings, model.state_dict()
+    control = model.control_tensor_names() if s.export_bits == 8 else set()  # int6: the record's fp16 for all
     gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
     for i, (bits, mlp_bits) in enumerate(plans):
@@ -965,6 +1033,7 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
+        self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
 
@@ -1069,47 +1138,65 @@ class Block(nn.Module):
         return after_attn + self.mlp_scale.to(x.dtype) * self.mlp(self.norm_scale * rms_norm(mlp_input))
 
 
+SMEAR_GATE_INPUTS = 12  # SmearGate reads this many leading channels of a token's embedding
+
+
+def encoder_decoder(order: list[int]) -> tuple[list[int], list[int]]:
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
 class GPT(nn.Module):
-    """Blocks in a U-Net: outputs of the first half are added, with learned weights, to the second half.
-    Depth recurrence: once `recurrence_active` is set, the blocks RECUR_LAYERS run a second time (same weights)
-    right after their first pass: more depth for no bytes. Under torch.compile, switching it on recompiles."""
+    """Blocks in a U-Net: the outputs of the first half of the block passes are mixed, with learned weights (and
+    gates), into the second half. Depth recurrence: once `recurrence_active` is set, the blocks RECUR_LAYERS run
+    1 + NUM_LOOPS times in a row (same weights), and the longer list of passes is split into the two halves
+    again: more depth for no bytes. Under torch.compile, switching it on recompiles."""
 
     def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
-        s, dim = settings, settings.model_dim
+        s, dim, recur = settings, settings.model_dim, settings.recur_layer_ids
         self.compute_dtype, self.logit_softcap = compute_dtype, s.logit_softcap
         self.tok_emb = nn.Embedding(s.vocab_size, dim)
-        self.num_encoder_layers = s.num_layers // 2
-        num_skips = min(self.num_encoder_layers, s.num_layers - self.num_encoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.blocks = nn.ModuleList(Block(dim, s, i) for i in range(s.num_layers))
-        self.recur_layers, self.recurrence_active = s.recur_layer_ids, False
-        self.smear_gate = nn.Parameter(torch.zeros(dim)) if s.smear_gate else None
         self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
+        looped = (list(range(recur[0])) + recur * (s.num_loops + 1) + list(range(recur[-1] + 1, s.num_layers))
+                  if recur else list(range(s.num_layers)))
+        self.passes = {False: encoder_decoder(list(range(s.num_layers))), True: encoder_decoder(looped)}
+        self.recurrence_active = False
+        num_skips = len(self.passes[True][0])  # the looped split has the most encoder passes
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if s.skip_gates else None
+        # Input-dependent SmearGate (later records): lambda (0 at init) x sigmoid(gate . first 12 channels).
+        self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_INPUTS)) if s.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if s.smear_gate else None
         if s.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=s.tied_embed_init_std)
+        for m in self.modules() if s.ortho_init else ():  # the record's init, drawn in its order
+            if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
+                nn.init.orthogonal_(m.weight)
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T) ids -> (B, T, C). SmearGate: position t adds sigmoid(gate) (per channel) x the embedding of
-        token t-1, a cheap bigram; not where token t is BOS, a document's first token: nothing crosses documents."""
+        """(B, T) ids -> (B, T, C). SmearGate: position t adds lambda x sigmoid(gate(e_t[:12])) x e_{t-1}, a cheap
+        bigram; not where token t is BOS, a document's first token: nothing crosses documents."""
         x = self.tok_emb(input_ids).to(self.compute_dtype)
         if self.smear_gate is not None:
-            share = torch.sigmoid(self.smear_gate.to(x.dtype)) * (input_ids[:, 1:, None] != BOS_ID)
+            gate = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_GATE_INPUTS], self.smear_gate.to(x.dtype)))
+            share = self.smear_lambda.to(x.dtype) * gate * (input_ids[:, 1:, None] != BOS_ID)
             x = torch.cat((x[:, :1], x[:, 1:] + share * x[:, :-1]), dim=1)
         return rms_norm(x)
 
     def logits(self, input_ids: Tensor) -> Tensor:
         x = x0 = self.embed(input_ids)  # (B, T, C)
+        encoder, decoder = self.passes[self.recurrence_active]
         skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder_layers and skips:
-                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder_layers:
-                skips.append(x)
-            if self.recurrence_active and i == self.recur_layers[-1]:
-                for j in self.recur_layers:
-                    x = self.blocks[j](x, x0)
+        for i in encoder:
+            x = self.blocks[i](x, x0)
+            skips.append(x)
+        for k, i in enumerate(decoder):
+            if skips:
+                skip = self.skip_weights[k].to(x.dtype) * skips.pop()
+                gates = self.skip_gates
+                x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[k].to(x.dtype)))
+            x = self.blocks[i](x, x0)
         x = rms_norm(x)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))  # (B, T, V)
@@ -1122,8 +1209,8 @@ class GPT(nn.Module):
 
     def control_tensor_names(self) -> set[str]:
         """Vectors and gains: trained with Adam and stored in fp32 by the export."""
-        return {name for name, p in self.named_parameters() if p.ndim < 2 or name.endswith(("skip_weights",
-                                                                                          "resid_mix"))}
+        return {name for name, p in self.named_parameters()
+                if p.ndim < 2 or name.endswith(("skip_weights", "skip_gates", "resid_mix", "smear_gate"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1137,9 +1224,10 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
     scalars = [p for n, p in named.items() if n in control]
     adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=runtime.device.type == "cuda")
     token_lr = s.tied_embed_lr if s.tie_embeddings else s.embed_lr
-    groups = [[model.tok_emb.weight], scalars] + ([[model.lm_head.weight]] if model.lm_head is not None else [])
-    lrs = [token_lr, s.scalar_lr] + ([s.head_lr] if model.lm_head is not None else [])
-    optimizers = [torch.optim.Adam([dict(params=g, lr=lr, base_lr=lr)], **adam) for g, lr in zip(groups, lrs)]
+    groups = [([model.tok_emb.weight], token_lr, s.embed_weight_decay), (scalars, s.scalar_lr, s.scalar_weight_decay)]
+    groups += [([model.lm_head.weight], s.head_lr, 0.0)] if model.lm_head is not None else []
+    optimizers = [torch.optim.AdamW([dict(params=g, lr=lr, base_lr=lr)], weight_decay=wd, **adam)  # wd 0: Adam
+                  for g, lr, wd in groups]
     orthogonalize = partial(newton_schulz_orthogonalize, coeffs=NS_COEFFS[s.muon_ns_coeffs])
     muon = Muon(matrices, s.matrix_lr, s.muon_momentum, s.muon_backend_steps, runtime.rank, runtime.world_size,
                 ns_dtype=runtime.compute_dtype,
@@ -1151,24 +1239,21 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
 
 
 def training_progress(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """How far training is, from 0 to 1: by steps or by the wall-clock cap, whichever is further. Schedules
-    given as fractions of this have the same shape on slower hardware under the cap."""
+    """How far training is, from 0 to 1: by the wall-clock cap (less the GPTQ reserve), as the record computes it,
+    or by steps if that is further (a run that ends at ITERATIONS, never on the record's runs). Schedules given as
+    fractions of this have the same shape on slower hardware under the cap."""
     s = settings
     by_clock = elapsed_ms / (1000 * s.training_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return min(max(step / s.iterations, by_clock), 1.0)
 
 
 def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """Warm-up over the first LR_WARMUP_FRAC, then a linear warmdown over the last WARMDOWN_FRAC of training
-    (or the last WARMDOWN_ITERS steps when WARMDOWN_FRAC=0) down to the floor MIN_LR_FRAC."""
+    """A linear warmdown to 0 over the last WARMDOWN_FRAC of training (or the last WARMDOWN_ITERS steps when
+    WARMDOWN_FRAC=0)."""
     s = settings
-    progress = training_progress(step, elapsed_ms, s)
-    warmup = min(progress / s.lr_warmup_frac, 1.0) if s.lr_warmup_frac > 0 else 1.0
     if s.warmdown_frac > 0:
-        warmdown = min((1.0 - progress) / s.warmdown_frac, 1.0)
-    else:
-        warmdown = step_based_warmdown(step, elapsed_ms, s)
-    return warmup * (s.min_lr_frac + (1.0 - s.min_lr_frac) * warmdown)
+        return min((1.0 - training_progress(step, elapsed_ms, s)) / s.warmdown_frac, 1.0)
+    return step_based_warmdown(step, elapsed_ms, s)
 
 
 def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> float:
@@ -1185,14 +1270,10 @@ def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> flo
     return min(by_steps, min(remaining_ms / max(warmdown_ms, 1e-9), 1.0))
 
 
-def muon_momentum(step: int, settings: Settings, progress: float = 0.0) -> float:
-    """Linear from MUON_MOMENTUM_WARMUP_START over the first MUON_MOMENTUM_WARMUP_FRAC of training (or the
-    first MUON_MOMENTUM_WARMUP_STEPS steps when that fraction is 0)."""
+def muon_momentum(step: int, settings: Settings) -> float:
+    """Linear from MUON_MOMENTUM_WARMUP_START over the first MUON_MOMENTUM_WARMUP_STEPS steps."""
     s = settings
-    if s.muon_momentum_warmup_frac > 0:
-        frac = min(progress / s.muon_momentum_warmup_frac, 1.0)
-    else:
-        frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
+    frac = min(step / s.muon_momentum_warmup_steps, 1.0) if s.muon_momentum_warmup_steps > 0 else 1.0
     return (1 - frac) * s.muon_momentum_warmup_start + frac * s.muon_momentum
 
 
@@ -1205,8 +1286,9 @@ class WeightEMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
 
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+    def update(self) -> None:  # multiply-add as the record, not lerp: the same float rounding
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, [p.detach().float() for p in self.params], alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -1231,6 +1313,9 @@ class Trainer:
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
         self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
+        # As the record and the official baseline: in bf16 runs only the linear weights and control tensors stay
+        # fp32, so the token embedding (also the tied head) is stored and updated in bf16.
+        self.model.tok_emb.to(runtime.compute_dtype)
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
         self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
@@ -1264,7 +1349,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
                 if isinstance(opt, Muon):
-                    group["momentum"] = muon_momentum(step, s, progress)
+                    group["momentum"] = muon_momentum(step, s)
         if s.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
         for opt in self.optimizers:
@@ -1382,7 +1467,9 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     evaluator = Evaluator(split, byte_table, s, rt)
     trainer = Trainer(s, rt)
     log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
-    log(f"train_shards:{len(trainer.loader.stream.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}")
+    streams = trainer.loader.num_streams
+    log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}" +
+        (f" loader_streams:{streams} (one per shard, fewer than LOADER_STREAMS)" if streams < s.loader_streams else ""))
     ledger = {}
     t_start = time.perf_counter()
     trainer.warm_up_and_restore(s.warmup_steps, log)

@@ -5,8 +5,8 @@ take part in a matrix multiply for every token:
 
     flops_per_token = 6 * N_matmul + 6 * L * T * d
 
-L counts block passes: NUM_LAYERS, plus the RECUR_LAYERS blocks once depth recurrence is on (they run a
-second time with the same weights, so their matrices count twice in N_matmul as well).
+L counts block passes: NUM_LAYERS, plus NUM_LOOPS x the RECUR_LAYERS blocks once depth recurrence is on (they
+run again with the same weights, so their matrices count 1 + NUM_LOOPS times in N_matmul as well).
 
 Matrix multiplies, 6 * N_matmul. A weight of m x n entries costs 2*m*n FLOPs per token forward (one
 multiply and one add per entry) and 4*m*n backward (the gradient of the input and of the weight),
@@ -43,8 +43,8 @@ PEAK_BF16_DENSE_TFLOPS = (
 
 
 def block_passes(settings, recurrence: bool = False) -> int:
-    """Blocks run per token: every block once, the RECUR_LAYERS blocks twice while recurrence is on."""
-    return settings.num_layers + (len(settings.recur_layer_ids) if recurrence else 0)
+    """Blocks run per token: every block once, the RECUR_LAYERS blocks 1 + NUM_LOOPS times while recurrence is on."""
+    return settings.num_layers + (settings.num_loops * len(settings.recur_layer_ids) if recurrence else 0)
 
 
 def matmul_params(settings, recurrence: bool = False) -> int:

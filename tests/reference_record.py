@@ -7,7 +7,7 @@ edits below, made here and never committed, each checked to match the source exa
 - two f-strings that nest their own quotes, rewritten for Python 3.11;
 - a stand-in `flash_attn_interface` whose flash_attn_func is SDPA on (batch, seq, heads, dim) tensors;
 - torch.compile is the identity (same math; compiling on CPU only costs time);
-- the device is the CPU: no CUDA calls, no autocast (fp32 throughout), gloo instead of NCCL;
+- the device is the CPU: no CUDA calls, no autocast (fp32 throughout), gloo instead of NCCL, DDP without device ids;
 - fp32 instead of bf16 where the record hard-codes bf16 (the model cast and Muon's Newton-Schulz and update
   buffer), and unfused AdamW: on CUDA the kit runs these in bf16 too; on CPU both run fp32, so the tests can
   compare to float rounding instead of to bf16 noise.
@@ -59,6 +59,7 @@ CPU_EDITS = (
     ("if not torch.cuda.is_available():raise RuntimeError('CUDA is required')", "pass", 1),
     ("device=torch.device('cuda',local_rank);torch.cuda.set_device(device)", "device=torch.device('cpu')", 1),
     ("backend='nccl',device_id=device", "backend='gloo'", 1),
+    ("device_ids=[h.local_rank]", "device_ids=None", 1),  # DDP of a CPU module takes no device ids
     ("['nvidia-smi']", "['echo','no nvidia-smi: CPU test copy']", 1),
     ("torch.cuda.manual_seed_all(h.seed)", "None", 1),
 )

@@ -32,11 +32,18 @@ def test_baseline_preset_keeps_the_1024_vocabulary_and_its_files_with_every_apri
     assert (s.smear_gate, s.ttt_epochs) == (0, 0)
 
 
-def test_ladder_settings_are_the_default():
+def test_the_1_0810_records_settings_are_the_default():
     s = Settings()
-    assert (s.recur_layer_ids, s.qk_gain_init, s.muon_momentum, s.muon_weight_decay, s.mlp_mult) == \
-        ([3, 4, 5], 5.25, 0.97, 0.09, 3)
-    assert (s.smear_gate, s.ttt_epochs, s.ttt_lr, s.ttt_chunk_tokens) == (1, 3, 0.005, 32_768)
+    assert (s.recur_layer_ids, s.num_loops, s.recur_start_frac, s.qk_gain_init, s.mlp_mult) == \
+        ([3, 4, 5], 2, 0.35, 5.25, 4)
+    assert (s.matrix_lr, s.muon_momentum, s.muon_momentum_warmup_start, s.muon_momentum_warmup_steps) == \
+        (0.022, 0.99, 0.92, 1500)
+    assert (s.muon_weight_decay, s.embed_weight_decay, s.scalar_weight_decay, s.muon_ns_coeffs) == \
+        (0.095, 0.085, 0.02, "fixed")
+    assert (s.tied_embed_lr, s.scalar_lr, s.warmdown_frac, s.ema_decay, s.grad_clip_norm) == \
+        (0.03, 0.02, 0.72, 0.9965, 0.3)
+    assert (s.skip_gates, s.ortho_init, s.val_loss_every, s.train_log_every) == (1, 1, 4000, 500)
+    assert (s.smear_gate, s.ttt_epochs, s.ttt_lr, s.ttt_chunk_tokens) == (0, 3, 0.005, 32_768)
 
 
 @pytest.mark.parametrize("env, variable", [({"TTT_EPOCHS": "-1"}, "TTT_EPOCHS"), ({"TTT_LR": "-0.1"}, "TTT_LR"),
@@ -52,30 +59,6 @@ def test_missing_data_names_the_variant_of_the_vocabulary(tmp_path):
         train_gpt.load_validation_split(Settings(data_path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="--variant sp1024"):
         train_gpt.build_byte_table(str(tmp_path / "absent.model"), 1024)
-
-
-# ---- SmearGate ---------------------------------------------------------------------------------------
-
-
-def test_smear_gate_adds_a_gated_share_of_the_previous_embedding():
-    model = perturbed_model(tiny(smear_gate=1))
-    ids = torch.tensor([[5, 7, 9, 11]])  # no BOS
-    with torch.no_grad():
-        e = model.tok_emb(ids)
-        share = torch.sigmoid(model.smear_gate)
-        expected = torch.cat((e[:, :1], e[:, 1:] + share * e[:, :-1]), dim=1)
-        assert torch.allclose(model.embed(ids), torch.nn.functional.rms_norm(expected, (64,)), atol=1e-6)
-
-
-def test_smear_gate_keeps_a_documents_first_token_the_same_whatever_the_previous_document():
-    """BOS fix: nothing of the previous document (here its last token) reaches the next document's tokens."""
-    model = perturbed_model(tiny(smear_gate=1))
-    bos = train_gpt.BOS_ID
-    one, other = torch.tensor([[bos, 5, 6, 7, bos, 20, 21]]), torch.tensor([[bos, 40, 41, 42, bos, 20, 21]])
-    with torch.no_grad():
-        x_one, x_other = model.embed(one), model.embed(other)
-    assert torch.equal(x_one[:, 4:], x_other[:, 4:])
-    assert not torch.allclose(x_one[:, 1:4], x_other[:, 1:4])
 
 
 # ---- legal score-first test-time training ------------------------------------------------------------
@@ -187,6 +170,6 @@ def test_ttt_run_logs_both_scores_and_two_ranks_agree_with_one(tmp_path, tiny_da
         assert result.returncode == 0, result.stderr[-3000:]
         log = read_log(tmp_path, run_id)
         assert values(log, r"^eval_pass:ttt stride:16 window:64 epochs:3 lr:0.005 chunk_tokens:1024$")
-        finals.append([float(v) for v in values(log, r"^final_int6_lzma_roundtrip_exact val_loss:\S+ val_bpb:(\S+)")])
+        finals.append([float(v) for v in values(log, r"^final_int6_brotli_roundtrip_exact val_loss:\S+ val_bpb:(\S+)")])
     assert len(finals[0]) == 2 and finals[0][1] < finals[0][0]
     assert finals[1] == pytest.approx(finals[0], rel=1e-4)

@@ -62,11 +62,11 @@ def test_matmul_params_plus_control_tensors_are_all_of_the_tied_models_parameter
 
 def test_an_untied_models_embedding_is_the_only_parameter_outside_matmuls_and_controls():
     small = Settings(num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3, vocab_size=300,
-                     tie_embeddings=0)
+                     tie_embeddings=0, recur_layers="")
     model = GPT(small)
     # Matmuls: 3 x (64x64 x 2 + 64x32 x 2 + 64x192 x 2) + head 300 x 64 = 3 x 36,864 + 19,200 = 129,792.
     assert matmul_params(small) == 129_792
-    control = 3 * (64 + 64 + 2 * 64 + 4) + 1 * 64 + 64  # 3 blocks of scales and gains; 1 skip weight row; smear gate
+    control = 3 * (64 + 64 + 2 * 64 + 4) + 1 * 64 + 1 * 64  # 3 blocks of scales and gains; 1 skip weight and gate row
     embedding = 300 * 64
     assert sum(p.numel() for p in model.parameters()) == 129_792 + control + embedding
 
@@ -102,9 +102,9 @@ def test_bench_peak_tflops_overrides_the_table_and_serves_cpus():
     assert peak_tflops("cpu", "AMD EPYC", 2.5) == (2.5, "BENCH_PEAK_TFLOPS")
 
 
-def test_depth_recurrence_counts_the_rerun_blocks_twice():
-    strong = Settings()  # 11 x 512, MLP 3x, seq 2048, vocab 8192, RECUR_LAYERS=3,4,5
-    block = 512 * 512 * 2 + 512 * 256 * 2 + 512 * 1536 * 2  # 2,359,296
+def test_depth_recurrence_counts_the_rerun_blocks_each_time_they_run():
+    strong = Settings()  # 11 x 512, MLP 4x, seq 2048, vocab 8192, RECUR_LAYERS=3,4,5 run 1 + NUM_LOOPS=2 times
+    block = 512 * 512 * 2 + 512 * 256 * 2 + 512 * 2048 * 2  # 2,883,584
     assert matmul_params(strong) == 11 * block + 8192 * 512
-    assert matmul_params(strong, recurrence=True) == 14 * block + 8192 * 512
-    assert attention_flops_per_token(strong, recurrence=True) == 6 * 14 * 2048 * 512
+    assert matmul_params(strong, recurrence=True) == 17 * block + 8192 * 512  # the record's 17 virtual layers
+    assert attention_flops_per_token(strong, recurrence=True) == 6 * 17 * 2048 * 512

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
-import lzma
 import shutil
 
 import numpy as np
@@ -12,6 +10,7 @@ import torch
 
 import train_gpt
 from conftest import REPO, read_log, run_trainer, trainer_env, write_shard
+from reference_record import load_record
 from train_gpt import Settings
 
 # Matrices large enough to be quantised (more than INT8_KEEP_FLOAT_MAX_NUMEL weights), trained for seconds.
@@ -45,9 +44,10 @@ def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
 
 
 def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_dataset):
-    """The tied embedding's hessian comes from the final hidden states: its logits must be the model's."""
+    """The tied embedding's hessian comes from the final hidden states: its logits must be the model's. H is the
+    mean over the calibration batches of X^T X, as the record's."""
     s = Settings.for_preset("strong", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
-                            **{**SMALL, "recur_layers": "1"})
+                            **{**SMALL, "recur_layers": "1", "gptq_calibration_batches": 3})
     runtime = train_gpt.setup_runtime(s)
     torch.manual_seed(0)
     model = train_gpt.GPT(s)
@@ -55,16 +55,18 @@ def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_da
     for p in model.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     hessians = train_gpt.collect_hessians(model, s, runtime)
-    (inputs, targets), = train_gpt.TrainBatchLoader(s, runtime).next_step()
-    captured = []
-    hook = model.blocks[-1].register_forward_hook(lambda m, args, out: captured.append(out))
-    logits = model.logits(inputs)
-    hook.remove()
-    hidden = train_gpt.rms_norm(captured[-1])
-    head = s.logit_softcap * torch.tanh(hidden @ model.tok_emb.weight.T / s.logit_softcap)
-    assert torch.allclose(head, logits, atol=1e-5)
-    flat = hidden.flatten(0, 1)
-    assert torch.allclose(hessians["tok_emb.weight"], flat.T @ flat, rtol=1e-4, atol=1e-3)
+    expected = 0
+    for inputs, targets in train_gpt.TrainBatchLoader(s, runtime).calibration_batches(3):
+        captured = []
+        hook = model.blocks[-1].register_forward_hook(lambda m, args, out: captured.append(out))
+        logits = model.logits(inputs)
+        hook.remove()
+        hidden = train_gpt.rms_norm(captured[-1])
+        head = s.logit_softcap * torch.tanh(hidden @ model.tok_emb.weight.T / s.logit_softcap)
+        assert torch.allclose(head, logits, atol=1e-5)
+        flat = hidden.flatten(0, 1)
+        expected = expected + flat.T @ flat / 3
+    assert torch.allclose(hessians["tok_emb.weight"], expected, rtol=1e-4, atol=1e-3)
     assert {"blocks.0.attn.c_q.weight", "blocks.1.mlp.proj.weight"} <= hessians.keys()
 
 
@@ -76,6 +78,13 @@ def test_gptq_time_is_reserved_inside_the_wallclock_cap():
     with pytest.raises(train_gpt.SettingsError, match="^GPTQ_RESERVE_SECONDS="):
         Settings.from_env({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10"})
     assert Settings.from_env({"MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10", "EXPORT_QUANT": "rtn"})
+
+
+def test_gptq_calibrates_and_reserves_time_as_the_record_by_default():
+    s = Settings.from_env({})
+    assert (s.gptq_calibration_batches, s.gptq_reserve_seconds) == (64, 12.0)
+    with pytest.raises(train_gpt.SettingsError, match="^GPTQ_CALIBRATION_BATCHES=0 is invalid"):
+        Settings.from_env({"GPTQ_CALIBRATION_BATCHES": "0"})
 
 
 def test_export_quant_names_a_known_rounding():
@@ -140,14 +149,14 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
         assert result.returncode == 0, result.stderr[-3000:]
         assert "gptq: " in read_log(tmp_path, run_id)
         artifacts.append((tmp_path / "logs" / f"{run_id}.int6.ptz").read_bytes())
-    packed = torch.load(io.BytesIO(lzma.decompress(artifacts[0])))
+    packed = train_gpt.decompress_packed(artifacts[0])
     assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 31  # a GPTQ-rounded int6 matrix is in it
     assert artifacts[0] == artifacts[1]
 
 
 def test_two_ranks_export_the_same_gptq_artifact_as_one(tmp_path, tiny_dataset):
-    """Each rank calibrates on its share of the batch and the hessians are summed: rank 0 rounds with the same
-    H as one process that saw the whole batch. Two ranks train the same math up to float rounding, so a few
+    """Each rank calibrates on its share of the calibration batches and the hessians are summed: rank 0 rounds
+    with the same H as one process that saw all of them. Two ranks train the same math up to float rounding, so a few
     weights may round the other way (40 of 1.0M seen); rank 0 rounding with its own half-batch H: 14%."""
     artifacts = []
     for run_id, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
@@ -179,12 +188,12 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
 
 def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
-    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384})  # c_q: 147k weights
+    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
+                                                "export_format": "int6+lzma"})  # four passes: lzma is the faster
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     lines = []
-    packed = torch.load(io.BytesIO(lzma.decompress(train_gpt.export_artifact(model, settings, 0, lines.append,
-                                                                              hessians))))
+    packed = train_gpt.decompress_packed(train_gpt.export_artifact(model, settings, 0, lines.append, hessians))
     assert [line.split("; ")[1] for line in lines] == [f"now int{b} matrices, int{m} MLP matrices"
                                                        for b, m in train_gpt.FIT_CAP_STEPS]
     assert packed["int8"]["blocks.0.mlp.fc.weight"].abs().max() <= 7  # int4
@@ -193,13 +202,59 @@ def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypat
 
 
 def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
-    """SLOW (225 s on a shared 2-core box: GPTQ over 30M weights, then one lzma pass over them, the larger part).
+    """SLOW (225 s on a shared 2-core box with int6+lzma: GPTQ over 30M weights, then one compression pass).
     The default export (GPTQ, int6 matrices, int8 embedding) of the default model with an 8192 x 512 embedding,
     Gaussian rows as in test_default_model_artifact_fits_the_cap, fits 16,000,000 bytes (14,387,436 model bytes
-    measured, in int6 at once)."""
+    measured with int6+lzma, before int6+brotli became the default, in int6 at once)."""
     settings = Settings(vocab_size=8192)
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     code_bytes, lines = (REPO / "train_gpt.py").stat().st_size, []
     blob = train_gpt.export_artifact(model, settings, code_bytes, lines.append, hessians)
     assert len(blob) + code_bytes <= train_gpt.ARTIFACT_CAP_BYTES, len(blob)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ as the 1.0810 record rounds, run by the record's own code beside the kit's.
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    return load_record(tmp_path_factory.mktemp("record"), {"NUM_LAYERS": "1", "MODEL_DIM": "320", "NUM_HEADS": "4",
+                                                           "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "NUM_LOOPS": "0"})
+
+
+def test_gptq_gives_the_records_codes_and_scales_from_the_same_weights_and_hessian(record):
+    """Exactly equal, with inputs that never fire (their weights are zeroed) and rows of varied scale, in int6 at
+    the matrices' clip and int8 at the embedding's."""
+    torch.manual_seed(0)
+    for rows, cols, bits, sigmas in [(256, 192, 6, 12.85), (96, 384, 6, 12.85), (300, 128, 8, 20.0)]:
+        x = torch.randn(2 * cols, cols) @ (torch.eye(cols) + torch.randn(cols, cols) / cols**0.5)
+        x[:, [3, 50]] = 0
+        w = torch.randn(rows, cols) * 0.02 * (0.5 + torch.rand(rows, 1))
+        q, scale = train_gpt.gptq_quantize(w, x.T @ x, bits, sigmas)
+        record_q, record_scale = record.gptq_quantize_weight(w, x.T @ x, clip_sigmas=sigmas, clip_range=2**(bits - 1) - 1)
+        assert torch.equal(q, record_q) and torch.equal(scale, record_scale)
+        assert torch.equal(q[:, [3, 50]], torch.zeros(rows, 2, dtype=torch.int8))
+
+
+def test_default_export_quantizes_a_state_dict_as_the_records(record):
+    """The record's gptq_mixed_quantize on the same state dict and hessians: the default export has the same codes
+    and scales, and every float tensor of at most 65,536 values (control tensors too) in fp16."""
+    s = Settings(vocab_size=1024, num_layers=1, model_dim=320, num_heads=4, num_kv_heads=2, recur_layers="")
+    torch.manual_seed(0)
+    model = train_gpt.GPT(s)
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    state = model.state_dict()
+    hessians = {name: correlated_inputs_hessian(t.shape[1]) for name, t in state.items() if t.numel() > 65536}
+    assert {"tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.proj.weight"} <= hessians.keys()
+    hessians["blocks.0.mlp.fc.weight"][7], hessians["blocks.0.mlp.fc.weight"][:, 7] = 0, 0  # an input never fires
+    result, meta = record.gptq_mixed_quantize(state, hessians, record.Hyperparameters())
+    packed = train_gpt.decompress_packed(train_gpt.export_artifact(model, s, 0, print, hessians))
+    assert packed["int8"].keys() == hessians.keys() and packed["float"].keys() == state.keys() - hessians.keys()
+    for name in hessians:
+        assert torch.equal(packed["int8"][name], result[name + ".q"]), name
+        assert torch.equal(packed["scales"][name], result[name + ".scale"]), name
+    assert model.control_tensor_names() <= packed["float"].keys()
+    for name, t in packed["float"].items():
+        assert t.dtype == torch.float16 and torch.equal(t, result[name]), name

@@ -201,10 +201,13 @@ def test_wallclock_stop_ends_inside_the_cap_on_a_device_behind_the_host(world_si
 # ----------------------------------------------------------------------------------------------
 # 5, 6. Data problems are found at start-up, naming the shard.
 
+ONE_CPU = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.float32, False)
+
+
 def test_train_split_without_tokens_is_an_error_at_start(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.array([], dtype=np.uint16))
     with pytest.raises(ValueError, match=r"train shards in .* hold no tokens"):
-        train_gpt.TokenStream(str(tmp_path), 512)
+        train_gpt.TrainBatchLoader(train_gpt.Settings(data_path=str(tmp_path), vocab_size=512), ONE_CPU)
 
 
 def test_corrupt_shard_in_the_middle_is_named_before_training(tmp_path):
@@ -212,7 +215,7 @@ def test_corrupt_shard_in_the_middle_is_named_before_training(tmp_path):
     middle = tmp_path / "fineweb_train_000001.bin"
     middle.write_bytes(middle.read_bytes()[:-2])
     with pytest.raises(ValueError, match=rf"^{middle}: .* truncated or corrupt"):
-        train_gpt.TokenStream(str(tmp_path), 512)
+        train_gpt.TrainBatchLoader(train_gpt.Settings(data_path=str(tmp_path), vocab_size=512), ONE_CPU)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,11 @@ from train_gpt import Settings, SettingsError
     ({"DEVICE": "tpu"}, "DEVICE"),
     ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
     ({"RUN_ID": "../escape"}, "RUN_ID"),
+    ({"NUM_LOOPS": "-1"}, "NUM_LOOPS"),
+    ({"SKIP_GATES": "2"}, "SKIP_GATES"),
+    ({"ORTHO_INIT": "2"}, "ORTHO_INIT"),
+    ({"EMBED_WEIGHT_DECAY": "-0.1"}, "EMBED_WEIGHT_DECAY"),
+    ({"SCALAR_WEIGHT_DECAY": "-0.1"}, "SCALAR_WEIGHT_DECAY"),
 ])
 def test_bad_setting_is_rejected_with_its_name(env, variable):
     with pytest.raises(SettingsError, match=rf"^{variable}="):

@@ -9,8 +9,14 @@ import train_gpt
 from conftest import REPO, score_lines, script_at_commit, trainer_env
 
 BEFORE_SPEEDUPS = "f47a441"  # train_gpt.py before the speed-ups
-# The strong default as it was then (issue 12 changed these defaults; the script of then ignores the new names).
-STRONG_BEFORE_APRIL = dict(QK_GAIN_INIT=5.0, MUON_MOMENTUM=0.99, MUON_WEIGHT_DECAY=0.04, SMEAR_GATE=0, TTT_EPOCHS=0)
+# The strong default as it was then (issues 12 and 15 changed the defaults; the script of then ignores the new
+# names and, here alone, is told to do without the LR floor and the momentum warm-up by fraction that the kit
+# dropped, which the new script ignores in turn).
+STRONG_BEFORE_APRIL = dict(QK_GAIN_INIT=5.0, MUON_MOMENTUM=0.99, MUON_WEIGHT_DECAY=0.04, SMEAR_GATE=0, TTT_EPOCHS=0,
+                           EXPORT_QUANT="rtn", MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035,
+                           MUON_NS_COEFFS="polar", EMBED_WEIGHT_DECAY=0, SCALAR_WEIGHT_DECAY=0, EMA_DECAY=0.997,
+                           WARMDOWN_FRAC=0.6, RECUR_START_FRAC=0.5, NUM_LOOPS=1, SKIP_GATES=0, ORTHO_INIT=0,
+                           MIN_LR_FRAC=0, MUON_MOMENTUM_WARMUP_FRAC=0)
 
 
 @pytest.mark.parametrize("coeffs", ["fixed", "polar"])

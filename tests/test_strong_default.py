@@ -42,9 +42,9 @@ def test_baseline_preset_restores_the_naive_baseline_with_every_technique_off():
     assert (s.warmdown_iters, s.muon_momentum_warmup_steps, s.grad_clip_norm, s.muon_ns_coeffs) == \
         (1200, 500, 0, "fixed")
     assert (s.export_format, s.eval_stride) == ("int8+zlib", 0)
-    off = dict(warmdown_frac=0, min_lr_frac=0, lr_warmup_frac=0, muon_momentum_warmup_frac=0, mlp_leaky_slope=0,
-               muon_weight_decay=0, muon_row_norm=0, ema_decay=0, rope_dims=0, ln_scale=0, xsa_last_n=0,
-               parallel_last_n=0, recur_layers="")
+    off = dict(warmdown_frac=0, mlp_leaky_slope=0, muon_weight_decay=0, embed_weight_decay=0, scalar_weight_decay=0,
+               muon_row_norm=0, ema_decay=0, rope_dims=0, ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="",
+               skip_gates=0, ortho_init=0, smear_gate=0)
     assert {k: getattr(s, k) for k in off} == off
 
 
@@ -52,7 +52,7 @@ def test_strong_is_the_default_and_variables_override_either_preset():
     strong = Settings.from_env({})
     assert strong == Settings() and strong.preset == "strong"
     assert (strong.num_layers, strong.mlp_mult, strong.train_seq_len, strong.export_format) == \
-        (11, 3, 2048, "int6+lzma")
+        (11, 4, 2048, "int6+brotli")
     assert Settings.for_preset("baseline") == Settings.from_env({"PRESET": "baseline"})
     assert Settings.from_env({"PRESET": "baseline", "EMA_DECAY": "0.9"}).ema_decay == 0.9
     assert Settings.from_env({"PRESET": "strong", "NUM_LAYERS": "7", "RECUR_LAYERS": "3"}).num_layers == 7
@@ -147,7 +147,7 @@ def test_parallel_blocks_feed_the_mlp_the_block_input_not_the_attention_output()
     assert torch.allclose(seen["mlp_in"], F.rms_norm(mixed, (64,)), atol=1e-5)
 
 
-def test_depth_recurrence_reruns_the_same_blocks_once_switched_on():
+def test_depth_recurrence_reruns_the_same_blocks_num_loops_times_once_switched_on():
     model = perturbed_model(tiny(recur_layers="1,2"))
     calls = []
     for i, block in enumerate(model.blocks):
@@ -157,7 +157,7 @@ def test_depth_recurrence_reruns_the_same_blocks_once_switched_on():
         off = model.logits(tokens)
         model.recurrence_active = True
         on = model.logits(tokens)
-    assert calls == [0, 1, 2, 3] + [0, 1, 2, 1, 2, 3]  # blocks 1 and 2 run twice: their own weights, no copies
+    assert calls == [0, 1, 2, 3] + [0, 1, 2, 1, 2, 1, 2, 3]  # 1 + NUM_LOOPS=2 passes: their own weights, no copies
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in perturbed_model(tiny()).parameters())
     assert not torch.allclose(off, on)
 
@@ -208,16 +208,19 @@ def test_polar_express_coefficients_orthogonalise_better_than_the_fixed_quintic(
     assert errors["polar"] < 0.2 < errors["fixed"]
 
 
-def test_fraction_schedules_follow_training_progress():
-    s = Settings(iterations=1000, max_wallclock_seconds=100, warmdown_frac=0.5, min_lr_frac=0.1, lr_warmup_frac=0.1,
-                 muon_momentum=0.99, muon_momentum_warmup_start=0.9, muon_momentum_warmup_frac=0.2,
+def test_lr_warmdown_follows_training_progress_down_to_zero():
+    s = Settings(iterations=1000, max_wallclock_seconds=100, warmdown_frac=0.5,
                  export_quant="rtn")  # no GPTQ time reserved: the clock runs to the full cap
     assert train_gpt.training_progress(100, 0, s) == 0.1
     assert train_gpt.training_progress(100, 50_000, s) == 0.5  # the clock is further along than the steps
     lr = [train_gpt.lr_multiplier(k, 0, s) for k in (50, 300, 750, 1000)]
-    assert lr == pytest.approx([0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1])
-    assert train_gpt.lr_multiplier(10, 75_000, s) == pytest.approx(0.55)
-    assert [train_gpt.muon_momentum(0, s, p) for p in (0, 0.1, 0.5)] == pytest.approx([0.9, 0.945, 0.99])
+    assert lr == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert train_gpt.lr_multiplier(10, 75_000, s) == pytest.approx(0.5)
+
+
+def test_muon_momentum_warms_up_over_steps_whatever_the_clock():
+    s = Settings(muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500)
+    assert [train_gpt.muon_momentum(k, s) for k in (0, 750, 1500, 4000)] == pytest.approx([0.92, 0.955, 0.99, 0.99])
 
 
 def test_ema_follows_its_formula():

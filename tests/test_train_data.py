@@ -1,5 +1,8 @@
-"""The trainer's shard reader, training batches and validation isolation."""
+"""The trainer's shard reader, training batches (the 1.0810 record's loader, or the official one) and validation
+isolation."""
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import torch
 
 import train_gpt
 from conftest import write_split_shards
+from reference_record import load_record
 from shard_io import write_shard
 
 
@@ -62,13 +66,15 @@ def make_split_data(folder, train_range=(10, 200), val_range=(300, 400), train_t
     write_shard(folder / "fineweb_val_000000.bin", rng.integers(*val_range, 1000))
 
 
-def test_training_batches_never_contain_validation_tokens(tmp_path):
+@pytest.mark.parametrize("streams", [8, 0])
+def test_training_batches_never_contain_validation_tokens(tmp_path, streams):
     make_split_data(tmp_path)
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=16, train_batch_tokens=256)
+    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=16, train_batch_tokens=256,
+                                  loader_streams=streams)
     loader = train_gpt.TrainBatchLoader(settings, cpu_runtime())
     seen = torch.cat([torch.cat((x.flatten(), y.flatten())) for _ in range(40) for x, y in loader.next_step()])
     assert seen.numel() > 2 * 5000  # the stream wrapped around the training shards at least once
-    assert int(seen.max()) < 300 and all("val" not in p for p in loader.stream.paths)
+    assert int(seen.max()) < 300 and all("val" not in p for p in loader.paths)
 
 
 def global_sequences(settings, world_size, grad_accum_steps, steps=3):
@@ -82,17 +88,124 @@ def global_sequences(settings, world_size, grad_accum_steps, steps=3):
     return sorted(rows)
 
 
-def test_every_world_size_and_accumulation_trains_on_the_same_sequences(tmp_path):
+@pytest.mark.parametrize("streams", [8, 2, 0])
+def test_every_world_size_and_accumulation_trains_on_the_same_sequences(tmp_path, streams):
     make_split_data(tmp_path)
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=128)
+    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=128,
+                                  loader_streams=streams)
     reference = global_sequences(settings, 1, 1)
     assert len(reference) == 3 * 16
     for world_size, accum in [(1, 8), (2, 4), (4, 2), (8, 1), (16, 1)]:
         assert global_sequences(settings, world_size, accum) == reference
 
 
-def test_targets_are_the_next_tokens_of_one_contiguous_block(tmp_path):
+def test_official_loader_targets_are_the_next_tokens_of_one_contiguous_block(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(1000) % 500)
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=4, train_batch_tokens=16)
+    settings = train_gpt.Settings.for_preset("baseline", data_path=str(tmp_path), vocab_size=512, train_seq_len=4,
+                                             train_batch_tokens=16)
     (x, y), = train_gpt.TrainBatchLoader(settings, cpu_runtime()).next_step()
     assert x.flatten().tolist() == list(range(16)) and y.flatten().tolist() == list(range(1, 17))
+
+
+# ----------------------------------------------------------------------------------------------
+# The default loader is the 1.0810 record's ShuffledSequenceLoader, run by the record's own code beside it.
+
+SEQ_LEN, RANK_SEQS = 16, 3  # the record's ranks take RANK_SEQS sequences of SEQ_LEN tokens per micro-step
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    return load_record(tmp_path_factory.mktemp("record"))
+
+
+def write_uneven_shards(folder, num_shards: int) -> None:
+    """Shards of different lengths (a few hundred tokens: the record's loader cuts each anew many times in 50 steps),
+    each of its own token ids so that a batch shows where it came from."""
+    rng = np.random.default_rng(1)
+    for i in range(num_shards):
+        write_shard(folder / f"fineweb_train_{i:06d}.bin", 100 * i + rng.integers(0, 100, int(rng.integers(120, 700))))
+
+
+def record_batches(record, folder, rank: int, world_size: int, steps: int, accum: int = 1):
+    """What the record's rank trains on: per step, its `accum` micro-batches of RANK_SEQS sequences."""
+    h = SimpleNamespace(rank=rank, world_size=world_size, train_seq_len=SEQ_LEN,
+                        train_files=str(folder / "fineweb_train_*.bin"))
+    loader = record.ShuffledSequenceLoader(h, torch.device("cpu"))
+    tokens = world_size * accum * RANK_SEQS * SEQ_LEN
+    return [[loader.next_batch(tokens, accum) for _ in range(accum)] for _ in range(steps)]
+
+
+def kit_loader(folder, rank: int, world_size: int, accum: int, streams: int = 8):
+    settings = train_gpt.Settings(data_path=str(folder), vocab_size=4096, train_seq_len=SEQ_LEN,
+                                  train_batch_tokens=8 * RANK_SEQS * SEQ_LEN, loader_streams=streams)
+    return train_gpt.TrainBatchLoader(settings, cpu_runtime(rank, world_size, accum))
+
+
+def assert_same_batches(kit: list[tuple], reference: list[tuple]) -> None:
+    assert len(kit) == len(reference)
+    for (x, y), (rx, ry) in zip(kit, reference):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+@pytest.mark.parametrize("num_shards", [8, 19])
+def test_one_and_two_processes_train_on_the_batches_of_the_records_eight_gpus(tmp_path, record, num_shards):
+    """50 steps: kit rank p, micro-step m trains on what the record's GPU m * world + p does (8 GPUs, 1 micro-step
+    each); with 19 shards each record GPU draws from 2 or 3 of them by their sequences left."""
+    write_uneven_shards(tmp_path, num_shards)
+    records = [record_batches(record, tmp_path, gpu, 8, steps=50) for gpu in range(8)]
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            loader = kit_loader(tmp_path, rank, world_size, accum=8 // world_size)
+            for step in range(50):
+                assert_same_batches(loader.next_step(), [records[m * world_size + rank][step][0]
+                                                         for m in range(8 // world_size)])
+
+
+def test_one_stream_is_the_records_one_gpu_run(tmp_path, record):
+    write_uneven_shards(tmp_path, 8)
+    reference = record_batches(record, tmp_path, 0, 1, steps=10, accum=8)
+    loader = kit_loader(tmp_path, 0, 1, accum=8, streams=1)
+    for step in range(10):
+        assert_same_batches(loader.next_step(), reference[step])
+
+
+def test_with_fewer_shards_than_streams_each_shard_is_a_stream(tmp_path, record):
+    """3 shards, 8 streams: the sequences of the record's 3 GPUs (shard v, PCG64(v)), 8 of each per step."""
+    write_uneven_shards(tmp_path, 3)
+    gpu_sequences = [torch.cat([x for step in record_batches(record, tmp_path, gpu, 3, steps=1, accum=8 * 5)
+                                for x, _ in step]) for gpu in range(3)]  # 5 x 24 sequences of each GPU, in order
+    loader = kit_loader(tmp_path, 0, 1, accum=1)
+    assert loader.num_streams == 3
+    for step in range(5):
+        (x, y), = loader.next_step()
+        assert torch.equal(x, torch.cat([rows[8 * step:8 * step + 8] for rows in gpu_sequences]))
+
+
+def test_gptq_calibration_reads_the_records_rank_zero_batches_shared_over_the_ranks(tmp_path, record):
+    write_uneven_shards(tmp_path, 8)
+    reference = [batch for step in record_batches(record, tmp_path, 0, 8, steps=6) for batch in step]
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            loader = kit_loader(tmp_path, rank, world_size, accum=8 // world_size)
+            assert_same_batches(list(loader.calibration_batches(6)), reference[rank::world_size])
+
+
+def test_token_ids_beyond_the_vocabulary_are_rejected_when_read(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.full(100, 600))
+    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=4, train_batch_tokens=16)
+    with pytest.raises(ValueError, match=rf"the train shards in {tmp_path}: token id 600 >= VOCAB_SIZE=512"):
+        train_gpt.TrainBatchLoader(settings, cpu_runtime()).next_step()
+
+
+def test_the_default_is_the_records_eight_gpu_loader_and_the_baseline_the_official_one():
+    assert train_gpt.Settings.from_env({}).loader_streams == 8
+    assert train_gpt.Settings.from_env({"PRESET": "baseline"}).loader_streams == 0
+    with pytest.raises(train_gpt.SettingsError, match=r"^LOADER_STREAMS=-1 is invalid"):
+        train_gpt.Settings.from_env({"LOADER_STREAMS": "-1"})
+
+
+def test_shards_without_one_sequence_are_an_error_at_start(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5))
+    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=16)
+    with pytest.raises(ValueError, match=r"fineweb_train_000000.bin hold no TRAIN_SEQ_LEN \+ 1 = 9 tokens"):
+        train_gpt.TrainBatchLoader(settings, cpu_runtime())
