@@ -1,14 +1,9 @@
-"""Parameter Golf trainer: one file, from shards to a scored, compressed artifact.
-
-    torchrun --standalone --nproc_per_node=8 train_gpt.py       # 8xH100 (NCCL)
-    python3 train_gpt.py                                         # one GPU, a laptop CPU or Apple MPS
-
-Every setting is an environment variable (see Settings). The defaults are the strong configuration
-(the techniques that won Parameter Golf); PRESET=baseline restores the naive baseline exactly. The run
-writes logs/<RUN_ID>.txt, which holds this file's source, the settings, the device and every log line,
-and logs/<RUN_ID>.<int6|int8>.ptz, the compressed model whose bytes plus this file's bytes form the artifact.
-Sections: settings, runtime, optimizer, data, evaluation, export, model, training.
-"""
+"""Parameter Golf trainer, from shards to a scored, compressed artifact: `torchrun --standalone --nproc_per_node=8
+train_gpt.py` on 8xH100, `python3 train_gpt.py` on one GPU, a CPU or Apple MPS. Every setting is an environment
+variable (Settings); the default is the 1.0810 record's recipe, PRESET=baseline the naive baseline. A run writes
+logs/<RUN_ID>.txt (this source, the settings, every log line) and logs/<RUN_ID>.<int6|int8>.ptz, the model whose bytes
+plus this file's (packed: pack_code) form the artifact. Sections: settings, runtime, optimizer, data, evaluation,
+export, model, training."""
 from __future__ import annotations
 
 import ast
@@ -26,6 +21,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import sys
 import time
@@ -36,7 +32,6 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-import brotli
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -67,8 +62,7 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults: the strong configuration, the recipe of the 1.0810 record (2026-04-09; tests/test_record_*.py
-    prove it equal to the record's code). Fractions are of the training time (see training_progress)."""
+    """Defaults: the 1.0810 record's recipe (tests/test_record_*.py). Fractions are of training (training_progress)."""
     preset: str = "strong"  # strong | baseline | smoke (PRESETS): applied before the other variables
     # Data and run bookkeeping.
     data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
@@ -146,7 +140,7 @@ class Settings:
     export_format: str = "int6+brotli"  # <int6|int8>+<brotli|lzma|zlib>
     export_fit_cap: int = 0  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
     export_packed_code: int = 1  # 1: the fit and the Total line count this file packed (pack_code), as shipped
-    export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: clip search
+    export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: plain rounding
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
     gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
     gptq_reserve_seconds: float = 12.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
@@ -327,8 +321,7 @@ def pick_device_type(requested: str) -> str:
 
 
 def pin_flash_attention() -> None:
-    """Attention on CUDA runs FlashAttention or fails (as in the official script): never the math kernel's
-    silent fallback, whose T x T scores run out of memory at the default sizes."""
+    """CUDA attention runs FlashAttention or fails, never the math kernel's T x T fallback (as the official script)."""
     torch.backends.cuda.enable_flash_sdp(True)
     for other in ("math", "mem_efficient", "cudnn"):
         getattr(torch.backends.cuda, f"enable_{other}_sdp")(False)
@@ -388,10 +381,8 @@ def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7, coeffs
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum SGD whose update is orthogonalised; ranks split the orthogonalisation work.
-    Optionally the rows of the update are normalised first, and the weights decay (decoupled).
-    Speed: same-shaped matrices are orthogonalised in one batched call (a few large kernels instead of
-    many small ones), each rank taking every world_size-th matrix of each shape."""
+    """Momentum SGD with an orthogonalised update (optionally row-normalised first) and decoupled weight decay.
+    Same-shaped matrices go in one batched call (few large kernels), each rank taking every world_size-th one."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int, world_size: int,
                  ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize, row_norm: bool = False,
@@ -432,10 +423,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def same_shape_indices(params: list[Tensor]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault(tuple(p.shape), []).append(i)
-    return groups
+    shapes = [tuple(p.shape) for p in params]
+    return {shape: [i for i, other in enumerate(shapes) if other == shape] for shape in dict.fromkeys(shapes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,9 +489,8 @@ class TokenStream:
 
 
 class ShuffledSequences:
-    """The 1.0810 record's ShuffledSequenceLoader on its rank v of n: shards paths[v::n], numpy PCG64(v). Each shard
-    is cut at a random phase into sequences in a random order; each sequence comes from a shard drawn with
-    probability its sequences left; once all are used, all shards are cut again."""
+    """The 1.0810 record's ShuffledSequenceLoader on its rank v of n: shards paths[v::n], PCG64(v), each cut at a random
+    phase into shuffled sequences, drawn from a shard chosen by sequences left; all cut again once all are used."""
 
     def __init__(self, paths: list[str], counts: list[int], v: int, n: int, seq_len: int):
         self.paths, self.counts, self.seq_len = paths[v::n], counts[v::n], seq_len
@@ -531,10 +519,9 @@ class ShuffledSequences:
 
 
 class TrainBatchLoader:
-    """A step's TRAIN_BATCH_TOKENS / TRAIN_SEQ_LEN sequences: j goes to micro-step j // (world x micro-batch) of
-    rank j // micro-batch % world, so every world size and accumulation count trains on the same sequences: with
-    LOADER_STREAMS=N, the v-th N-th of them from stream v (the record's GPU v of N; one per shard if fewer); with 0,
-    one block of the shards read in order (the official loader). A rank reads only its own sequences."""
+    """A step's sequences: j goes to micro-step j // (world x micro-batch) of rank j // micro-batch % world, so any
+    world size and accumulation trains on the same ones; LOADER_STREAMS=N: the v-th N-th from stream v (the record's
+    GPU v of N; one per shard if fewer); 0: the shards in order (the official loader). A rank reads only its own."""
 
     def __init__(self, settings: Settings, runtime: Runtime):
         s, rt, self.rt = settings, runtime, runtime
@@ -608,9 +595,8 @@ def load_validation_split(settings: Settings) -> ValidationSplit:
 
 @dataclass
 class ByteTable:
-    """Per token id: UTF-8 bytes of its piece without the leading-space marker, whether it has that
-    marker (one more byte unless the previous token is a boundary), and whether it is a boundary.
-    numpy arrays as built; `on(device)` gives the same table as tensors, for ids that are tensors."""
+    """Per token id: UTF-8 bytes of its piece without the leading-space marker, whether it has that marker (one more
+    byte unless the previous token is a boundary), and whether it is a boundary. numpy; `on(device)`: tensors."""
     base_bytes: np.ndarray | Tensor
     has_leading_space: np.ndarray | Tensor
     is_boundary: np.ndarray | Tensor
@@ -677,16 +663,14 @@ def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Sett
 
 
 def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
-    """Where the evaluation windows end (exclusive, as indices of scored tokens). Window k sees the seq_len
-    tokens before ends[k] and scores only the targets after ends[k-1] (the first scores all of its own), so
-    every token is scored exactly once, with at least seq_len - stride tokens of context once it can have
-    them. stride = seq_len gives the plain evaluation: disjoint windows, every token scored."""
+    """Where the evaluation windows end (exclusive, as scored-token indices). Window k sees the seq_len tokens before
+    ends[k] and scores the targets after ends[k-1] (the first all its own): each token once, with at least seq_len -
+    stride tokens of context once it can have them. stride = seq_len: the plain evaluation, disjoint windows."""
     return np.minimum(np.arange(seq_len, num_scored + stride, stride), num_scored)
 
 
 class Evaluator:
-    """Scores the validation split; one code path for periodic, final and round-trip evaluation, plain
-    (disjoint windows) or sliding (overlapping windows, each scoring only its last `stride` targets)."""
+    """Scores the validation split (periodic, final, round trip): plain, sliding (last `stride` targets) or TTT."""
 
     def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime):
         self.split, self.settings, self.rt = split, settings, runtime
@@ -697,8 +681,7 @@ class Evaluator:
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, stride: int = 0) -> tuple[float, float]:
-        """Returns (val_loss in nats per token, val_bpb) over the whole split, all ranks together.
-        stride 0 (or >= TRAIN_SEQ_LEN): plain evaluation; else sliding windows advancing `stride` tokens."""
+        """(val_loss in nats per token, val_bpb) over the split; stride 0 or >= TRAIN_SEQ_LEN: plain windows."""
         return self.reduce(self.scored_sums(model, stride))
 
     @torch.inference_mode()
@@ -719,9 +702,8 @@ class Evaluator:
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
     def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None):
-        """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch.
-        A short last batch is padded with unscored copies of its last window: every batch has the same shape,
-        so a compiled model has one evaluation graph (a new shape would compile inside the timed evaluation)."""
+        """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch; a short
+        last batch is padded with unscored rows: one shape, one compiled graph (none made in the timed evaluation)."""
         seq_len, rt = self.settings.train_seq_len, self.rt
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
@@ -742,9 +724,8 @@ class Evaluator:
         model.train(was_training)
 
     def evaluate_with_ttt(self, model: nn.Module, stride: int) -> tuple[float, float]:
-        """Legal score-first test-time training: walk the windows in order in chunks of ~TTT_CHUNK_TOKENS scored
-        tokens; score each chunk with the current weights (final), only then train on it (TTT_EPOCHS SGD steps,
-        LR cosine-decayed over the chunks). No token influences its own score or an earlier one."""
+        """Legal score-first TTT: chunks of ~TTT_CHUNK_TOKENS scored tokens in order, each scored (final) before it is
+        trained on (TTT_EPOCHS SGD steps, LR cosine-decayed): no token influences its own score or an earlier one."""
         s, seq_len = self.settings, self.settings.train_seq_len
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         starts = np.concatenate(([0], ends[:-1]))  # the first target each window scores
@@ -760,9 +741,8 @@ class Evaluator:
         return self.reduce(sums)
 
     def train_on_scored(self, model: nn.Module, optimizer: torch.optim.Optimizer, first: int, end: int) -> None:
-        """TTT_EPOCHS steps on sequences whose targets cover the scored targets [first, end) (earlier, already
-        scored tokens fill the first one); ranks take every world_size-th sequence and sum their gradients (one flat
-        buffer, one all-reduce per step). One batch shape (repeats weighing 0 fill a short batch): compile_ttt's."""
+        """TTT_EPOCHS steps on sequences covering the scored targets [first, end); ranks take every world_size-th,
+        gradients in one flat buffer (one all-reduce a step); one batch shape (filler rows weigh 0): compile_ttt's."""
         rt, seq_len, params = self.rt, self.settings.train_seq_len, optimizer.param_groups[0]["params"]
         seq_starts = np.maximum(np.arange(end - seq_len, first - seq_len, -seq_len), 0)
         mine = seq_starts[rt.rank::rt.world_size]
@@ -812,33 +792,17 @@ def quantize_int8(t: Tensor) -> tuple[Tensor, Tensor]:
     return q.to(torch.int8).reshape(t.shape), scale.to(torch.float16 if t.ndim == 2 else torch.float32)
 
 
-CLIP_SIGMAS = (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)  # clip candidates, in units of the row's RMS
-
-
-def quantize_clip_search(t: Tensor, bits: int = 6) -> tuple[Tensor, Tensor]:
-    """Per-row symmetric int<bits> (int6: -31..31, stored in int8): each row takes, of the clips k x its RMS
-    (and its max |w|), the one with the least squared round-trip error, as its spread dictates."""
-    t32, qmax = t.float().reshape(t.shape[0], -1), 2 ** (bits - 1) - 1
-    rms, max_abs = t32.square().mean(1).sqrt(), t32.abs().amax(1)
-    best_err, best_q, best_scale = None, None, None
-    for clip in [torch.minimum(k * rms, max_abs) for k in CLIP_SIGMAS] + [max_abs]:
-        scale = (clip / qmax).clamp_min(2.0**-14).half().float()
-        q = torch.round(torch.clamp(t32, -clip[:, None], clip[:, None]) / scale[:, None]).clamp(-qmax, qmax)
-        err = (q * scale[:, None] - t32).square().sum(1)
-        if best_err is None:
-            best_err, best_q, best_scale = err, q, scale
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q, best_scale = torch.where(better[:, None], q, best_q), torch.where(better, scale, best_scale)
-    return best_q.to(torch.int8).reshape(t.shape), best_scale.half()
+def quantize_rows(t: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Tensor]:
+    """EXPORT_QUANT=rtn at int6: each row rounded to nearest at GPTQ's clip, without its error spreading (fast)."""
+    qmax, t32 = 2 ** (bits - 1) - 1, t.float()
+    scale = (clip_sigmas * t32.std(1) / qmax).clamp_min(2.0**-24).half()
+    return torch.round(t32 / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022), rounding as the 1.0810 record's: per-row int<bits> with the clip at clip_sigmas x
-    the row's std, rounded column by column (largest input energy first); each column's rounding error is spread
-    over the columns not yet rounded through H^-1, H = X^T X of the layer's inputs X, so that the outputs X W^T move
-    least. Inputs that never fire (diagonal 0) lose their weights."""
+    """GPTQ (Frantar et al. 2022) as the 1.0810 record rounds: per-row int<bits>, clip at clip_sigmas x row std, column
+    by column (largest input energy first), each rounding error spread over the columns left through H^-1 (H = X^T X
+    of the inputs X), so that X W^T moves least. Inputs that never fire (diagonal 0) lose their weights."""
     W, H, qmax = w.to(H.device, torch.float32), H.float().clone(), 2 ** (bits - 1) - 1
     scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()  # the record's 1e-10: 0 in fp16
     dead = H.diagonal() == 0
@@ -862,9 +826,8 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
-    """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens
-    (stream 0 afresh, as the record's rank 0; never validation) shared by the ranks; the tied embedding's inputs
-    are the final hidden states it scores."""
+    """H = X^T X of each matrix's inputs (the tied embedding's: the final hidden states), the mean over
+    GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens (stream 0 afresh, as the record's rank 0)."""
     hessians, last = {}, {}
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
@@ -889,10 +852,10 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
-                        mlp_bits: int | None = None, gptq: tuple[dict, float, float] | None = None) -> dict:
-    """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales; the embedding, also the tied
-    output head, stays int8; control_names stay fp32; other small tensors go fp16. All in int8 storage.
-    gptq = (hessians, clip sigmas, embedding clip sigmas): matrices with a hessian are rounded by GPTQ."""
+                        mlp_bits: int | None = None, gptq: tuple[dict, float, float] = ({}, 12.85, 20.0)) -> dict:
+    """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales, the embedding (the tied head) int8, in int8
+    storage; control_names fp32, other small tensors fp16. gptq = (hessians, clip sigmas, embedding's): GPTQ rounds
+    the matrices with a hessian, at their clip; int6 matrices without one are rounded plainly at that clip."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in state_dict.items():
         t, row_bits = t.detach().cpu(), mlp_bits if mlp_bits and ".mlp." in name else bits
@@ -903,12 +866,12 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], 
             packed["float"][name] = t.float()
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
             packed["float"][name] = t.half()
-        elif gptq and name in gptq[0]:  # the embedding (also the tied head) in int8, as with the clip search
+        elif name in gptq[0]:
             embedding = name == "tok_emb.weight"
             packed["int8"][name], packed["scales"][name] = gptq_quantize(
                 t, gptq[0][name], 8 if embedding else row_bits, gptq[2] if embedding else gptq[1])
         elif bits < 8 and t.ndim == 2 and name != "tok_emb.weight":
-            packed["int8"][name], packed["scales"][name] = quantize_clip_search(t, row_bits)
+            packed["int8"][name], packed["scales"][name] = quantize_rows(t, row_bits, gptq[1])
         else:
             packed["int8"][name], packed["scales"][name] = quantize_int8(t)
     return packed
@@ -926,8 +889,7 @@ PACKED_CODE = (b'# -*- coding: latin-1 -*-\nimport brotli;exec(brotli.decompress
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
-    """The quantised state dict (quantize_state_dict), serialised and compressed as the format says. brotli: the
-    record's byte shuffle (even bytes, then odd ones), then quality 11; its first byte is never 0x78 or 0xfd."""
+    """quantize_state_dict's output, saved and compressed; brotli (quality 11) after the record's byte shuffle."""
     buffer = io.BytesIO()
     torch.save(packed, buffer)
     if export_format.endswith("brotli"):  # the bytes of a kind (e.g. fp16 exponents) side by side compress better
@@ -975,7 +937,7 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
     were that to go deep, matrices take fewer bits. With `hessians`, GPTQ rounds the matrices (time: ledger["gptq"])."""
     s, state = settings, model.state_dict()
     control = model.control_tensor_names() if s.export_bits == 8 else set()  # int6: the record's fp16 for all
-    gptq = (hessians, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas) if hessians is not None else None
+    gptq = (hessians or {}, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas)
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
     for i, (bits, mlp_bits) in enumerate(plans):
         if i and len(blob) + code_bytes <= ARTIFACT_CAP_BYTES:
@@ -985,7 +947,7 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
                 f"int{mlp_bits} MLP matrices")
         t_quant = time.perf_counter()
         packed = quantize_state_dict(state, control, bits, mlp_bits, gptq)
-        if gptq and ledger is not None:
+        if hessians is not None and ledger is not None:
             ledger["gptq"] = ledger.get("gptq", 0.0) + 1000 * (time.perf_counter() - t_quant)
         blob = compress_packed(packed, s.export_format)
         if s.export_fit_cap and len(blob) + code_bytes > ARTIFACT_CAP_BYTES:
@@ -1046,8 +1008,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary embedding of the first `dims` dims of each head (all when 0). Partial RoPE: the other dims
-    carry position-free content, which attends by meaning alone."""
+    """Rotary embedding of the first `dims` dims of each head (all when 0); the rest attend by content alone."""
 
     def __init__(self, head_dim: int, base: float, dims: int = 0):
         super().__init__()
@@ -1063,9 +1024,8 @@ class Rotary(nn.Module):
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output y its component along the token's own value v, both (B, H, T, D)
-    (v has the key-value heads, shared by groups of query heads). Why: the residual stream already holds
-    the token itself; attention should bring in what the other tokens add."""
+    """XSA: remove from each head's output y (B, H, T, D) its component along the token's own value v (B, Hkv, T, D):
+    the residual stream already holds the token; attention should bring what the other tokens add."""
     v_unit = F.normalize(v.repeat_interleave(y.size(1) // v.size(1), dim=1), dim=-1)
     return y - (y * v_unit).sum(-1, keepdim=True) * v_unit
 
@@ -1100,8 +1060,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """proj(leaky_relu(fc x)^2). A slope of 0 is the baseline's relu^2; LeakyReLU(0.5)^2 keeps a gradient
-    for negative pre-activations, so fewer hidden units die."""
+    """proj(leaky_relu(fc x)^2); slope 0 is the baseline's relu^2, 0.5 keeps negative units alive."""
 
     def __init__(self, dim: int, mult: int, leaky_slope: float = 0.0):
         super().__init__()
@@ -1114,9 +1073,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block that first re-mixes its input with the embedding x0, with learned per-channel scales.
-    LN scale: block i multiplies its normalised inputs by 1/sqrt(i+1), so deep blocks add smaller updates.
-    Parallel lanes (last blocks): attention and MLP both read the block input, not one after the other."""
+    """Pre-norm block re-mixing its input with the embedding x0; LN scale: inputs x 1/sqrt(i+1) in block i;
+    parallel lanes (last blocks): attention and MLP both read the block input."""
 
     def __init__(self, dim: int, settings: Settings, layer: int = 0):
         super().__init__()
@@ -1141,15 +1099,10 @@ class Block(nn.Module):
 SMEAR_GATE_INPUTS = 12  # SmearGate reads this many leading channels of a token's embedding
 
 
-def encoder_decoder(order: list[int]) -> tuple[list[int], list[int]]:
-    return order[:len(order) // 2], order[len(order) // 2:]
-
-
 class GPT(nn.Module):
-    """Blocks in a U-Net: the outputs of the first half of the block passes are mixed, with learned weights (and
-    gates), into the second half. Depth recurrence: once `recurrence_active` is set, the blocks RECUR_LAYERS run
-    1 + NUM_LOOPS times in a row (same weights), and the longer list of passes is split into the two halves
-    again: more depth for no bytes. Under torch.compile, switching it on recompiles."""
+    """A U-Net of block passes: the first half's outputs are mixed (weights, gates) into the second half. Depth
+    recurrence: with `recurrence_active`, RECUR_LAYERS run 1 + NUM_LOOPS times (same weights) and the longer list of
+    passes is split again: more depth for no bytes (switching it on recompiles)."""
 
     def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -1160,7 +1113,8 @@ class GPT(nn.Module):
         self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
         looped = (list(range(recur[0])) + recur * (s.num_loops + 1) + list(range(recur[-1] + 1, s.num_layers))
                   if recur else list(range(s.num_layers)))
-        self.passes = {False: encoder_decoder(list(range(s.num_layers))), True: encoder_decoder(looped)}
+        halves = lambda order: (order[:len(order) // 2], order[len(order) // 2:])  # encoder, decoder passes
+        self.passes = {False: halves(list(range(s.num_layers))), True: halves(looped)}
         self.recurrence_active = False
         num_skips = len(self.passes[True][0])  # the looped split has the most encoder passes
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
@@ -1239,17 +1193,15 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
 
 
 def training_progress(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """How far training is, from 0 to 1: by the wall-clock cap (less the GPTQ reserve), as the record computes it,
-    or by steps if that is further (a run that ends at ITERATIONS, never on the record's runs). Schedules given as
-    fractions of this have the same shape on slower hardware under the cap."""
+    """Training done, 0 to 1: by the wall-clock cap less the GPTQ reserve (as the record), or by steps if further.
+    Schedules in fractions of it keep their shape on slower hardware under the cap."""
     s = settings
     by_clock = elapsed_ms / (1000 * s.training_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return min(max(step / s.iterations, by_clock), 1.0)
 
 
 def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """A linear warmdown to 0 over the last WARMDOWN_FRAC of training (or the last WARMDOWN_ITERS steps when
-    WARMDOWN_FRAC=0)."""
+    """A linear warmdown to 0 over the last WARMDOWN_FRAC of training (WARMDOWN_FRAC=0: WARMDOWN_ITERS steps)."""
     s = settings
     if s.warmdown_frac > 0:
         return min((1.0 - training_progress(step, elapsed_ms, s)) / s.warmdown_frac, 1.0)
@@ -1257,8 +1209,7 @@ def lr_multiplier(step: int, elapsed_ms: float, settings: Settings) -> float:
 
 
 def step_based_warmdown(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """The baseline's: linear warmdown over the last WARMDOWN_ITERS steps, whichever end comes first:
-    ITERATIONS, or the wall-clock cap (there the remaining steps are estimated from the mean step time)."""
+    """The baseline's: over the last WARMDOWN_ITERS steps before ITERATIONS or the cap (steps left from the mean)."""
     s = settings
     if s.warmdown_iters <= 0:
         return 1.0
@@ -1278,8 +1229,7 @@ def muon_momentum(step: int, settings: Settings) -> float:
 
 
 class WeightEMA:
-    """An exponential moving average of the weights, ema <- decay x ema + (1 - decay) x w after every step,
-    starting from the initial weights; the export takes it. Why: it averages out the last steps' noise."""
+    """ema <- decay x ema + (1 - decay) x w after every step, from the initial weights; the export takes it."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.params = decay, list(model.parameters())
@@ -1296,7 +1246,7 @@ class WeightEMA:
             p.copy_(avg.to(p.dtype))
 
 
-class TrainingDiverged(RunError):
+class TrainingDiverged(RunError):  # NaN or inf: nothing is exported
     pass
 
 
@@ -1326,9 +1276,8 @@ class Trainer:
         self.ema = WeightEMA(self.model, settings.ema_decay) if settings.ema_decay > 0 else None
 
     def step(self, step: int, lr_scale: float, progress: float | None = None) -> Tensor:
-        """Accumulates gradients over the micro-batches, then steps every optimizer. `progress` (0..1, default
-        step / ITERATIONS) drives the fraction schedules. Returns the mean loss on this rank as a device
-        tensor, so that no host sync happens here."""
+        """Gradients over the micro-batches, then every optimizer; `progress` (0..1, default step / ITERATIONS) drives
+        the fraction schedules. Returns this rank's mean loss as a device tensor (no host sync here)."""
         s, rt = self.settings, self.rt
         progress = step / s.iterations if progress is None else progress
         if s.recur_layers and progress >= s.recur_start_frac:
@@ -1367,9 +1316,8 @@ class Trainer:
                                    f"and nothing is exported; {self.settings.divergence_suspects()}")
 
     def warm_up_and_restore(self, steps: int, log) -> None:
-        """Run `steps` real steps so that compilation and allocator warm-up happen outside the timed run
-        (the second half with depth recurrence on, to compile that graph too), then put back the initial
-        weights, optimizer state, EMA, recurrence switch and data position."""
+        """`steps` real steps (the second half with recurrence on) so compiling happens outside the timed run, then
+        the initial weights, optimizer state, EMA, recurrence switch and data position put back."""
         if steps <= 0:
             return
         initial_model = copy.deepcopy(self.model.state_dict())
@@ -1387,8 +1335,8 @@ class Trainer:
 
 
 class RunLog:
-    """Log lines go to stdout and logs/<RUN_ID>.txt, from rank 0 only. An earlier run's log and model (the evidence
-    of a score) are never overwritten: a reused RUN_ID is refused, or with OVERWRITE=1 renamed aside first."""
+    """stdout and logs/<RUN_ID>.txt, rank 0 only. An earlier run's log and model are never overwritten: a reused
+    RUN_ID is refused, or with OVERWRITE=1 renamed aside; a name a live run holds (its flock) is refused."""
 
     def __init__(self, run_id: str, is_master: bool, overwrite: bool = False):
         self.is_master, self.file, self.path = is_master, None, Path("logs") / f"{run_id}.txt"
@@ -1526,10 +1474,9 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
 
 
 class WallclockStop:
-    """Picks the last step, the same on every rank, so that train_time (read after the device has finished) ends
-    within cap_ms. Once a step is queued it waits for the device to finish the step before (the current one stays
-    queued): the clock is then past that step's end, and a "go on" lets at most 2 more steps end (3 on several
-    ranks: their vote is read a step late); it is given while clock + those x SAFETY x slowest recent step < cap."""
+    """Picks the last step, the same on every rank, so that train_time ends within cap_ms: once a step is queued it
+    waits for the one before; a "go on" lets at most 2 more steps end (3 on several ranks: their vote is read a step
+    late), given while clock + those x SAFETY x slowest recent step < cap."""
     RECENT_STEPS, SAFETY = 10, 1.2
 
     def __init__(self, cap_ms: float, runtime: Runtime, event=None, vote=None):
@@ -1563,10 +1510,9 @@ def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
     if runtime.device.type == "cuda":
         log(f"peak_memory allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
-    elif sys.platform != "win32":
-        import resource
-        rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        log(f"peak_memory process_rss:{rss_kib // (2**20 if sys.platform == 'darwin' else 2**10)}MiB")
+    else:  # ru_maxrss: KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        log(f"peak_memory process_rss:{rss // (2**20 if sys.platform == 'darwin' else 2**10)}MiB")
 
 
 def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_suffix: str, ledger: dict,

@@ -121,10 +121,10 @@ def round_trip_kl(model, evaluator, blob: bytes) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gptq_round_trip_penalty_is_below_the_clip_search_penalty_at_the_same_bits(tiny_dataset, seed):
-    """int6 both, GPTQ with clips near the clip search's (3 x std; the embedding 5 x std, near its int8 quantile
-    clip), so that they differ in rounding. The penalty is the KL of the round trip: the val-loss difference of
-    a model trained for seconds is first-order noise (+-0.002 nats either way); the KL is second-order."""
+def test_gptq_round_trip_penalty_is_below_plain_rounding_at_the_same_clip(tiny_dataset, seed):
+    """int6 both at the same clip (3 x std; the embedding 5 x std, near its int8 quantile clip), so that they differ
+    in rounding only. The penalty is the KL of the round trip: the val-loss difference of a model trained for seconds
+    is first-order noise (+-0.002 nats either way); the KL is second-order."""
     s, runtime, model, evaluator = trained_model(tiny_dataset, seed)
     s = dataclasses.replace(s, gptq_clip_sigmas=3.0, gptq_embed_clip_sigmas=5.0)
     rtn = train_gpt.export_artifact(model, s, 0, print)
@@ -186,7 +186,7 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
     return x.T @ x
 
 
-def test_gptq_export_over_the_cap_steps_down_bits_like_the_clip_search(monkeypatch):
+def test_gptq_export_over_the_cap_steps_down_bits(monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
     settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
                                                 "export_format": "int6+lzma"})  # four passes: lzma is the faster
