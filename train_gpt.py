@@ -800,9 +800,9 @@ def quantize_rows(t: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Ten
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022) as the 1.0810 record rounds: per-row int<bits>, clip at clip_sigmas x row std, column
-    by column (largest input energy first), each rounding error spread over the columns left through H^-1 (H = X^T X
-    of the inputs X), so that X W^T moves least. Inputs that never fire (diagonal 0) lose their weights."""
+    """GPTQ (Frantar et al. 2022) as the 1.0810 record rounds: per-row int<bits>, clip = clip_sigmas x the row's std,
+    columns rounded by descending input energy, each one's error spread through H^-1 (H = X^T X of the layer's
+    inputs X) over those not yet rounded, so that the outputs X W^T move least; inputs never firing lose weights."""
     W, H, qmax = w.to(H.device, torch.float32), H.float().clone(), 2 ** (bits - 1) - 1
     scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()  # the record's 1e-10: 0 in fp16
     dead = H.diagonal() == 0

@@ -81,9 +81,10 @@ def test_late_progress_times_the_depth_recurrence_phase_and_counts_its_flops(tmp
     report = only_json_line(run_bench(tmp_path, nproc=1, cwd=REPO, PRESET="strong", RECUR_LAYERS="1",
                                       BENCH_PROGRESS="0.6", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024"))
     assert report["depth_recurrence"] is True
-    # Block 1 runs twice: 3 block passes of 64x64 x 2 + 64x32 x 2 + 64x128 x 2 (MLP_MULT=2) = 28,672 each.
-    assert report["matmul_params"] == 3 * 28_672 + 512 * 64
-    assert report["flops_per_token"] == 6 * (3 * 28_672 + 512 * 64) + 6 * 3 * 64 * 64
+    # Block 1 runs 1 + NUM_LOOPS = 3 times: 4 block passes of 64x64 x 2 + 64x32 x 2 + 64x128 x 2 (MLP_MULT=2)
+    # = 28,672 each.
+    assert report["matmul_params"] == 4 * 28_672 + 512 * 64
+    assert report["flops_per_token"] == 6 * (4 * 28_672 + 512 * 64) + 6 * 4 * 64 * 64
 
 
 def test_step_times_are_positive_and_ordered(one_process):

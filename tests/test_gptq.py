@@ -126,7 +126,7 @@ def test_gptq_round_trip_penalty_is_below_plain_rounding_at_the_same_clip(tiny_d
     in rounding only. The penalty is the KL of the round trip: the val-loss difference of a model trained for seconds
     is first-order noise (+-0.002 nats either way); the KL is second-order."""
     s, runtime, model, evaluator = trained_model(tiny_dataset, seed)
-    s = dataclasses.replace(s, gptq_clip_sigmas=3.0, gptq_embed_clip_sigmas=5.0)
+    s = dataclasses.replace(s, gptq_clip_sigmas=3.0, gptq_embed_clip_sigmas=5.0, export_format="int6+zlib")  # fast
     rtn = train_gpt.export_artifact(model, s, 0, print)
     gptq = train_gpt.export_artifact(model, s, 0, print, train_gpt.collect_hessians(model, s, runtime))
     rtn_kl, gptq_kl = round_trip_kl(model, evaluator, rtn), round_trip_kl(model, evaluator, gptq)
@@ -232,7 +232,8 @@ def test_gptq_gives_the_records_codes_and_scales_from_the_same_weights_and_hessi
         x[:, [3, 50]] = 0
         w = torch.randn(rows, cols) * 0.02 * (0.5 + torch.rand(rows, 1))
         q, scale = train_gpt.gptq_quantize(w, x.T @ x, bits, sigmas)
-        record_q, record_scale = record.gptq_quantize_weight(w, x.T @ x, clip_sigmas=sigmas, clip_range=2**(bits - 1) - 1)
+        record_q, record_scale = record.gptq_quantize_weight(w, x.T @ x, clip_sigmas=sigmas,
+                                                             clip_range=2**(bits - 1) - 1)
         assert torch.equal(q, record_q) and torch.equal(scale, record_scale)
         assert torch.equal(q[:, [3, 50]], torch.zeros(rows, 2, dtype=torch.int8))
 
