@@ -251,6 +251,8 @@ class Settings:
                 f"{self.train_seq_len} x {world_size} x {grad_accum_steps} = {unit}")
         require(self.val_batch_size >= unit, "VAL_BATCH_SIZE", self.val_batch_size,
                 f"at least TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = {unit}")
+        require(self.gptq_calibration_batches >= world_size or self.export_quant != "gptq", "GPTQ_CALIBRATION_BATCHES",
+                self.gptq_calibration_batches, f"at least the world size {world_size} (each rank calibrates on some)")
 
 
 # PRESET=baseline: the naive baseline of SPEC.md, every technique off. PRESET=smoke: every stage in seconds on a CPU.
@@ -265,7 +267,8 @@ PRESETS = {"strong": {}, "baseline": dict(
     data_path="./data/smoke/datasets/fineweb10B_smoke", tokenizer_path="./data/smoke/tokenizers/fineweb_512_bpe.model",
     vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2, recur_layers="1",
     train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
-    warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096)}
+    warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096,
+    gptq_calibration_batches=4)}
 EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 
@@ -357,8 +360,7 @@ def setup_runtime(settings: Settings) -> Runtime:
 
 NS_COEFFS = {  # (a, b, c) of the quintic a X + b (X X^T) X + c (X X^T)^2 X, per iteration (the last repeats)
     "fixed": ((3.4445, -4.7750, 2.0315),),  # the baseline: one quintic tuned for speed
-    # Polar Express (Amsel et al. 2025, as in modded-nanogpt): a different quintic per iteration lands
-    # the singular values closer to 1 in the same 5 iterations.
+    # Polar Express (Amsel et al. 2025, modded-nanogpt): a quintic per iteration, singular values nearer 1 in 5.
     "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
               (4.042929935166739, -2.808917465908714, 0.5000178451051316),
               (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
@@ -381,8 +383,7 @@ def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7, coeffs
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum SGD with an orthogonalised update (optionally row-normalised first) and decoupled weight decay.
-    Same-shaped matrices go in one batched call (few large kernels), each rank taking every world_size-th one."""
+    """Momentum SGD, update orthogonalised (same-shaped matrices batched, split over ranks); decoupled decay."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int, world_size: int,
                  ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize, row_norm: bool = False,
@@ -595,8 +596,7 @@ def load_validation_split(settings: Settings) -> ValidationSplit:
 
 @dataclass
 class ByteTable:
-    """Per token id: UTF-8 bytes of its piece without the leading-space marker, whether it has that marker (one more
-    byte unless the previous token is a boundary), and whether it is a boundary. numpy; `on(device)`: tensors."""
+    """Per token id: UTF-8 bytes without the leading space, whether it has one, whether it is a boundary."""
     base_bytes: np.ndarray | Tensor
     has_leading_space: np.ndarray | Tensor
     is_boundary: np.ndarray | Tensor
@@ -702,8 +702,7 @@ class Evaluator:
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
     def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None):
-        """Yields (nats, bytes, scored mask), each (windows, seq_len), for this rank's windows, batch by batch; a short
-        last batch is padded with unscored rows: one shape, one compiled graph (none made in the timed evaluation)."""
+        """(nats, bytes, scored mask) per batch of this rank's windows; padded rows keep one compiled shape."""
         seq_len, rt = self.settings.train_seq_len, self.rt
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
@@ -766,7 +765,7 @@ class Evaluator:
 
     def compile_ttt(self, model: GPT, compiled: nn.Module) -> None:
         """TTT's training graph (recurrence on), compiled in warm-up: forward and backward on zeros, weights kept."""
-        recurring, model.recurrence_active = model.recurrence_active, bool(model.recur_layers)
+        recurring, model.recurrence_active = model.recurrence_active, bool(self.settings.recur_layer_ids)
         tokens = torch.zeros(self.ttt_rows, self.settings.train_seq_len + 1, dtype=torch.int64, device=self.rt.device)
         compiled(tokens[:, :-1], tokens[:, 1:]).sum().backward()
         model.zero_grad(set_to_none=True)
@@ -774,9 +773,8 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: per-row quantisation of matrices, rounded by GPTQ or plainly (int8, or int6 with the embedding in
-# int8 and fewer bits when int6 would not fit the cap), small tensors in 16 bits, then brotli, lzma or zlib. The
-# compressor is told apart by its own header, so loading is unambiguous.
+# Export: matrices quantised per row (GPTQ or plain rounding; int8, or int6 with an int8 embedding), small tensors in
+# 16 bits, then brotli, lzma or zlib, told apart on loading by their own first bytes.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -826,8 +824,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 
 @torch.no_grad()
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
-    """H = X^T X of each matrix's inputs (the tied embedding's: the final hidden states), the mean over
-    GPTQ_CALIBRATION_BATCHES micro-batches of TRAINING tokens (stream 0 afresh, as the record's rank 0)."""
+    """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES of stream 0 (training)."""
     hessians, last = {}, {}
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
@@ -885,7 +882,7 @@ def dequantize_state_dict(packed: dict) -> dict[str, Tensor]:
 
 
 XZ_MAGIC, ZLIB_HEADER, SHUFFLE_MAGIC = b"\xfd7zXZ\x00", b"\x78", b"BSHF\x02"
-PACKED_CODE = (b'# -*- coding: latin-1 -*-\nimport brotli;exec(brotli.decompress("', b'".encode("latin-1")))\n')
+PACKED_CODE = (b'#coding:latin-1\nimport brotli;exec(brotli.decompress("""', b'""".encode("latin-1")))\n')
 
 
 def compress_packed(packed: dict, export_format: str = "int8+zlib") -> bytes:
@@ -914,17 +911,18 @@ def decompress_model(blob: bytes) -> dict[str, Tensor]:
 
 
 def pack_code(code: bytes) -> tuple[bytes, bytes]:
-    """(source, packed) of this file, plain or packed: docstrings dropped (ast), brotli, a latin-1 string, an exec."""
+    """(source, packed): docstrings dropped, 1-space indents, brotli-11 in a latin-1 string (see PACKED_CODE)."""
     if code.startswith(PACKED_CODE[0]):  # this file runs packed
-        literal = ast.literal_eval(code[len(PACKED_CODE[0]) - 1:1 - len(PACKED_CODE[1])].decode("latin-1"))
-        return brotli.decompress(literal.encode("latin-1")), code
+        literal = ast.literal_eval(code[len(PACKED_CODE[0]) - 3:3 - len(PACKED_CODE[1])].decode("latin-1"))
+        return re.sub(rb"(?m)^ +", lambda m: 4 * m[0], brotli.decompress(literal.encode("latin-1"))), code
     for node in ast.walk(tree := ast.parse(code)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
                 ast.get_docstring(node, clean=False) is not None:
             node.body = node.body[1:] or [ast.Pass()]
-    payload = brotli.compress(ast.unparse(tree).encode(), quality=11)
-    escape = {b"\\": b"\\\\", b'"': b'\\"', b"\n": b"\\n", b"\r": b"\\r", b"\0": b"\\x00"}
-    return code, PACKED_CODE[0] + re.sub(rb'[\\"\n\r\0]', lambda m: escape[m[0]], payload) + PACKED_CODE[1]
+    text = re.sub(r"(?m)^(?:    )+", lambda m: m[0][::4], ast.unparse(tree))  # the same program in fewer bytes
+    escape = {b"\\": b"\\\\", b'"': b'\\"', b"\r": b"\\r", b"\0": b"\\0"}  # \\0 then a digit would be octal: \\x00
+    return code, PACKED_CODE[0] + re.sub(rb'[\\"\r]|\0(?![0-7])|(\0)', lambda m: b"\\x00" if m[1] else escape[m[0]],
+                                         brotli.compress(text.encode(), quality=11)) + PACKED_CODE[1]
 
 
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
@@ -933,8 +931,7 @@ FIT_PRUNE_MAX = 0.14  # share of the codes pruning may zero: past it, the step-d
 
 def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, hessians: dict | None = None,
                     ledger: dict | None = None) -> bytes:
-    """The compressed model. With EXPORT_FIT_CAP=1, while over the cap, a few +-1 codes are zeroed (prune_to_fit) or,
-    were that to go deep, matrices take fewer bits. With `hessians`, GPTQ rounds the matrices (time: ledger["gptq"])."""
+    """The compressed model; EXPORT_FIT_CAP=1: over the cap, prune +-1 codes or take fewer bits."""
     s, state = settings, model.state_dict()
     control = model.control_tensor_names() if s.export_bits == 8 else set()  # int6: the record's fp16 for all
     gptq = (hessians or {}, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas)
@@ -1024,8 +1021,7 @@ class Rotary(nn.Module):
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output y (B, H, T, D) its component along the token's own value v (B, Hkv, T, D):
-    the residual stream already holds the token; attention should bring what the other tokens add."""
+    """XSA: drop from each head's output y its component along the token's own value v (the residual has it)."""
     v_unit = F.normalize(v.repeat_interleave(y.size(1) // v.size(1), dim=1), dim=-1)
     return y - (y * v_unit).sum(-1, keepdim=True) * v_unit
 
@@ -1073,8 +1069,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block re-mixing its input with the embedding x0; LN scale: inputs x 1/sqrt(i+1) in block i;
-    parallel lanes (last blocks): attention and MLP both read the block input."""
+    """Pre-norm block re-mixing its input with x0; LN scale 1/sqrt(i+1); parallel: attention and MLP read one input."""
 
     def __init__(self, dim: int, settings: Settings, layer: int = 0):
         super().__init__()
@@ -1119,7 +1114,6 @@ class GPT(nn.Module):
         num_skips = len(self.passes[True][0])  # the looped split has the most encoder passes
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if s.skip_gates else None
-        # Input-dependent SmearGate (later records): lambda (0 at init) x sigmoid(gate . first 12 channels).
         self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_INPUTS)) if s.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if s.smear_gate else None
         if s.tie_embeddings:
@@ -1129,8 +1123,7 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(m.weight)
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T) ids -> (B, T, C). SmearGate: position t adds lambda x sigmoid(gate(e_t[:12])) x e_{t-1}, a cheap
-        bigram; not where token t is BOS, a document's first token: nothing crosses documents."""
+        """(B, T) -> (B, T, C); SmearGate: + lambda x sigmoid(gate(e_t[:12])) x e_{t-1}, never across a BOS."""
         x = self.tok_emb(input_ids).to(self.compute_dtype)
         if self.smear_gate is not None:
             gate = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_GATE_INPUTS], self.smear_gate.to(x.dtype)))
@@ -1193,8 +1186,7 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
 
 
 def training_progress(step: int, elapsed_ms: float, settings: Settings) -> float:
-    """Training done, 0 to 1: by the wall-clock cap less the GPTQ reserve (as the record), or by steps if further.
-    Schedules in fractions of it keep their shape on slower hardware under the cap."""
+    """Training done, 0 to 1: by the cap less the GPTQ reserve (as the record), or by steps if further."""
     s = settings
     by_clock = elapsed_ms / (1000 * s.training_seconds) if s.max_wallclock_seconds > 0 else 0.0
     return min(max(step / s.iterations, by_clock), 1.0)
@@ -1263,8 +1255,7 @@ class Trainer:
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
         self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
-        # As the record and the official baseline: in bf16 runs only the linear weights and control tensors stay
-        # fp32, so the token embedding (also the tied head) is stored and updated in bf16.
+        # As the record and the official baseline: in bf16 runs the token embedding (the tied head) is kept in bf16.
         self.model.tok_emb.to(runtime.compute_dtype)
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
@@ -1316,8 +1307,7 @@ class Trainer:
                                    f"and nothing is exported; {self.settings.divergence_suspects()}")
 
     def warm_up_and_restore(self, steps: int, log) -> None:
-        """`steps` real steps (the second half with recurrence on) so compiling happens outside the timed run, then
-        the initial weights, optimizer state, EMA, recurrence switch and data position put back."""
+        """Steps (half with recurrence on) that compile outside the timed run, then everything put back."""
         if steps <= 0:
             return
         initial_model = copy.deepcopy(self.model.state_dict())
@@ -1335,8 +1325,7 @@ class Trainer:
 
 
 class RunLog:
-    """stdout and logs/<RUN_ID>.txt, rank 0 only. An earlier run's log and model are never overwritten: a reused
-    RUN_ID is refused, or with OVERWRITE=1 renamed aside; a name a live run holds (its flock) is refused."""
+    """stdout and logs/<RUN_ID>.txt (rank 0): a used RUN_ID is refused (OVERWRITE=1: renamed aside), a live one too."""
 
     def __init__(self, run_id: str, is_master: bool, overwrite: bool = False):
         self.is_master, self.file, self.path = is_master, None, Path("logs") / f"{run_id}.txt"

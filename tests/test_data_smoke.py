@@ -95,9 +95,9 @@ def test_smoke_preset_trains_on_what_the_builder_wrote(smoke, smoke_run):
 
 def test_smoke_preset_runs_every_stage(smoke_run):
     stages = [r"step:0/\d+ val_loss:", r"step:\d+/\d+ train_loss:", r"recurrence:on", r"ema:applied",
-              r"step:\d+/\d+ val_loss:", r"gptq: \d+ms", r"Serialized model int6\+lzma: \d+ bytes",
-              r"eval_mode:sliding", r"final_int6_lzma_roundtrip_exact val_loss:", r"ttt_eval epochs:",
-              r"final_int6_lzma_roundtrip_exact val_loss:"]  # the round trip's score, then test-time training's
+              r"step:\d+/\d+ val_loss:", r"gptq: \d+ms", r"Serialized model int6\+brotli: \d+ bytes",
+              r"eval_pass:roundtrip", r"final_int6_brotli_roundtrip_exact val_loss:", r"eval_pass:ttt ",
+              r"final_int6_brotli_roundtrip_exact val_loss:"]  # the round trip's score, then test-time training's
     position = 0
     for stage in stages:
         found = re.compile(f"^{stage}", re.M).search(smoke_run.log, position)

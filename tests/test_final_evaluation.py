@@ -43,7 +43,7 @@ def final_evaluation(tmp_path, monkeypatch, seconds_per_pass: float = 1.0, **ove
     (tmp_path / "logs").mkdir()
     monkeypatch.setattr(train_gpt, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     model, evaluator, lines = perturbed_model(settings), StubEvaluator(clock, seconds_per_pass), []
-    train_gpt.export_and_rescore(SimpleNamespace(model=model, compiled=model), evaluator, b"code", "",
+    train_gpt.export_and_rescore(SimpleNamespace(model=model, compiled=model), evaluator, (b"code", b"code"), "",
                                  {"training": 0.0}, lines.append, settings, cpu_runtime())
     return lines, evaluator.calls
 
@@ -69,13 +69,13 @@ def test_each_pass_is_announced_then_ended_by_its_pair_and_the_last_pair_is_the_
     lines, _ = final_evaluation(tmp_path, monkeypatch, ttt_epochs=3, eval_sliding=1, eval_stride=4)
     tail = lines[next(i for i, line in enumerate(lines) if line.startswith("eval_pass:")):]
     assert [line.split()[0] for line in tail] == [
-        "eval_pass:roundtrip", "final_int6_lzma_roundtrip", "final_int6_lzma_roundtrip_exact",
-        "eval_pass:sliding", "final_int6_lzma_roundtrip", "final_int6_lzma_roundtrip_exact",
-        "eval_pass:ttt", "final_int6_lzma_roundtrip", "final_int6_lzma_roundtrip_exact", "eval_total:3000ms"]
+        "eval_pass:roundtrip", "final_int6_brotli_roundtrip", "final_int6_brotli_roundtrip_exact",
+        "eval_pass:sliding", "final_int6_brotli_roundtrip", "final_int6_brotli_roundtrip_exact",
+        "eval_pass:ttt", "final_int6_brotli_roundtrip", "final_int6_brotli_roundtrip_exact", "eval_total:3000ms"]
     assert tail[0] == "eval_pass:roundtrip stride:16 window:16"  # plain windows: stride = window
     assert tail[6] == "eval_pass:ttt stride:4 window:16 epochs:3 lr:0.005 chunk_tokens:32768"
-    assert tail[1] == "final_int6_lzma_roundtrip val_loss:2.0000 val_bpb:1.0000 eval_time:1000ms"
-    assert tail[8] == "final_int6_lzma_roundtrip_exact val_loss:1.90000000 val_bpb:0.95000000"
+    assert tail[1] == "final_int6_brotli_roundtrip val_loss:2.0000 val_bpb:1.0000 eval_time:1000ms"
+    assert tail[8] == "final_int6_brotli_roundtrip_exact val_loss:1.90000000 val_bpb:0.95000000"
 
 
 @pytest.mark.parametrize("seconds_per_pass, warned", [(300.0, False), (300.001, True)])

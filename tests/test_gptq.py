@@ -189,7 +189,7 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
 def test_gptq_export_over_the_cap_steps_down_bits(monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
     settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
-                                                "export_format": "int6+lzma"})  # four passes: lzma is the faster
+                                                "export_format": "int6+lzma", "export_fit_cap": 1})  # lzma: faster
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
     lines = []

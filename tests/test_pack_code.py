@@ -49,9 +49,8 @@ def test_packed_code_of_todays_trainer_is_at_most_20000_bytes(packed):
 
 
 def test_packed_file_is_a_latin1_exec_of_brotli(packed):
-    lines = packed.split(b"\n")
-    assert lines[0] == b"# -*- coding: latin-1 -*-" and lines[1].startswith(b"import brotli;exec(brotli.decompress(")
-    assert len(lines) == 3 and lines[2] == b"" and b"\r" not in packed and b"\0" not in packed
+    assert packed.startswith(b'#coding:latin-1\nimport brotli;exec(brotli.decompress("""')
+    assert packed.endswith(b'""".encode("latin-1")))\n') and b"\r" not in packed and b"\0" not in packed
 
 
 def test_packed_file_runs_the_source_program_docstrings_aside(packed):

@@ -53,7 +53,7 @@ KIT_ENV = {
     "VAL_BATCH_SIZE": 8 * 8 * SEQ_LEN, "VOCAB_SIZE": 1024, "NUM_LAYERS": 4, "MODEL_DIM": 128, "NUM_HEADS": 4,
     "NUM_KV_HEADS": 2, "MLP_MULT": 5, "XSA_LAST_N": 4, "PARALLEL_LAST_N": 2, "RECUR_LAYERS": "1,2",
     "MUON_MOMENTUM_WARMUP_STEPS": 10, "EMA_DECAY": 0.9, "EVAL_STRIDE": 16,
-    "TTT_CHUNK_TOKENS": 1024, "TTT_LR": 0.03, "LOADER_STREAMS": 1, "GPTQ_CALIBRATION_BATCHES": 4, "DEVICE": "cpu",
+    "TTT_CHUNK_TOKENS": 1024, "TTT_LR": 0.03, "EVAL_SLIDING": 1, "LOADER_STREAMS": 1, "GPTQ_CALIBRATION_BATCHES": 4, "DEVICE": "cpu",
     "RUN_ID": "kit",
 }
 
@@ -138,12 +138,12 @@ def record_scores(log: str) -> dict[str, float]:
 
 def kit_scores(log: str) -> dict[str, float]:
     """The same stages in the kit's log: the last val line (post-EMA, before export), then the exact final lines:
-    the round trip (sliding or plain, as its eval_mode line says), then test-time training."""
+    each final pass by its eval_pass line: roundtrip (plain windows), sliding, ttt."""
     pre = re.findall(r"^step:\d+/\d+ val_loss:\S+ val_bpb:(\S+)", log, re.MULTILINE)[-1]
-    (mode,) = re.findall(r"^eval_mode:(\w+)", log, re.MULTILINE)
-    roundtrip, ttt = re.findall(r"^final_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log, re.MULTILINE)
-    return {"pre-quantization post-ema": float(pre), "quantized_ttt": float(ttt),
-            {"sliding": "quantized_sliding_window", "plain": "quantized"}[mode]: float(roundtrip)}
+    passes = re.findall(r"^eval_pass:(\w+)", log, re.MULTILINE)
+    finals = re.findall(r"^final_\w+_roundtrip_exact val_loss:\S+ val_bpb:(\S+)", log, re.MULTILINE)
+    names = {"roundtrip": "quantized", "sliding": "quantized_sliding_window", "ttt": "quantized_ttt"}
+    return {"pre-quantization post-ema": float(pre), **{names[p]: float(v) for p, v in zip(passes, finals)}}
 
 
 def record_model_bytes(log: str) -> int:
@@ -171,6 +171,7 @@ def test_kit_logs_the_record_train_losses_for_20_steps(record_log, kit_log):
 
 def test_kit_final_scores_are_the_record_scores(record_log, kit_log):
     record, kit = record_scores(record_log), kit_scores(kit_log)
+    assert set(kit) == set(record), (record, kit)  # EVAL_SLIDING=1: the kit's sliding pass as well
     assert all(abs(kit[stage] - record[stage]) <= BPB_ATOL for stage in kit), (record, kit)
 
 

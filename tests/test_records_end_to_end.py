@@ -52,7 +52,7 @@ def real_logs(tiny_dataset, tmp_path_factory) -> dict:
 def submission(real_logs, tmp_path_factory) -> Path:
     records = tmp_path_factory.mktemp("records")
     # the non-record track: the tiny split is not the published one, which the 10-minute track refuses
-    code = make_submission.main(["--track", "non_record_16mb", "--name", "Tiny CPU", "--author", "Ada",
+    code = make_submission.main(["--track", "non_record_16mb", "--pack-code", "--name", "Tiny CPU", "--author", "Ada",
                                  "--github-id", "ada", "--date", DATE, "--records-dir", str(records),
                                  "--compare-to", "9.0", *map(str, real_logs["paths"])])
     assert code == 0
@@ -62,7 +62,7 @@ def submission(real_logs, tmp_path_factory) -> Path:
 def test_folder_holds_the_real_logs_and_their_source(real_logs, submission):
     for path in real_logs["paths"]:
         assert (submission / path.name).read_bytes() == path.read_bytes()
-    shipped = (submission / "train_gpt.py").read_bytes()  # packed on the 10-minute track (test_pack_code.py)
+    shipped = (submission / "train_gpt.py").read_bytes()  # --pack-code (the 10-minute track's default)
     assert shipped == (real_logs["cwd"] / "packed" / "train_gpt.py").read_bytes()
     for path in real_logs["paths"]:  # the plain runs and the packed run count as the same code
         packed, code_id = line_value(path.read_text(), r"^Code size: \d+ bytes packed:(\d+) code_id:(\w+)$")

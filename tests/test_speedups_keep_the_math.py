@@ -15,8 +15,8 @@ BEFORE_SPEEDUPS = "f47a441"  # train_gpt.py before the speed-ups
 STRONG_BEFORE_APRIL = dict(QK_GAIN_INIT=5.0, MUON_MOMENTUM=0.99, MUON_WEIGHT_DECAY=0.04, SMEAR_GATE=0, TTT_EPOCHS=0,
                            EXPORT_QUANT="rtn", MATRIX_LR=0.025, SCALAR_LR=0.025, TIED_EMBED_LR=0.035,
                            MUON_NS_COEFFS="polar", EMBED_WEIGHT_DECAY=0, SCALAR_WEIGHT_DECAY=0, EMA_DECAY=0.997,
-                           WARMDOWN_FRAC=0.6, RECUR_START_FRAC=0.5, NUM_LOOPS=1, SKIP_GATES=0, ORTHO_INIT=0,
-                           MIN_LR_FRAC=0, MUON_MOMENTUM_WARMUP_FRAC=0)
+                           WARMDOWN_FRAC=0.6, SKIP_GATES=0, ORTHO_INIT=0, MIN_LR_FRAC=0, MUON_MOMENTUM_WARMUP_FRAC=0,
+                           LOADER_STREAMS=0, EXPORT_FORMAT="int6+lzma")
 
 
 @pytest.mark.parametrize("coeffs", ["fixed", "polar"])
@@ -35,7 +35,8 @@ def test_first_200_steps_match_the_version_before_the_speedups(tmp_path, tiny_da
     """Fixed seed, CPU, fp32: every logged loss and score equals the pre-speed-up script's to float32
     rounding (the printed 4 and 8 decimals agree, or differ by a last-digit rounding)."""
     env = trainer_env(tiny_dataset, RUN_ID="math", PRESET=preset, ITERATIONS=200, VAL_LOSS_EVERY=100,
-                      TRAIN_LOG_EVERY=20, RECUR_LAYERS="1", EVAL_STRIDE=32, MAX_VAL_TOKENS=2048,
+                      TRAIN_LOG_EVERY=20, RECUR_LAYERS="1", RECUR_START_FRAC=0.5, NUM_LOOPS=1,  # the recurrence of then
+                      EVAL_STRIDE=32, MAX_VAL_TOKENS=2048,
                       **(STRONG_BEFORE_APRIL if preset == "strong" else {}))
     before = score_lines(script_at_commit(BEFORE_SPEEDUPS, tmp_path / "before.py"), env, tmp_path)
     (tmp_path / "after").mkdir()  # its own logs/: a RUN_ID used before is refused
