@@ -201,19 +201,6 @@ def test_gptq_export_over_the_cap_steps_down_bits(monkeypatch):
     assert packed["int8"]["tok_emb.weight"].abs().max() > 15  # the embedding keeps int8
 
 
-def test_default_gptq_artifact_with_the_8192_embedding_fits_the_cap():
-    """SLOW (225 s on a shared 2-core box with int6+lzma: GPTQ over 30M weights, then one compression pass).
-    The default export (GPTQ, int6 matrices, int8 embedding) of the default model with an 8192 x 512 embedding,
-    Gaussian rows as in test_default_model_artifact_fits_the_cap, fits 16,000,000 bytes (14,387,436 model bytes
-    measured with int6+lzma, before int6+brotli became the default, in int6 at once)."""
-    settings = Settings(vocab_size=8192)
-    model = gaussian_rows_model(settings)
-    hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
-    code_bytes, lines = (REPO / "train_gpt.py").stat().st_size, []
-    blob = train_gpt.export_artifact(model, settings, code_bytes, lines.append, hessians)
-    assert len(blob) + code_bytes <= train_gpt.ARTIFACT_CAP_BYTES, len(blob)
-
-
 # ----------------------------------------------------------------------------------------------
 # GPTQ as the 1.0810 record rounds, run by the record's own code beside the kit's.
 

@@ -26,10 +26,11 @@ def packed() -> bytes:
 
 
 def payload_of(packed_file: bytes) -> bytes:
-    """The code a packed file executes, read the way Python reads the file (a latin-1 string literal)."""
+    """The code a packed file executes, read the way Python reads the file (a latin-1 string literal), with its
+    one-space indents made four again (as the trainer logs it)."""
     module = ast.parse(packed_file.decode("latin-1"))
     (literal,) = [n.value for n in ast.walk(module) if isinstance(n, ast.Constant) and n.value not in ("latin-1",)]
-    return brotli.decompress(literal.encode("latin-1"))
+    return re.sub(rb"(?m)^ +", lambda m: b"    " * len(m[0]), brotli.decompress(literal.encode("latin-1")))
 
 
 def without_docstrings(code: bytes) -> str:
