@@ -72,9 +72,9 @@ def check_run(run: ScoredRun, track: str) -> None:
             raise Refusal(f"{run.path}: the trainer warned that its validation split ({run.val_tokens:,} tokens) is "
                           "not the published split's count, so its score is not comparable with the records; "
                           "score the published split (data/cached_challenge_fineweb.py) or submit to non_record_16mb")
-        if run.eval_time_ms > TIME_CAP_MS:
-            raise Refusal(f"{run.path}: evaluation took {run.eval_time_ms:,} ms, over the 10-minute track's "
-                          f"limit of {TIME_CAP_MS:,} ms (600 s); submit to non_record_16mb instead")
+        if (eval_ms := run.eval_total_ms or run.eval_time_ms) > TIME_CAP_MS:  # every final pass counts
+            raise Refusal(f"{run.path}: evaluation took {eval_ms:,} ms, over the 10-minute track's limit of "
+                          f"{TIME_CAP_MS:,} ms (600 s, every final pass together); submit to non_record_16mb instead")
 
 
 def require_kit_log(run: ScoredRun) -> None:
@@ -215,7 +215,7 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
             "time_cap_s": TIME_CAP_MS // 1000,
             "train_time_under_cap": all(run.budget_time_ms <= TIME_CAP_MS for run in runs),
             "train_time_within_stop_rule": all(training_time_check(run)[0] != "over" for run in runs),
-            "eval_time_under_cap": all(run.eval_time_ms <= TIME_CAP_MS for run in runs),
+            "eval_time_under_cap": all((run.eval_total_ms or run.eval_time_ms) <= TIME_CAP_MS for run in runs),
         },
     }
     if warnings := [f"{run.path.name}: {note}" for run in runs

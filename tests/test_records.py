@@ -238,6 +238,9 @@ REFUSALS = {
     # 100 ms over 600 s is more than two of this run's 43.55 ms steps (the official stop rule's overshoot)
     "training over 600 s": (dict(train_time_ms=600_100), "training took 600,100 ms, over the 10-minute track"),
     "evaluation over 600 s": (dict(eval_time_ms=600_001), "evaluation took 600,001 ms, over the 10-minute track"),
+    # the round trip's 180,001 ms and TTT's 420,000 ms: each under 600 s, together over
+    "evaluation passes over 600 s together": (dict(eval_time_ms=180_001, ttt_loss=2.05),
+                                              "evaluation took 600,001 ms, over the 10-minute track"),
     "code size not the source": (dict(code_bytes=len(SOURCE) + 1), "'Code size' says"),
     "a repeated seed": (dict(seed=1), "SEED=1 was already run"),
 }
