@@ -224,8 +224,8 @@ class Settings:
                 s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
         require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
                 "a name without path separators, at most 200 bytes (it names files)")
-        require(brotli or "brotli" not in s.export_format, "EXPORT_FORMAT", s.export_format,
-                "int6+lzma or int8+zlib unless the brotli package is installed: pip install -r requirements.txt")
+        if brotli is None:  # it compresses the default artifact and packs this file (pack_code)
+            raise SettingsError("the brotli package is missing: pip install -r requirements.txt")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
         require(s.model_dim % s.num_heads == 0, "MODEL_DIM", s.model_dim, f"a multiple of NUM_HEADS={s.num_heads}")
         require((s.model_dim // s.num_heads) % 8 == 0 and s.model_dim // s.num_heads <= 256, "MODEL_DIM", s.model_dim,
@@ -663,9 +663,8 @@ def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Sett
 
 
 def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
-    """Where the evaluation windows end (exclusive, as scored-token indices). Window k sees the seq_len tokens before
-    ends[k] and scores the targets after ends[k-1] (the first all its own): each token once, with at least seq_len -
-    stride tokens of context once it can have them. stride = seq_len: the plain evaluation, disjoint windows."""
+    """Where windows end (exclusive, scored-token indices): window k sees seq_len tokens, scores those after ends[k-1]
+    (the first all its own): each once, with >= seq_len - stride of context when it can. stride = seq_len: plain."""
     return np.minimum(np.arange(seq_len, num_scored + stride, stride), num_scored)
 
 

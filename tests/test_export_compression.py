@@ -16,11 +16,12 @@ from train_gpt import Settings
 needs_brotli = pytest.mark.skipif(train_gpt.brotli is None, reason="brotli is not installed")
 
 
-def test_brotli_format_without_the_brotli_package_is_a_settings_error(monkeypatch):
+def test_a_run_without_the_brotli_package_is_a_settings_error(monkeypatch):
+    """brotli compresses the default artifact and packs the code (whatever the format): every run needs it."""
     monkeypatch.setattr(train_gpt, "brotli", None)
-    with pytest.raises(train_gpt.SettingsError, match=r"^EXPORT_FORMAT='int6\+brotli' is invalid: .* pip install"):
-        Settings.from_env({})
-    assert Settings.from_env({"EXPORT_FORMAT": "int6+lzma"}).export_format == "int6+lzma"
+    for env in ({}, {"EXPORT_FORMAT": "int6+lzma"}, {"PRESET": "baseline"}):
+        with pytest.raises(train_gpt.SettingsError, match=r"^the brotli package is missing: pip install"):
+            Settings.from_env(env)
 
 
 def packed_model(**settings) -> dict:
