@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # for EXPORT_FORMAT
+brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # None: validate refuses
 ARTIFACT_CAP_BYTES = 16_000_000
 # The published exports (SPEC.md): validation tokens, to catch another split; tokenizer sha256s, named in the log.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
