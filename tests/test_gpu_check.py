@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt
 from bench import gpu_check
@@ -43,6 +44,10 @@ def test_dry_run_reports_a_status_for_every_step(dry_run_report):
 def test_dry_run_runs_every_step_on_the_cpu(dry_run_report):
     steps = dry_run_report[0]["steps"]
     assert steps["environment"]["status"] == "ok" and steps["environment"]["facts"]["cuda_available"] is False
+    attention = steps["environment"]["facts"]["attention"]  # the trainer's call (or its stand-in) timed on the CPU
+    for form in ("dense", "varlen"):
+        assert attention["kernels"][form]["sdpa_flash"]["forward_ms"] > 0
+        assert "error" in attention["kernels"][form]["sdpa_cudnn"]  # no cuDNN on a CPU
     assert steps["cuda_tests"]["status"] == "skipped"  # collected, and skipped on the CPU
     assert steps["cuda_tests"]["counts"]["skipped"] >= 5 and steps["cuda_tests"]["counts"]["failed"] == 0
     assert steps["throughput"]["status"] == "ok"
@@ -88,12 +93,18 @@ def test_timed_run_log_facts_flag_a_train_time_over_the_cap_and_a_stepped_down_e
     assert (facts["artifact"]["model_bytes"], facts["artifact"]["total_bytes"]) == (15_900_000, 15_960_000)
 
 
-def test_timed_run_eval_time_scales_to_the_full_split_on_8_gpus():
-    facts = gpu_check.read_timed_run_log(LOG_LINES, cap_s=600, vocab_size=1024)
-    # 2000 ms for 1,048,576 tokens = 1907.35 ms per million; 62,021,632 tokens over 8 GPUs = 14.79 s
+def test_timed_run_eval_time_scales_to_the_default_split_on_8_gpus():
+    facts = gpu_check.read_timed_run_log(LOG_LINES, cap_s=600, vocab_size=8192)
+    # 2000 ms for 1,048,576 tokens = 1907.35 ms per million; sp8192's 40,540,160 tokens over 8 GPUs = 9.67 s
     assert facts["eval"]["ms_per_million_tokens_1_gpu"] == pytest.approx(1907.3, abs=0.1)
-    assert facts["eval"]["estimate_s_sp1024_split_62021632_tokens_8_gpus"] == pytest.approx(14.8, abs=0.05)
+    assert facts["eval"]["full_split_tokens"] == 40_540_160
+    assert facts["eval"]["estimate_s_full_split_8_gpus"] == pytest.approx(9.7, abs=0.05)
     assert facts["train_time_within_cap"] is True
+
+
+def test_a_vocabulary_without_a_published_split_is_projected_on_the_default_split():
+    assert gpu_check.full_split_tokens(2048) == gpu_check.full_split_tokens(8192) == 40_540_160
+    assert gpu_check.full_split_tokens(1024) == 62_021_632
 
 
 def test_reference_is_1_505m_tokens_per_s_per_gpu_at_mfu_0_199():
@@ -159,17 +170,52 @@ def test_a_step_that_no_longer_fits_the_budget_is_skipped_and_says_why(tmp_path)
     assert step["status"] == "skipped" and "--budget-s" in step["error"]
 
 
-def test_a_command_past_its_limit_is_killed_with_its_children(tmp_path):
-    child = ("import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True); "
-             "time.sleep(60)")
-    run = gpu_check.run_command([sys.executable, "-c", child], {"PATH": "/usr/bin:/bin"}, tmp_path, limit_s=2)
-    assert run["timed_out"]
-    grandchild = Path(f"/proc/{int(run['stdout'].split()[0])}/status")
-    for _ in range(50):  # the orphan is reaped by init shortly after the kill
-        if not grandchild.exists() or "State:\tZ" in grandchild.read_text():
-            break
-        time.sleep(0.1)
-    assert not grandchild.exists() or "State:\tZ" in grandchild.read_text()
+# A child that prints its pid (and its child's) and sleeps past any limit; its child sleeps too, in the child's
+# session or, as torchrun starts its worker, in a session of its own, its output closed (no pipe keeps it known).
+SLEEPER = """import os, subprocess, sys, time
+pids = [os.getpid()]
+if sys.argv[1] != "alone":
+    pids.append(subprocess.Popen(["sleep", "600"], start_new_session=sys.argv[1] == "own session",
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)
+print(*pids, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] not in "ZX"  # a zombie has ended
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("grandchild", ["alone", "same session", "own session"])
+def test_a_command_past_its_limit_ends_with_every_process_it_started(tmp_path, grandchild):
+    output = tmp_path / "output.txt"
+    run = gpu_check.run_command([sys.executable, "-c", SLEEPER, grandchild], {"PATH": "/usr/bin:/bin"}, tmp_path,
+                                limit_s=3, output=output)
+    pids = [int(pid) for pid in output.read_text().split()]  # written to the file as the child ran
+    try:
+        assert run["timed_out"] and len(pids) == (1 if grandchild == "alone" else 2)
+        for _ in range(50):  # SIGKILL is delivered asynchronously
+            if not any(map(running, pids)):
+                break
+            time.sleep(0.1)
+        assert [pid for pid in pids if running(pid)] == []
+    finally:
+        for pid in filter(running, pids[1:]):  # a survivor must not outlive a failed test
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_session_refuses_to_start_without_brotli(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check.train_gpt, "brotli", None)
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--session", "--dry-run", "--out", str(tmp_path / "out")])
+    message = str(stop.value.code)
+    assert message.startswith("error: the brotli package is missing") and "\n" not in message
+    assert not (tmp_path / "out").exists()  # refused before anything was written or timed
 
 
 def test_unknown_step_is_refused():
@@ -193,14 +239,23 @@ def session_report(tmp_path_factory) -> tuple[dict, Path]:
     return json.loads((out / "report.json").read_text()), out
 
 
-def test_session_runs_its_four_steps_in_order_and_reports_each(session_report):
+def test_session_runs_environment_timed_run_and_cuda_tests_in_order_and_reports_each(session_report):
     report, out = session_report
-    assert report["session"] is True and list(report["steps"]) == list(gpu_check.SESSION_STEPS)
+    assert report["session"] is True and list(report["steps"]) == ["environment", "timed_run", "cuda_tests"]
     steps = report["steps"]
-    assert [steps[name]["status"] for name in gpu_check.SESSION_STEPS] == ["ok", "ok", "skipped", "ok"]
+    assert [steps[name]["status"] for name in gpu_check.SESSION_STEPS] == ["ok", "ok", "skipped"]
     assert steps["cuda_tests"]["counts"]["skipped"] == 3  # the flash kernel, fp32 refused, CUDA eval = CPU eval
-    assert list(steps["throughput"]["runs"]) == ["baseline"]
     assert all(f"| {name} | **" in (out / "report.md").read_text() for name in gpu_check.SESSION_STEPS)
+    assert {"environment_output.txt", "timed_run_output.txt", "cuda_tests_output.txt"} <= {
+        p.name for p in out.iterdir()}  # each child's output, written under --out
+
+
+def test_session_timed_run_is_trimmed_to_fit_a_cold_start(session_report):
+    timed = session_report[0]["steps"]["timed_run"]
+    for variable in ("WARMUP_STEPS=4", "GPTQ_CALIBRATION_BATCHES=8", "EXPORT_FORMAT=int6+zlib", "EXPORT_FIT_CAP=0"):
+        assert variable in timed["command"].split()  # 8 batches: one 8-GPU rank's share of the default's 64
+    assert timed["command"].endswith(" python3 train_gpt.py")  # one process, no launcher
+    assert timed["facts"]["artifact"]["format"] == "int6+zlib"
 
 
 def test_session_timed_run_times_every_pass_and_projects_them_to_8_gpus(session_report):
@@ -259,15 +314,15 @@ def test_evaluation_projection_to_8_gpus_counts_batches_and_chunks_of_the_full_s
     assert projection["gptq"]["within_reserve"] is True and projection["gptq"]["cap_ms"] == 40_000
 
 
-# ---- bad options and kills (issue 16, items 9-12) ----------------------------------------------------
+# ---- bad options and kills -------------------------------------------------------------------------
 
 
 def test_a_relative_data_folder_is_resolved_when_the_options_are_read(tmp_path, monkeypatch):
     """The timed run's child works in another folder: a relative --data must not reach it as such."""
-    (tmp_path / ".device" / "data").mkdir(parents=True)
+    (tmp_path / "gpu" / "data").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    args = gpu_check.parse_args(["--out", "out", "--data", ".device/data"])
-    assert args.data == tmp_path / ".device" / "data" and args.out == tmp_path / "out"
+    args = gpu_check.parse_args(["--out", "out", "--data", "gpu/data"])
+    assert args.data == tmp_path / "gpu" / "data" and args.out == tmp_path / "out"
 
 
 def test_a_data_folder_that_does_not_exist_is_an_error(tmp_path, capsys):
@@ -318,3 +373,59 @@ def test_work_folders_of_checks_that_were_killed_outright_are_removed_by_the_nex
     live.mkdir()
     work = gpu_check.make_work_folder()
     assert not stale.exists() and live.exists() and work.exists() and work.parent == tmp_path
+
+
+# ---- the attention kernels, timed on the trainer's call ------------------------------------------------
+
+
+def test_attention_calls_are_the_defaults_per_gpu_micro_batch_dense_and_packed():
+    """98,304 tokens per GPU (786,432 / 8): 48 sequences of 2,048, or one row of documents of ~1,000 cut at 2,048."""
+    calls = gpu_check.attention_calls(train_gpt.Settings())
+    dense, varlen = calls["dense"], calls["varlen"]
+    assert (dense["batch"], dense["seq"], dense["heads"], dense["kv_heads"], dense["head_dim"]) == (48, 2048, 8, 4, 64)
+    assert dense["lengths"] == [2048] * 48
+    assert (varlen["batch"], varlen["seq"], varlen["heads"], varlen["kv_heads"]) == (1, 98_304, 8, 4)
+    assert sum(varlen["lengths"]) == 98_304 and 1 <= min(varlen["lengths"]) and max(varlen["lengths"]) == 2048
+    assert 800 < 98_304 / len(varlen["lengths"]) < 1200
+
+
+SMALL_ATTENTION = train_gpt.Settings(train_batch_tokens=8 * 4 * 256, train_seq_len=256, num_heads=4, num_kv_heads=2,
+                                     model_dim=256)  # dense: 4 x 256; varlen: one row of 1,024 tokens
+
+
+def test_attention_is_timed_through_the_trainers_function_with_its_layout_and_each_sdpa_backend(monkeypatch):
+    calls = []
+
+    def attention(q, k, v, kernel: str, cu_seqlens=None, max_seqlen=0):  # train_gpt.attention's signature
+        if kernel == "fa3":
+            raise ImportError("flash_attn_interface is not installed")
+        backends = torch.backends.cuda
+        calls.append((kernel, tuple(q.shape), tuple(k.shape), tuple(v.shape), backends.flash_sdp_enabled(),
+                      backends.cudnn_sdp_enabled(), None if cu_seqlens is None else cu_seqlens.tolist(), max_seqlen))
+        return q + 0 * (k.sum() + v.sum())
+
+    monkeypatch.setattr(gpu_check.train_gpt, "attention", attention, raising=False)
+    result = gpu_check.measure_attention(SMALL_ATTENTION, torch.device("cpu"), dry_run=False)
+    assert result["function"] == "train_gpt.attention"
+    assert {result["fastest"]["dense"], result["fastest"]["varlen"]} <= {"sdpa_flash", "sdpa_cudnn"}  # fa3 did not run
+    assert result["kernels"]["dense"]["fa3"] == {"error": "ImportError: flash_attn_interface is not installed"}
+    dense = [c for c in calls if c[6] is None]
+    varlen = [c for c in calls if c[6] is not None]
+    # (batch, seq, heads, head_dim): heads of 256 / 4 = 64; k and v with the 2 KV heads; flash, then cuDNN alone
+    assert {c[1:6] for c in dense} == {((4, 256, 4, 64), (4, 256, 2, 64), (4, 256, 2, 64), True, False),
+                                       ((4, 256, 4, 64), (4, 256, 2, 64), (4, 256, 2, 64), False, True)}
+    assert {c[1] for c in varlen} == {(1, 1024, 4, 64)} and all(c[0] == "sdpa" for c in calls)
+    bounds = varlen[0][6]
+    assert bounds[0] == 0 and bounds[-1] == 1024 and varlen[0][7] == max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+def test_attention_tflops_are_the_causal_flops_over_the_median_times(monkeypatch):
+    """Dense 4 x 256, 4 heads of 64: forward 2 x 4 x 64 x 4 x 256^2 = 134,217,728 FLOPs; in 1 ms, 0.1342 TFLOP/s;
+    backward 2.5 x that in 3.5 - 1 = 2.5 ms: 0.1342 TFLOP/s."""
+    monkeypatch.setattr(gpu_check.train_gpt, "attention",
+                        lambda q, k, v, kernel, cu_seqlens=None, max_seqlen=0: q + 0 * (k.sum() + v.sum()),
+                        raising=False)
+    times = iter([1.0, 3.5] * 6)  # forward, then forward + backward, for each kernel and call
+    monkeypatch.setattr(gpu_check, "median_ms", lambda run, device, repeats: next(times))
+    timing = gpu_check.measure_attention(SMALL_ATTENTION, torch.device("cpu"), dry_run=False)["kernels"]["dense"]["fa3"]
+    assert timing == {"forward_ms": 1.0, "backward_ms": 2.5, "forward_tflops": 0.1342, "backward_tflops": 0.1342}
