@@ -49,7 +49,8 @@ def test_a_published_log_takes_its_train_time_from_the_stopping_line():
 
 @needs_reference
 def test_the_seed_of_a_hyperparameters_block_is_the_logs_own():
-    run = read_run_log(REFERENCE / "record_2026-04-10_sp8192_1.0734/logs/train1.txt")  # `  seed: 1`, no seed in its name
+    # `  seed: 1` in its Hyperparameters block; no seed in its file name
+    run = read_run_log(REFERENCE / "record_2026-04-10_sp8192_1.0734/logs/train1.txt")
     assert (run.seed, run.seed_from) == (1, "seed line")
 
 
@@ -81,7 +82,9 @@ def test_a_log_of_lines_with_unix_times_is_read(tmp_path):
 
 
 def test_a_log_with_no_score_line_names_the_score_line_option(tmp_path):
-    log = write(tmp_path / "train.log", ["stopping_early: wallclock_cap train_time: 587091ms step: 4832/20000",
-                                         "diagnostic quantized val_loss:2.79823422 val_bpb:1.08324876 eval_time:45933ms"])
+    log = write(tmp_path / "train.log", [
+        "stopping_early: wallclock_cap train_time: 587091ms step: 4832/20000",
+        "diagnostic quantized val_loss:2.79823422 val_bpb:1.08324876 eval_time:45933ms",
+    ])
     with pytest.raises(Refusal, match="--score-line NAME"):
         read_run_log(log)
