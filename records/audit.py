@@ -255,7 +255,8 @@ def audit_folder(folder: Path, code_name: str | None = None, score_line: str | N
                         copies, unread)
     if code_path is None:
         candidates = ", ".join(p.name for p in sorted(folder.glob("train_gpt*.py"))) or "none"
-        audit.notes.append(f"no code file (train_gpt.py; candidates: {candidates}): name it with --code")
+        audit.notes.append(f"no code file ({code_name or 'train_gpt.py'}; candidates: {candidates}): "
+                           "name it with --code")
     return audit
 
 
@@ -485,12 +486,13 @@ def artifact_cell(audit: FolderAudit) -> str:
 def training_cell(logs: list[LogAudit]) -> str:
     train = max((log.run.train_time_ms for log in logs if log.run.train_time_ms is not None), default=None)
     total = max((log.train_and_gptq_ms for log in logs if log.train_and_gptq_ms is not None), default=None)
-    parts = sorted({what for log in logs for what, _ in log.gptq_parts})
     if total is None:
         return f"{seconds(train)}; no GPTQ logged"
-    unrounded = sum(not log.rounding_logged for log in logs if log.gptq_parts)
+    with_gptq = [log for log in logs if log.gptq_parts]
+    parts = sorted({what.removeprefix("GPTQ ") for log in with_gptq for what, _ in log.gptq_parts})
+    unrounded = sum(not log.rounding_logged for log in with_gptq)
     return (f"{seconds(train)}; {seconds(total)} ({', '.join(parts)}"
-            + (f"; rounding not logged in {unrounded} of {len(logs)}" if unrounded else "") + ")")
+            + (f"; rounding not logged in {unrounded} of {len(with_gptq)}" if unrounded else "") + ")")
 
 
 def evaluation_cell(logs: list[LogAudit]) -> str:
@@ -521,14 +523,15 @@ def source_cell(audit: FolderAudit) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", type=Path, help="record folders")
-    parser.add_argument("--compare-to", help="the record every folder claims to beat: a record folder, its "
-                                             "submission json or a val_bpb")
-    parser.add_argument("--claims", type=Path, help="a file of 'RECORD -> BASELINE' lines (folder names), one per "
-                                                    "record: the record each claims to beat")
-    parser.add_argument("--code", help="the code file's name in the folders (default train_gpt.py, or the folder's "
-                                       "one train_gpt*.py)")
-    parser.add_argument("--score-line", help="the name of the score's line (default: as run_log.py)")
+    parser.add_argument("folders", nargs="+", type=Path, metavar="FOLDER", help="record folders")
+    parser.add_argument("--compare-to", metavar="RECORD",
+                        help="the record every folder claims to beat: a record folder, its submission json, a val_bpb")
+    parser.add_argument("--claims", type=Path, metavar="FILE",
+                        help="a file of 'RECORD -> BASELINE' lines (folder names): the record each claims to beat")
+    parser.add_argument("--code", metavar="NAME",
+                        help="the code file's name in the folders (default train_gpt.py, or the folder's one "
+                             "train_gpt*.py)")
+    parser.add_argument("--score-line", metavar="NAME", help="the name of the score's line (default: as run_log.py)")
     parser.add_argument("--table", action="store_true", help="one markdown row per folder")
     args = parser.parse_args(argv)
     try:
