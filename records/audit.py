@@ -305,8 +305,8 @@ def compare_with_claim(audit: FolderAudit, baseline: Record) -> None:
     audit.comparison = (f"{where}: improvement {test.mean:.5f} nats per token ({test.test}); H0 improvement <= "
                         f"{MIN_DELTA_NATS}: t = {test.t_beats_margin:.2f}, df = {test.df:.2f}, "
                         f"p = {test.p_beats_margin:.3g} ({verdict} {ALPHA})")
-    audit.comparison_cell = (f"{test.mean:+.5f} nats vs {Path(baseline.where).name} ({test.test}): "
-                             f"p = {test.p_beats_margin:.2g}")
+    label = baseline.name if baseline.where == "a number" else Path(baseline.where).name
+    audit.comparison_cell = f"{test.mean:+.5f} nats vs {label} ({test.test}): p = {test.p_beats_margin:.2g}"
 
 
 def read_claims(path: Path) -> dict[str, str]:
