@@ -9,10 +9,12 @@ prints what was read from each log. Three log layouts are read (records/README.m
   PyTorch and `nvidia-smi` lines, another line of `=`, then the run's lines;
 - a plain console log (the run's lines only, torchrun warnings and all).
 The score is the last `<name>_exact` line carrying val_bpb (or the last `<NAME>` line given by
---score-line). Lines this reader does not know are ignored; what a log does not say stays None
-and is printed as "unknown", never guessed. A log with an `error:` line, or one that announces an
-evaluation pass (`eval_pass:<name>`, or `ttt_eval`) without its score pair after it, is refused: the
-run failed or was cut off, and an earlier pass's score must not stand in for it.
+--score-line); in another script's log with no `_exact` line, the last line carrying val_bpb that is not a
+`diagnostic` one (published scripts print their score there at full precision). Lines this reader does
+not know are ignored; what a log does not say stays None and is printed as "unknown", never guessed. A
+log with an `error:` line, or one that announces an evaluation pass (`eval_pass:<name>`, or `ttt_eval`)
+without its score pair after it, is refused: the run failed or was cut off, and an earlier pass's score
+must not stand in for it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ OFFICIAL_SEPARATOR = re.compile(rb"^={100}\r?$", re.MULTILINE)
 KEY_VALUE = re.compile(r"(\w+):\s*(\S+)")  # newer scripts write `train_time: 599462ms`
 STEP_LINE = re.compile(r"^(?:step:\s*)?(\d+)/(\d+)\s+(.*)$")  # newer scripts drop the `step:` prefix
 SCORE_LINE = re.compile(r"^(\w+)\s+(.*\bval_bpb:.*)$")
-SEED_LINE = re.compile(r"^seed:\s*(\d+)\s*$")
+SEED_LINE = re.compile(r"^(?:  )?seed:\s*(\d+)\s*$")  # indented: a published script's Hyperparameters block
 SEED_IN_FILE_NAME = re.compile(r"seed[_-]?(\d+)", re.IGNORECASE)
 DEVICE_LINE = re.compile(r"^device:(\S+) name:(.*?) world_size:(\d+)")
 VAL_SPLIT_LINE = re.compile(r"^val_split tokens:(\d+) sha256:([0-9a-f]+) scope:(\w+)")
@@ -44,6 +46,7 @@ EVAL_PASS_LINE = re.compile(r"^(?:eval_pass:(\w+)|ttt_eval\b)")  # a final pass 
 GPTQ_LINE = re.compile(r"^gptq: (\d+)ms .*\btrain_time\+gptq:(\d+)ms")
 GPTQ_OVER_CAP_LINE = re.compile(r"^WARNING: training plus GPTQ took (\d+)ms")
 UNPUBLISHED_SPLIT_LINE = re.compile(r"^WARNING: \d+ validation tokens is not the published split's count")
+TIME_PREFIX = re.compile(r"^\d{10}\.\d{3} ")  # some published logs start each line with the unix time
 PER_RUN_SETTINGS = ("SEED", "RUN_ID")  # the only settings the seeds of one result may differ in
 
 
@@ -172,10 +175,14 @@ def read_run_log(path: str | Path, score_line: str | None = None, fallback_seed:
     found: dict = {"val_curve": [], "model_bytes": {}, "scores": [], "passes": []}
     lines_before = raw.count(b"\n", 0, len(raw) - len(rest))  # so that messages give the file's line numbers
     lines = rest.decode("utf-8", errors="replace").splitlines()  # a cut-off run may end mid-character
+    if layout != "kit":
+        lines = [TIME_PREFIX.sub("", line) for line in lines]
     for number_in_file, line in enumerate(lines, start=lines_before + 1):
         parse_line(line, number_in_file, found)
     settings = found.get("settings", {})
     check_finished(path, layout, raw, found, settings)
+    if score_line is None and layout != "kit":
+        score_line = published_score_line(found["scores"])
     name, score_fields, rounded_fields = chosen_score(path, found["scores"], score_line)
     seed, seed_from = next(((s, where) for s, where in (
         (settings.get("SEED"), "settings"), (found.get("seed"), "seed line"),
@@ -259,6 +266,23 @@ def parse_line(line: str, number_in_file: int, found: dict) -> None:
         found["model_params"] = int(params)
     elif line.startswith("stopping_early: wallclock_cap"):
         found["stopped"] = True
+        # newer scripts give train_time in minutes on step lines (`train_time: 9.7m`), in ms only on this one
+        fields, last = key_values(line), found.get("last_step")
+        step, _, iterations = fields.get("step", "").partition("/")
+        train_time_ms = number(fields.get("train_time"))
+        if train_time_ms is not None and step.isdigit() and (last is None or int(step) > last[0]):
+            found["last_step"] = (int(step), int(iterations) if iterations.isdigit() else None, int(train_time_ms),
+                                  train_time_ms / max(int(step), 1))  # the official scripts' step_avg
+
+
+def published_score_line(scores: list) -> str | None:
+    """The score of a log that prints no `_exact` line: published scripts print it at full precision, on the last
+    line of the final passes (`quantized_ttt val_loss:2.79180191 val_bpb:1.08079352 eval_time:366525ms`); lines
+    named `diagnostic` are not scores. None when the log has `_exact` lines (they hold the score) or none of these."""
+    if any(name.endswith("_exact") for name, *_ in scores):
+        return None
+    names = [name for name, *_ in scores if not name.lower().startswith("diagnostic")]
+    return names[-1] if names else None
 
 
 def seed_in_file_name(path: Path) -> int | None:
@@ -304,7 +328,8 @@ def chosen_score(path: Path, scores: list, score_line: str | None) -> tuple[str,
         chosen = [s for s in scores if s[0].endswith("_exact")]
         if not chosen:
             raise Refusal(f"{path}: no final exact score line ('<name>_exact val_loss:... val_bpb:...', "
-                          "e.g. final_int8_zlib_roundtrip_exact); did the run crash or get cut off?")
+                          "e.g. final_int8_zlib_roundtrip_exact); did the run crash or get cut off? (a log of "
+                          "another script that names its score line otherwise: pass --score-line NAME)")
     else:
         chosen = [s for s in scores if s[0] == score_line]
         if not chosen:
