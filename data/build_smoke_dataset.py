@@ -6,10 +6,11 @@
 The documents are the paragraphs of the *.md and *.py files committed at the checkout's HEAD, read through
 git (nothing downloaded, nothing copied from elsewhere, and neither edited nor untracked files: the same
 commit gives the same tokens whatever the working tree holds), shuffled with a fixed seed. Outside a git
-checkout it stops with one error line that says how to make one. The re-tokenizer turns them into a complete export
-with a small SentencePiece tokenizer: DIR/datasets/fineweb10B_smoke/, DIR/tokenizers/, DIR/manifest.json.
-It prints the DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to give train_gpt.py; PRESET=smoke reads the default
-location (data/smoke) by itself. This is for checking that the kit runs, not for measuring anything.
+checkout it stops with one error line that says how to make one. The re-tokenizer turns them into a
+complete export with a small SentencePiece tokenizer: DIR/datasets/fineweb10B_smoke/, DIR/tokenizers/,
+DIR/manifest.json. It prints the DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to give train_gpt.py;
+PRESET=smoke reads the default location (data/smoke) by itself. This is for checking that the kit runs,
+not for measuring anything.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def repository_documents(repo_root: Path, commit: str = "HEAD") -> list[str]:
         for member in archive:
             parts = member.name.split("/")
             if member.isfile() and member.name.endswith((".md", ".py")) and not any(p.startswith(".") for p in parts):
-                texts[tuple(parts)] = archive.extractfile(member).read().decode("utf-8", errors="replace")
+                text = archive.extractfile(member).read().decode("utf-8", errors="replace")
+                texts[tuple(parts)] = text.replace("\r\n", "\n").replace("\r", "\n")  # git writes CRLF on Windows
     docs = []
     for parts in sorted(texts):  # the order of the paths' parts, as pathlib sorts them
         docs += [p.strip() for p in texts[parts].split("\n\n") if len(p.strip()) >= MIN_PARAGRAPH_CHARS]
