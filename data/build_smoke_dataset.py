@@ -3,19 +3,25 @@
 
     python3 data/build_smoke_dataset.py [--output-root data/smoke] [--vocab-size 512]
 
-The documents are the paragraphs of the repository's *.md and *.py files (nothing downloaded, nothing
-copied from elsewhere), shuffled with a fixed seed. The re-tokenizer turns them into a complete export
-with a small SentencePiece tokenizer: DIR/datasets/fineweb10B_smoke/, DIR/tokenizers/, DIR/manifest.json.
-It prints the DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to give train_gpt.py; PRESET=smoke reads the default
-location (data/smoke) by itself. This is for checking that the kit runs, not for measuring anything.
+The documents are the paragraphs of the *.md and *.py files committed at the checkout's HEAD, read through
+git (nothing downloaded, nothing copied from elsewhere, and neither edited nor untracked files: the same
+commit gives the same tokens whatever the working tree holds), shuffled with a fixed seed. Outside a git
+checkout it stops with one error line that says how to make one. The re-tokenizer turns them into a
+complete export with a small SentencePiece tokenizer: DIR/datasets/fineweb10B_smoke/, DIR/tokenizers/,
+DIR/manifest.json. It prints the DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE to give train_gpt.py;
+PRESET=smoke reads the default location (data/smoke) by itself. This is for checking that the kit runs,
+not for measuring anything.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when run as `python3 data/...`
@@ -30,18 +36,40 @@ MIN_DOCS = 50
 TRAIN_SHARDS_WANTED = 4
 
 
-def repository_documents(repo_root: Path) -> list[str]:
-    """Paragraphs of the repository's *.md and *.py files, skipping hidden folders (.git, .venv) and
-    installed packages."""
+def git(repo_root: Path, *args: str) -> bytes:
+    """The output of a git command in `repo_root`; an ExportError that says how to get a checkout otherwise."""
+    try:
+        result = subprocess.run(["git", "-C", str(repo_root), *args], capture_output=True)
+    except FileNotFoundError:
+        raise ExportError(not_a_checkout(repo_root, "git is not installed")) from None
+    if result.returncode != 0:
+        raise ExportError(not_a_checkout(repo_root, result.stderr.decode(errors="replace").strip().split("\n")[0]))
+    return result.stdout
+
+
+def not_a_checkout(repo_root: Path, why: str) -> str:
+    return (f"{repo_root} is not a git checkout with a commit ({why}): the smoke text is the files committed at "
+            f"HEAD, so that edits and untracked files never change it; clone the kit with git, or commit this "
+            f"copy (git init && git add -A && git commit -m kit)")
+
+
+def head_commit(repo_root: Path) -> str:
+    return git(repo_root, "rev-parse", "--verify", "HEAD^{commit}").decode().strip()
+
+
+def repository_documents(repo_root: Path, commit: str = "HEAD") -> list[str]:
+    """Paragraphs of the *.md and *.py files committed at `commit`, outside hidden folders (.github), read from
+    git's objects: the working tree's edits and untracked files are never read."""
+    texts = {}
+    with tarfile.open(fileobj=io.BytesIO(git(repo_root, "archive", "--format=tar", commit))) as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if member.isfile() and member.name.endswith((".md", ".py")) and not any(p.startswith(".") for p in parts):
+                text = archive.extractfile(member).read().decode("utf-8", errors="replace")
+                texts[tuple(parts)] = text.replace("\r\n", "\n").replace("\r", "\n")  # git writes CRLF on Windows
     docs = []
-    for path in sorted(repo_root.rglob("*")):
-        parts = path.relative_to(repo_root).parts
-        if path.suffix not in (".md", ".py") or not path.is_file():
-            continue
-        if any(p.startswith(".") or p in ("site-packages", "node_modules") for p in parts):
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        docs += [p.strip() for p in text.split("\n\n") if len(p.strip()) >= MIN_PARAGRAPH_CHARS]
+    for parts in sorted(texts):  # the order of the paths' parts, as pathlib sorts them
+        docs += [p.strip() for p in texts[parts].split("\n\n") if len(p.strip()) >= MIN_PARAGRAPH_CHARS]
     return docs
 
 
@@ -61,10 +89,12 @@ def display_path(path: Path) -> str:
     return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def build_smoke_dataset(output_root: Path, vocab_size: int) -> dict:
-    docs = repository_documents(REPO_ROOT)
+def build_smoke_dataset(output_root: Path, vocab_size: int, repo_root: Path = REPO_ROOT) -> tuple[dict, str]:
+    """The export of the smoke text of `repo_root`'s HEAD, and that commit."""
+    commit = head_commit(repo_root)
+    docs = repository_documents(repo_root, commit)
     if len(docs) < MIN_DOCS:
-        raise ExportError(f"the repository at {REPO_ROOT} has only {len(docs)} paragraphs of text; the smoke "
+        raise ExportError(f"commit {commit} of {repo_root} has only {len(docs)} paragraphs of text; the smoke "
                           f"dataset needs at least {MIN_DOCS}")
     random.Random(0).shuffle(docs)  # validation and training text from the same mix, as in FineWeb's shuffled list
     num_val_docs = min(MAX_VAL_DOCS, len(docs) // 5)
@@ -75,7 +105,7 @@ def build_smoke_dataset(output_root: Path, vocab_size: int) -> dict:
                             shard_tokens=shard_tokens, tokenizer_train_docs=len(docs))
     if manifest["datasets"][0]["stats"]["files_train"] < 2:
         raise ExportError(f"the smoke dataset in {output_root} has fewer than 2 training shards")
-    return manifest
+    return manifest, commit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=512, help="SentencePiece vocabulary (default 512)")
     args = parser.parse_args(argv)
     try:
-        manifest = build_smoke_dataset(args.output_root, args.vocab_size)
+        manifest, commit = build_smoke_dataset(args.output_root, args.vocab_size)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dataset, tokenizer = manifest["datasets"][0], manifest["tokenizers"][0]
     stats = dataset["stats"]
+    print(f"smoke text: the *.md and *.py files of commit {commit} (HEAD; edits and untracked files are not read)")
     print(f"smoke dataset: {stats['docs_val']} val docs ({stats['tokens_val']:,} tokens), {stats['docs_train']} "
           f"train docs ({stats['tokens_train']:,} tokens) in {stats['files_train']} train shards")
     print(f"DATA_PATH={display_path(args.output_root / dataset['path'])} "

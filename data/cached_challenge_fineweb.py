@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Download the challenge's FineWeb export from the Hugging Face hub, verified and resumable.
 
-    python3 data/cached_challenge_fineweb.py --variant sp1024 [--train-shards N | N] [--with-docs] [--verify]
+    python3 data/cached_challenge_fineweb.py [--variant sp8192] [--train-shards N | N] [--with-docs] [--verify]
 
 Each variant has a default repo (VARIANT_REPO_IDS: sp1024 and byte260 from the official export, sp4096
 and sp8192 from the repo their records used); MATCHED_FINEWEB_REPO_ID overrides it. That repo's
-manifest.json decides what exists: the variant must be one of its datasets and --train-shards a count it
-has. Files land in data/datasets/fineweb10B_<variant>/, data/tokenizers/ and the manifest in
+manifest.json decides what exists: the variant (default sp8192, the one train_gpt.py reads by default)
+must be one of its datasets and --train-shards a count it has. Every path the manifest gives must stay
+inside the output root, and every field it needs must be there with the right type, or the tool stops
+with one error line before it caches the manifest or writes anything else. Files land in
+data/datasets/fineweb10B_<variant>/, data/tokenizers/ and the manifest in
 data/manifests/<owner>--<repo>--<folder>.json, one per repo and folder, so no manifest serves another
 repo (--output-root moves them). A re-run skips complete files (a shard is complete when its header and
 size agree) and fetches missing, partial or corrupt ones again; every file arrives under a temporary
@@ -30,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from tqdm import tqdm
 
@@ -51,6 +55,8 @@ MANIFESTS_DIR = "manifests"  # in the output root: one cached manifest per repo 
 DOCS_FILE = "docs_selected.jsonl"
 DOCS_SIDECAR_FILE = "docs_selected.source_manifest.json"
 STAGING_DIR_NAME = ".hub_download"  # inside the output root, so the final rename stays on one disk
+DEFAULT_VARIANT = "sp8192"  # the trainer's default (VOCAB_SIZE=8192 reads fineweb10B_sp8192)
+T = TypeVar("T")
 
 
 class DownloadError(RuntimeError):
@@ -171,9 +177,11 @@ class _ByteFeed:
         pass
 
 
-def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar, destination: Path | None = None) -> None:
+def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar, destination: Path | None = None,
+               accept: Callable[[Path], T] | None = None) -> T | None:
     """Download `relpath` of the export to `destination` (default root/relpath): into a staging folder
-    first, checked, then renamed."""
+    first, checked, then renamed. `accept` reads the staged file before the rename (its result is returned):
+    what it refuses leaves the destination as it was."""
     staging = root / STAGING_DIR_NAME
     try:
         for attempt in (1, 2):
@@ -184,9 +192,11 @@ def fetch_file(source: HubSource, relpath: str, root: Path, byte_bar, destinatio
             if attempt == 2:
                 raise DownloadError(f"{source.remote_path(relpath)} arrived corrupt twice ({problem}); "
                                     f"the copy on the hub may be broken ({source.describe()})")
+        accepted = accept(staged) if accept else None
         destination = destination or root / relpath
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, destination)
+        return accepted
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -203,38 +213,113 @@ def download_to_staging(source: HubSource, relpath: str, staging: Path, byte_bar
 # ----------------------------------------------------------------------------------------------
 # The manifest: which files make up a variant.
 
-def load_manifest(path: Path) -> dict:
+class MalformedManifest(DownloadError):
+    """A manifest field the downloader cannot use: the message names the manifest and the field, and the caller
+    adds the fix (another export, or fetching the manifest again)."""
+
+
+def is_relative_path_inside(value) -> bool:
+    """Whether <output root>/<value> stays inside the output root, whatever the root (no absolute path, no '..',
+    which the hub's client refuses as well)."""
+    return (isinstance(value, str) and value != "" and "\0" not in value and not value.startswith("/")
+            and ".." not in value.split("/"))
+
+
+FIELD_KINDS = {  # what a field of each kind must hold, and how the error says it
+    "count": (lambda v: type(v) is int and v >= 0, "a whole number, 0 or more"),  # not a bool, float or string
+    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "object": (lambda v: isinstance(v, dict), "an object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "path": (is_relative_path_inside, "a relative path without '..' (no path may lead outside the output root)"),
+}
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """An object of the manifest (the manifest itself, a dataset, a tokenizer, stats) whose fields are read
+    checked: a missing or malformed field is a MalformedManifest, never a traceback or a file outside the root."""
+    values: dict
+    manifest_name: str  # the manifest as the user can find it: its cache file, or its place on the hub
+    where: str = ""  # "dataset fineweb10B_sp1024, " or "" for the manifest's own fields
+    prefix: str = ""  # "stats." for the fields of a dataset's stats
+
+    def field(self, key: str, kind: str, required: bool = True):
+        """The value of `key`, of the given kind (FIELD_KINDS); None when an optional field is absent, null or
+        empty (as the official downloader reads them)."""
+        value = self.values.get(key)
+        if value in (None, "") and not required:
+            return None
+        if key not in self.values:
+            raise self.malformed(f"{self.where}field '{self.prefix}{key}' is missing")
+        holds, expected = FIELD_KINDS[kind]
+        if not holds(value):
+            raise self.malformed(f"{self.where}field '{self.prefix}{key}' is {brief(value)}, not {expected}")
+        return value
+
+    def entries(self, key: str, what: str) -> list[ManifestEntry]:
+        """The objects of the list `key`, each named `what` in errors (by its "name" field once it is read)."""
+        items = self.field(key, "list")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise self.malformed(f"field '{key}[{i}]' is {brief(item)}, not {FIELD_KINDS['object'][1]}")
+        return [ManifestEntry(item, self.manifest_name, f"{what} {readable(item.get('name'))}, ") for item in items]
+
+    def nested(self, key: str) -> ManifestEntry:
+        return ManifestEntry(self.field(key, "object"), self.manifest_name, self.where, f"{self.prefix}{key}.")
+
+    def malformed(self, problem: str) -> MalformedManifest:
+        return MalformedManifest(f"{self.manifest_name}: {problem}")
+
+
+def readable(name) -> str:
+    """An entry's name as it is when it is a plain one, else as the manifest writes it."""
+    return name if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 60 else brief(name)
+
+
+def brief(value) -> str:
+    """A field's value as the manifest writes it, on one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_manifest(path: Path, manifest_name: str) -> ManifestEntry:
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DownloadError(f"{path}: cannot read the manifest ({e}); delete it and re-run without --verify") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), list):
-        raise DownloadError(f"{path}: not an export manifest (no 'datasets' list)")
-    return manifest
+        raise MalformedManifest(f"{manifest_name}: cannot read it as JSON ({e})") from e
+    if not isinstance(values, dict):
+        raise MalformedManifest(f"{manifest_name}: is {brief(values)}, not an object with a 'datasets' list")
+    return ManifestEntry(values, manifest_name)
 
 
-def find_dataset(manifest: dict, variant: str, manifest_path: Path) -> dict:
+def find_dataset(manifest: ManifestEntry, variant: str) -> ManifestEntry:
     name = f"fineweb10B_{variant}"
-    for dataset in manifest["datasets"]:
-        if dataset.get("name") == name:
+    datasets = manifest.entries("datasets", "dataset")
+    for dataset in datasets:
+        if dataset.values.get("name") == name:
             return dataset
-    known = sorted(d.get("name", "").removeprefix("fineweb10B_") for d in manifest["datasets"])
-    raise DownloadError(f"--variant {variant}: {manifest_path} has no dataset {name}; "
+    known = sorted(n.removeprefix("fineweb10B_") for d in datasets if isinstance(n := d.values.get("name"), str))
+    raise DownloadError(f"--variant {variant}: {manifest.manifest_name} has no dataset {name}; "
                         f"variants that exist: {', '.join(known) or 'none'}")
 
 
-def find_tokenizer(manifest: dict, dataset: dict, manifest_path: Path) -> dict:
-    name = dataset.get("tokenizer_name")
-    for tokenizer in manifest.get("tokenizers", []):
-        if tokenizer.get("name") == name:
+def find_tokenizer(manifest: ManifestEntry, dataset: ManifestEntry) -> ManifestEntry:
+    name = dataset.field("tokenizer_name", "name")
+    for tokenizer in manifest.entries("tokenizers", "tokenizer"):
+        if tokenizer.values.get("name") == name:
             return tokenizer
-    raise DownloadError(f"{manifest_path}: dataset {dataset['name']} names tokenizer {name!r}, "
+    raise DownloadError(f"{manifest.manifest_name}: dataset {dataset.values['name']} names tokenizer {name!r}, "
                         f"which the manifest's 'tokenizers' list lacks")
+
+
+TOKENIZER_FILE_FIELDS = ("model_path", "vocab_path", "path")  # SentencePiece model and vocabulary, or a JSON file
+STATS_COUNTS = {"files_train": True, "files_val": True, "tokens_train": False, "tokens_val": False}  # required?
 
 
 @dataclass
 class VariantFiles:
-    dataset: dict
+    name: str  # the dataset's name in the manifest, fineweb10B_<variant>
+    stats: dict[str, int]  # the manifest's STATS_COUNTS that it gives
     val_shards: list[str]  # paths relative to the output root, as on the hub under the prefix
     train_shards: list[str]
     other_files: list[str]  # tokenizer files, and the documents when asked for
@@ -245,22 +330,28 @@ class VariantFiles:
         return self.val_shards + self.train_shards + self.other_files
 
 
-def variant_files(manifest: dict, manifest_path: Path, variant: str, train_shards: int,
-                  with_docs: bool) -> VariantFiles:
-    dataset = find_dataset(manifest, variant, manifest_path)
-    stats = dataset.get("stats", {})
-    files_train, files_val = int(stats.get("files_train", 0)), int(stats.get("files_val", 0))
-    if train_shards > files_train:
-        raise DownloadError(f"--train-shards {train_shards}: {dataset['name']} has only {files_train} training "
-                            f"shards; ask for at most {files_train}")
-    folder = dataset.get("path", f"datasets/{dataset['name']}")
-    tokenizer = find_tokenizer(manifest, dataset, manifest_path)
-    tokenizer_files = [tokenizer[key] for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
-    return VariantFiles(dataset,
-                        [f"{folder}/fineweb_val_{i:06d}.bin" for i in range(files_val)],
+def variant_files(manifest: ManifestEntry, variant: str, train_shards: int, with_docs: bool) -> VariantFiles:
+    """The files of the variant, every one of them a path inside the output root, from the manifest's checked
+    fields."""
+    dataset = find_dataset(manifest, variant)
+    name = dataset.values["name"]
+    stats_entry = dataset.nested("stats")
+    stats = {key: value for key, required in STATS_COUNTS.items()
+             if (value := stats_entry.field(key, "count", required)) is not None}
+    if train_shards > stats["files_train"]:
+        raise DownloadError(f"--train-shards {train_shards}: {name} has only {stats['files_train']} training "
+                            f"shards; ask for at most {stats['files_train']}")
+    folder = dataset.field("path", "path", required=False) or f"datasets/{dataset.field('name', 'path')}"
+    tokenizer = find_tokenizer(manifest, dataset)
+    tokenizer_files = {key: path for key in TOKENIZER_FILE_FIELDS
+                       if (path := tokenizer.field(key, "path", required=False))}
+    if not tokenizer_files:
+        raise tokenizer.malformed(f"{tokenizer.where}no field names a file ({', '.join(TOKENIZER_FILE_FIELDS)})")
+    return VariantFiles(name, stats,
+                        [f"{folder}/fineweb_val_{i:06d}.bin" for i in range(stats["files_val"])],
                         [f"{folder}/fineweb_train_{i:06d}.bin" for i in range(train_shards)],
-                        tokenizer_files + ([DOCS_FILE, DOCS_SIDECAR_FILE] if with_docs else []),
-                        tokenizer.get("model_path"))
+                        list(tokenizer_files.values()) + ([DOCS_FILE, DOCS_SIDECAR_FILE] if with_docs else []),
+                        tokenizer_files.get("model_path"))
 
 
 def is_shard(relpath: str) -> bool:
@@ -282,14 +373,12 @@ def file_problem(path: Path, relpath: str) -> str | None:
 
 def estimated_shard_bytes(files: VariantFiles, relpaths: list[str]) -> int:
     """Bytes of the given shards from the manifest's averages (exact for full shards)."""
-    stats = files.dataset.get("stats", {})
     total = 0
     wanted = set(relpaths)
     for split, shards in (("val", files.val_shards), ("train", files.train_shards)):
         count = len(wanted.intersection(shards))
-        num_files = int(stats.get(f"files_{split}", 0))
-        if count and num_files:
-            total += count * shard_bytes(int(stats.get(f"tokens_{split}", 0)) // num_files)
+        if count:
+            total += count * shard_bytes(files.stats.get(f"tokens_{split}", 0) // files.stats[f"files_{split}"])
     return total
 
 
@@ -365,14 +454,27 @@ def fetch_all(source: HubSource, root: Path, relpaths: list[str]) -> None:
 def download(source: HubSource, root: Path, variant: str, train_shards: int, with_docs: bool) -> None:
     check_writable(root)
     probe_hub(source)
-    manifest_path = source.manifest_path(root)  # always fresh: it decides everything else
-    fetch_file(source, MANIFEST_NAME, root, tqdm(disable=True), destination=manifest_path)
-    files = variant_files(load_manifest(manifest_path), manifest_path, variant, train_shards, with_docs)
+    hub_manifest = f"{source.remote_path(MANIFEST_NAME)} of {source.repo_id} at {hub_endpoint()}"
+    fix = ("nothing was downloaded; set MATCHED_FINEWEB_REPO_ID (or MATCHED_FINEWEB_REMOTE_ROOT_PREFIX) to an "
+           "export whose manifest is well formed")
+    # Fetched afresh (it decides everything else) and cached only once its fields are checked.
+    files = fetch_file(source, MANIFEST_NAME, root, tqdm(disable=True), destination=source.manifest_path(root),
+                       accept=lambda staged: read_variant(staged, hub_manifest, fix, variant, train_shards, with_docs))
     missing = incomplete_files(root, files.all)
     check_free_space(root, estimated_shard_bytes(files, missing))
     fetch_all(source, root, missing)
     print(f"downloaded {len(missing)} files ({sum((root / p).stat().st_size for p in missing):,} bytes) from "
           f"{source.describe()}; {len(files.all) - len(missing)} were already complete")
+
+
+def read_variant(manifest_path: Path, manifest_name: str, fix: str, variant: str, train_shards: int,
+                 with_docs: bool) -> VariantFiles:
+    """The variant's files by the manifest at `manifest_path`, which errors name `manifest_name` (and, for a
+    malformed one, `fix`)."""
+    try:
+        return variant_files(load_manifest(manifest_path, manifest_name), variant, train_shards, with_docs)
+    except MalformedManifest as e:
+        raise DownloadError(f"{e}; {fix}") from e
 
 
 def check_on_disk(source: HubSource, root: Path, variant: str, train_shards: int,
@@ -383,7 +485,8 @@ def check_on_disk(source: HubSource, root: Path, variant: str, train_shards: int
     if not manifest_path.is_file():
         raise DownloadError(f"no manifest of {source.repo_id} at {manifest_path}: download first (without "
                             f"--verify), or set MATCHED_FINEWEB_REPO_ID to the repo the files came from")
-    files = variant_files(load_manifest(manifest_path), manifest_path, variant, train_shards, with_docs)
+    files = read_variant(manifest_path, str(manifest_path), "re-run without --verify to fetch it again", variant,
+                         train_shards, with_docs)
     problems = [problem for p in files.all if (problem := file_problem(root / p, p))]
     if not problems:
         problems += split_total_problems(root, files)
@@ -395,16 +498,15 @@ def check_on_disk(source: HubSource, root: Path, variant: str, train_shards: int
 
 def split_total_problems(root: Path, files: VariantFiles) -> list[str]:
     """A split downloaded whole must hold the manifest's token count (catches shards of another export)."""
-    stats = files.dataset.get("stats", {})
     problems = []
     for split, shards in (("val", files.val_shards), ("train", files.train_shards)):
-        expected = stats.get(f"tokens_{split}")
-        if expected is None or len(shards) != int(stats.get(f"files_{split}", -1)):
+        expected = files.stats.get(f"tokens_{split}")
+        if expected is None or len(shards) != files.stats[f"files_{split}"]:
             continue
         found = sum(read_shard_header(root / p) for p in shards)
-        if found != int(expected):
-            problems.append(f"{split} shards of {files.dataset['name']} hold {found:,} tokens but the manifest "
-                            f"says {int(expected):,}: they come from another export; delete them and re-run")
+        if found != expected:
+            problems.append(f"{split} shards of {files.name} hold {found:,} tokens but the manifest "
+                            f"says {expected:,}: they come from another export; delete them and re-run")
     return problems
 
 
@@ -441,7 +543,7 @@ def summary(root: Path, files: VariantFiles) -> str:
     val_tokens = sum(read_shard_header(root / p) for p in files.val_shards)
     train_tokens = sum(read_shard_header(root / p) for p in files.train_shards)
     num_bytes = sum((root / p).stat().st_size for p in files.all)
-    return (f"{files.dataset['name']}: {len(files.all)} files, {num_bytes:,} bytes, {val_tokens + train_tokens:,} "
+    return (f"{files.name}: {len(files.all)} files, {num_bytes:,} bytes, {val_tokens + train_tokens:,} "
             f"tokens ({len(files.val_shards)} val shards {val_tokens:,}, {len(files.train_shards)} train shards "
             f"{train_tokens:,}) in {root}")
 
@@ -450,7 +552,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("train_shards_positional", nargs="?", type=non_negative_int, metavar="N",
                         help="same as --train-shards N (the official script's form)")
-    parser.add_argument("--variant", default="sp1024", help="sp<VOCAB> or byte260, as listed in the manifest")
+    parser.add_argument("--variant", default=DEFAULT_VARIANT,
+                        help=f"sp<VOCAB> or byte260, as the manifest lists them (default {DEFAULT_VARIANT}: the "
+                             f"trainer's)")
     parser.add_argument("--train-shards", type=non_negative_int, default=None,
                         help=f"how many training shards, a prefix (default {DEFAULT_TRAIN_SHARDS})")
     parser.add_argument("--with-docs", action="store_true", help="also fetch docs_selected.jsonl and its sidecar")

@@ -45,8 +45,9 @@ def write_split_shards(folder: Path, split: str, token_lists: list[np.ndarray], 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> SimpleNamespace:
-    """A SentencePiece tokenizer (the published tokenizers' settings) trained on the repository's own text,
-    real and varied text that every checkout has, and shards of that text."""
+    """A SentencePiece tokenizer (the published tokenizers' settings) trained on the repository's own text (as
+    committed at HEAD: real and varied text that every checkout has, the same whatever the working tree holds),
+    and shards of that text."""
     import sentencepiece as spm
     root = tmp_path_factory.mktemp("tiny_dataset")
     docs = repository_documents(REPO)

@@ -430,3 +430,117 @@ def test_retokenizer_fetches_the_published_documents_through_the_hub(hub, tmp_pa
     built, served = (json.loads((root / "manifest.json").read_text()) for root in (out, hub.export))
     assert built["docs_sha256"] == served["docs_sha256"]
     assert built["datasets"][0]["stats"]["tokens_val"] == served["datasets"][1]["stats"]["tokens_val"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A manifest is data from the network: its paths stay inside the output root, and a malformed field is one
+# error line that names the manifest and the field, before any file is written.
+
+def edit_manifest(hub, edit) -> None:
+    """Apply `edit` to the served manifest's JSON (a dict), in place."""
+    path = hub.export / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def served_entry(manifest: dict, kind: str, name: str) -> dict:
+    return next(entry for entry in manifest[kind] if entry["name"] == name)
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("escape", ["absolute", "dotdot"])
+def test_manifest_paths_that_leave_the_output_root_write_nothing(hub, tmp_path, escape):
+    outside = tmp_path / "outside"  # a sibling of the output root
+    out = tmp_path / "data"
+    target = str(outside / "evil.model") if escape == "absolute" else "../outside/evil.model"
+    edit_manifest(hub, lambda m: served_entry(m, "tokenizers", "sp_bpe_1024").update(model_path=target))
+    served = hub.export / target.lstrip("/") if escape == "absolute" else hub.repo_root / "outside/evil.model"
+    served.parent.mkdir(parents=True)  # the hub has the file, so only the downloader can refuse it
+    shutil.copy(hub.export / "tokenizers/fineweb_1024_bpe.model", served)
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1")
+    assert result.returncode == 1
+    assert not outside.exists() and files_under(out) == []  # not even the manifest is cached
+    assert shard_gets(hub) == []
+    error_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: "), result.stderr
+    assert "tokenizer sp_bpe_1024" in error_lines[0] and "'model_path'" in error_lines[0]
+    assert "outside the output root" in error_lines[0]
+
+
+def test_dataset_folder_that_leaves_the_output_root_is_refused(hub, tmp_path):
+    edit_manifest(hub, lambda m: served_entry(m, "datasets", "fineweb10B_sp1024").update(path="../x"))
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "dataset fineweb10B_sp1024" in result.stderr and "'path'" in result.stderr
+    assert not (tmp_path / "x").exists() and files_under(out) == []
+
+
+MALFORMED_FIELDS = {  # what the served manifest gets -> the field the error must name and what it says
+    "files_val as a string": (lambda m: served_entry(m, "datasets", "fineweb10B_sp1024")["stats"].update(
+        files_val="2"), "'stats.files_val'", "a whole number"),
+    "files_train missing": (lambda m: served_entry(m, "datasets", "fineweb10B_sp1024")["stats"].pop("files_train"),
+                            "'stats.files_train'", "missing"),
+    "negative tokens_val": (lambda m: served_entry(m, "datasets", "fineweb10B_sp1024")["stats"].update(
+        tokens_val=-5), "'stats.tokens_val'", "a whole number"),
+    "stats as a list": (lambda m: served_entry(m, "datasets", "fineweb10B_sp1024").update(stats=[1, 2]),
+                        "'stats'", "an object"),
+    "tokenizer_name missing": (lambda m: served_entry(m, "datasets", "fineweb10B_sp1024").pop("tokenizer_name"),
+                               "'tokenizer_name'", "missing"),
+    "path as a number": (lambda m: served_entry(m, "datasets", "fineweb10B_sp1024").update(path=7),
+                         "'path'", "a relative path"),
+    "model_path as a list": (lambda m: served_entry(m, "tokenizers", "sp_bpe_1024").update(model_path=["a"]),
+                             "'model_path'", "a relative path"),
+    "a dataset that is a string": (lambda m: m["datasets"].insert(0, "fineweb10B_sp1024"), "'datasets[0]'",
+                                   "an object"),
+    "tokenizers as an object": (lambda m: m.update(tokenizers={"sp_bpe_1024": {}}), "'tokenizers'", "a list"),
+    "datasets missing": (lambda m: m.pop("datasets"), "'datasets'", "missing"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_FIELDS)
+def test_malformed_manifest_field_is_one_error_line_naming_it(hub, tmp_path, case):
+    edit, field, problem = MALFORMED_FIELDS[case]
+    edit_manifest(hub, edit)
+    out = tmp_path / "data"
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert f"datasets/manifest.json of {REPO_ID}" in result.stderr  # the manifest
+    assert field in result.stderr and problem in result.stderr
+    assert "MATCHED_FINEWEB_REPO_ID" in result.stderr  # the fix: another export
+    assert files_under(out) == []
+
+
+def test_malformed_cached_manifest_is_named_by_verify(hub, tmp_path):
+    out = tmp_path / "data"
+    assert run_downloader(hub.url, out, "--variant", "sp1024", "1").returncode == 0
+    cached = out / "manifests/golf--test-export--datasets.json"
+    manifest = json.loads(cached.read_text())
+    served_entry(manifest, "datasets", "fineweb10B_sp1024")["stats"]["files_val"] = None
+    cached.write_text(json.dumps(manifest))
+    result = run_downloader(hub.url, out, "--variant", "sp1024", "1", "--verify")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {cached}: "), result.stderr
+    assert "'stats.files_val'" in result.stderr and "re-run without --verify" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The default variant is the trainer's.
+
+def test_default_variant_is_where_the_trainers_defaults_look(two_repos, tmp_path):
+    import train_gpt
+    out = tmp_path / "data"
+    result = run_downloader(two_repos.url, out, "1", MATCHED_FINEWEB_REPO_ID=None)  # no --variant
+    assert result.returncode == 0, result.stderr
+    defaults = train_gpt.Settings.from_env({})  # the paths the trainer reads without DATA_PATH / TOKENIZER_PATH
+    served = sorted(p.name for p in (two_repos.records_export / f"datasets/fineweb10B_sp{defaults.vocab_size}").glob(
+        "fineweb_val_*.bin"))
+    assert sorted(p.name for p in (tmp_path / defaults.data_path).glob("fineweb_*.bin")) == \
+        shard_names("train", 1) + served
+    assert (tmp_path / defaults.tokenizer_path).read_bytes() == \
+        (SHARED_DATA / "tokenizers" / f"fineweb_{defaults.vocab_size}_bpe.model").read_bytes()

@@ -1,4 +1,4 @@
-"""data/build_smoke_dataset.py: an offline dataset from the repository's own text, and the README's
+"""data/build_smoke_dataset.py: an offline dataset from the text committed at HEAD, and the README's
 smoke command on it: `python3 data/build_smoke_dataset.py && PRESET=smoke python3 train_gpt.py`."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ import numpy as np
 import pytest
 
 import train_gpt
+from build_smoke_dataset import build_smoke_dataset
 from conftest import REPO, read_log, run_trainer
 
 BUILDER = REPO / "data" / "build_smoke_dataset.py"
+GIT_IDENTITY = ["-c", "user.name=kit", "-c", "user.email=kit@localhost"]  # for commits in a fresh repository
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +71,72 @@ def test_there_is_a_validation_split_and_at_least_two_training_shards(smoke):
     assert len(list(data_path.glob("fineweb_val_*.bin"))) >= 1
 
 
-def test_documents_are_paragraphs_of_the_repository_text(smoke):
-    repo_text = "".join(p.read_text(encoding="utf-8") for p in REPO.rglob("*") if p.suffix in (".md", ".py")
-                        and p.is_file() and not p.relative_to(REPO).parts[0].startswith("."))
+def test_documents_are_paragraphs_of_the_committed_text(smoke):
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-tree", "-r", "--name-only", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+    committed_text = "".join(subprocess.run(["git", "-C", str(REPO), "show", f"HEAD:{path}"], capture_output=True,
+                                            text=True, check=True).stdout
+                             for path in tracked if path.endswith((".md", ".py")) and not path.startswith("."))
     docs = [json.loads(line)["text"] for line in (smoke.root / "docs_selected.jsonl").read_text().splitlines()]
-    assert len(docs) >= 50 and all(d in repo_text for d in docs)
+    assert len(docs) >= 50 and all(d in committed_text for d in docs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same commit gives the same smoke tokens, whatever the working tree holds.
+
+def git(checkout: Path, *args: str) -> None:
+    subprocess.run(["git", *GIT_IDENTITY, "-C", str(checkout), *args], capture_output=True, check=True)
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """A clone of this repository at its HEAD (so the smoke text is the kit's), whose working tree is the test's."""
+    root = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], capture_output=True, check=True)
+    return root
+
+
+def smoke_tokens(checkout: Path, output_root: Path) -> dict[str, bytes]:
+    """Every shard of the smoke dataset built from `checkout`, and its tokenizer's pieces and scores (the .vocab:
+    the .model also records where it was written), by file name."""
+    build_smoke_dataset(output_root, vocab_size=512, repo_root=checkout)
+    return {p.name: p.read_bytes() for p in sorted(output_root.rglob("*")) if p.suffix in (".bin", ".vocab")}
+
+
+NEW_TEXT = "\n\n".join(f"Paragraph {i} that a user wrote in the working tree, long enough to be a document."
+                        for i in range(40))
+
+
+def test_untracked_and_edited_files_leave_the_smoke_tokens_unchanged(checkout, tmp_path):
+    before = smoke_tokens(checkout, tmp_path / "before")
+    (checkout / "records" / "my_submission.md").write_text(NEW_TEXT)  # untracked, as a submission's README
+    with open(checkout / "README.md", "a") as readme:  # a tracked file, edited
+        readme.write("\n\n" + NEW_TEXT)
+    assert smoke_tokens(checkout, tmp_path / "after") == before
+
+
+def test_a_commit_that_changes_the_text_changes_the_smoke_tokens(checkout, tmp_path):
+    before = smoke_tokens(checkout, tmp_path / "before")
+    (checkout / "records" / "my_submission.md").write_text(NEW_TEXT)
+    git(checkout, "add", "-A")
+    git(checkout, "commit", "-q", "-m", "a submission")
+    after = smoke_tokens(checkout, tmp_path / "after")
+    assert after.keys() >= {"fineweb_val_000000.bin", "fineweb_train_000000.bin"}
+    assert after != before
+
+
+def test_outside_a_git_checkout_the_builder_says_how_to_make_one(tmp_path):
+    copy = tmp_path / "kit"  # the kit's data tools, unpacked from an archive
+    (copy / "data").mkdir(parents=True)
+    for module in (REPO / "data").glob("*.py"):
+        shutil.copy(module, copy / "data")
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}  # git looks for no repository above tmp_path
+    result = subprocess.run([sys.executable, str(copy / "data" / "build_smoke_dataset.py"), "--output-root",
+                             str(tmp_path / "smoke")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {copy} is not a git checkout")
+    assert "git init && git add -A && git commit" in result.stderr
+    assert not (tmp_path / "smoke").exists()
 
 
 def test_shards_hold_the_documents_in_order(smoke):
