@@ -373,7 +373,8 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         f"- model parameters: {fmt(first.model_params, ',')}",
         f"- validation split: {first.val_tokens:,} tokens, fingerprint {first.val_sha256}",
         f"- tokenizer: {tokenizer_identity(runs)}",
-        f"- training data: {fmt(first.train_shards, 'd')} shard(s), data_id {fmt(first.data_id, 's')}",
+        "- training data: " + ("not in the logs" if first.train_shards is None else
+                               f"{first.train_shards} shard(s), data_id {fmt(first.data_id, 's')}"),
         "- settings that differ from the defaults in train_gpt.py (all settings are in the logs):", "",
         "| setting | value |", "|---|---|",
         *(f"| {key} | `{value}` |" for key, value in changed_settings(first).items()), "",

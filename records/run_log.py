@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 TIME_CAP_MS = 600_000  # 10-minute track: training and evaluation, each
@@ -170,7 +171,7 @@ class ScoredRun:
             return None
         return self.val_tokens * self.val_loss / (math.log(2) * self.val_bpb)
 
-    @property
+    @cached_property
     def losses(self) -> tuple:
         """Every loss the log gives (training, validation, final score): two runs agree in all only if one ran twice."""
         return (tuple((step, loss) for step, _, loss in self.train_curve),
@@ -543,10 +544,13 @@ def tokenizer_text(run: ScoredRun) -> str:
 def check_distinct_runs(runs: list[ScoredRun]) -> None:
     """Each run counts once: a log given twice, or copied under another name, is not another seed."""
     for i, run in enumerate(runs):
-        for earlier in runs[:i]:
-            if why := same_run(earlier, run):
-                raise Refusal(f"{run.path}: the same run as {earlier.path} ({why}); a run counts once: remove the "
-                              "copy")
+        check_not_listed(run, runs[:i])
+
+
+def check_not_listed(run: ScoredRun, earlier_runs: list[ScoredRun]) -> None:
+    for earlier in earlier_runs:
+        if why := same_run(earlier, run):
+            raise Refusal(f"{run.path}: the same run as {earlier.path} ({why}); a run counts once: remove the copy")
 
 
 def same_run(a: ScoredRun, b: ScoredRun) -> str | None:
@@ -558,7 +562,8 @@ def same_run(a: ScoredRun, b: ScoredRun) -> str | None:
         pass
     if a.run_id is not None and (a.run_id, a.started) == (b.run_id, b.started):
         return f"the same RUN_ID {a.run_id} and start time {a.started}"
-    if (a.train_curve or a.val_curve) and a.losses == b.losses and a.configuration == b.configuration:
+    if (a.train_curve or a.val_curve) and a.val_bpb == b.val_bpb and a.losses == b.losses and \
+            a.configuration == b.configuration:
         return "the same settings and identical losses at every logged step and in the score"
     return None
 
@@ -636,7 +641,8 @@ def describe_run(run: ScoredRun) -> list[str]:
         f"format {known(run.export_format_id)})",
         f"  val split        {run.val_split}",
         f"  tokenizer        {tokenizer_text(run)}",
-        f"  training data    {known(run.train_shards)} shard(s), data_id {known(run.data_id)}",
+        "  training data    " + ("unknown" if run.train_shards is None else
+                                 f"{run.train_shards} shard(s), data_id {known(run.data_id)}"),
         f"  source sha256    {run.source_sha256}",
         *([f"  gptq             {known(run.gptq_time_ms, ',')} ms, counted in the training budget: "
            f"training plus GPTQ {run.train_and_gptq_ms:,} ms"] if run.train_and_gptq_ms is not None else []),
@@ -776,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, path in enumerate(paths):  # each log on its own: a broken one is named with its reason, the others listed
         try:
             run = read_run_log(path, args.score_line, args.seeds[i] if args.seeds else None)
-            check_distinct_runs([*runs, run])
+            check_not_listed(run, runs)
         except Refusal as refusal:
             print(f"error: {refusal}", file=sys.stderr, flush=True)
             broken += 1
