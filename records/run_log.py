@@ -524,10 +524,13 @@ def setting_text(run: ScoredRun, key: str) -> str:
 
 def check_same_tokenizer(runs: list[ScoredRun]) -> None:
     """The tokenizer decides the bytes each token counts: seeds scored under two tokenizers are not one result, even
-    when the tokens are the same (a byte table changed in one piece)."""
+    when the tokens are the same (a byte table changed in one piece). Logs without a tokenizer line cannot tell (their
+    TOKENIZER_PATH is compared as a setting)."""
     for run in runs[1:]:
         first = runs[0]
         both_hashed = run.tokenizer_sha256 and first.tokenizer_sha256
+        if None in (run.tokenizer, first.tokenizer):
+            continue
         if both_hashed and run.tokenizer_sha256 != first.tokenizer_sha256 or \
                 not both_hashed and run.tokenizer != first.tokenizer:
             raise Refusal(f"{run.path}: ran with another tokenizer than {first.path} ({tokenizer_text(run)} vs "

@@ -53,6 +53,12 @@ def test_a_published_tokenizer_named_with_and_without_its_sha256_is_one_tokenize
     assert submit(tmp_path, logs) == 0
 
 
+def test_logs_without_a_tokenizer_line_are_compared_by_their_tokenizer_path(tmp_path, capsys):
+    logs = write_logs(tmp_path / "logs", render_log(1, 2.06),
+                      render_log(2, 2.07, settings={"TOKENIZER_PATH": "/mnt/other.model"}))
+    refused_by("make_submission", tmp_path, capsys, logs, 'TOKENIZER_PATH="/mnt/other.model" (vs unset)')
+
+
 # ----------------------------------------------------------------------------------------------
 # The same training data: a difference is a settings difference.
 
