@@ -74,7 +74,8 @@ def nats_baseline(a: list[ScoredRun] | Record, b: list[ScoredRun]) -> tuple[floa
 def compare(a: list[ScoredRun] | Record, b: list[ScoredRun], margin: tuple[str, float] | None = None,
             allow_mixed_settings: bool = False) -> list[str]:
     """The report's lines; `margin` (unit, min_delta) adds the one-sided test of the record rule. The seeds of a
-    group must share their settings (but SEED and RUN_ID), unless `allow_mixed_settings`."""
+    group must be distinct seeds of one tokenizer and validation split, and share their settings (but those without
+    effect on the model) unless `allow_mixed_settings`."""
     groups = [b] if isinstance(a, Record) else [a, b]
     for group in groups:
         check_same_val_split(group)
