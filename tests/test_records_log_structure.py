@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from test_records import (TOOLS, cut_after, folder_of, refused_by, render_log, run_tool, submit, with_code_id,
+from test_records import (TOOLS, cut_after, folder_of, refused_by, render_log, submit, with_code_id,
                           write_logs)
 
 import run_log  # noqa: E402  (records/ is on sys.path through test_records)
