@@ -2,6 +2,7 @@
 
     python3 records/compare_runs.py --a logs/base_*.txt --b logs/idea_*.txt
     python3 records/compare_runs.py --a records/track_10min_16mb/<a record> --b logs/idea_*.txt
+    python3 records/compare_runs.py --a logs/base_*.txt --b logs/idea_*.txt --plot base_vs_idea.png
 
 prints the improvement of B over A (mean of A - mean of B: positive when B has the lower loss)
 in nats per token and in bits per byte, each with a 95% confidence interval, the t statistic and
@@ -12,6 +13,9 @@ test of H0 improvement <= that margin. A is logs, or one record folder, submissi
 Prefix-scored runs (MAX_VAL_TOKENS) are fine for ablations, as long as both groups scored the
 same tokens; nats per token are compared only when both groups are logs of one known validation
 split (a record's val_bpb is taken to B's split with B's tokens per byte); else only bits per byte.
+A run given twice (the same file, or a copy) is refused; within a group, the seeds must be distinct and
+share their tokenizer and settings (as make_submission.py's seeds). --plot FILE draws both groups'
+training curves (training loss and val_bpb against training time) into one PNG.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from run_log import (Record, Refusal, ScoredRun, check_same_settings, check_same_val_split, nats_per_bpb,
-                     read_record, read_run_logs, training_time_check)
+from run_log import (Record, Refusal, ScoredRun, check_same_settings, check_same_tokenizer, check_same_val_split,
+                     check_seeds, nats_per_bpb, read_record, read_run_logs, training_time_check)
 from significance import Difference, mean_difference
 
 
@@ -70,11 +74,14 @@ def nats_baseline(a: list[ScoredRun] | Record, b: list[ScoredRun]) -> tuple[floa
 def compare(a: list[ScoredRun] | Record, b: list[ScoredRun], margin: tuple[str, float] | None = None,
             allow_mixed_settings: bool = False) -> list[str]:
     """The report's lines; `margin` (unit, min_delta) adds the one-sided test of the record rule. The seeds of a
-    group must share their settings (but SEED and RUN_ID), unless `allow_mixed_settings`."""
+    group must be distinct seeds of one tokenizer and validation split, and share their settings (but those without
+    effect on the model) unless `allow_mixed_settings`."""
     groups = [b] if isinstance(a, Record) else [a, b]
     for group in groups:
         check_same_val_split(group)
+        check_same_tokenizer(group)
         check_same_settings(group, allow_mixed_settings)
+        check_seeds(group)
     lines = [f"A: record {a.describe()}" if isinstance(a, Record) else describe_logs("A", a), describe_logs("B", b)]
     lines += [f"warning: {run.path}: {note}" for group in groups for run in group if (note := training_time_check(run)[1])]
     unit, min_delta = margin or ("bpb", 0.0)
@@ -93,6 +100,19 @@ def compare(a: list[ScoredRun] | Record, b: list[ScoredRun], margin: tuple[str, 
     if margin:
         lines.append(describe_margin_test(nats if unit == "nats" else bpb, unit))
     return lines
+
+
+def plot_groups(a: list[ScoredRun] | Record, b: list[ScoredRun], path: Path) -> None:
+    """A's and B's training curves in one figure (a record: its mean val_bpb as a line)."""
+    from training_curves import save_training_figure
+    try:
+        if isinstance(a, Record):
+            save_training_figure({"B": b}, path, baseline=(f"A: {a.name} {a.val_bpb:.4f}", a.val_bpb))
+        else:
+            save_training_figure({"A": a, "B": b}, path)
+    except OSError as e:
+        raise Refusal(f"--plot {path}: cannot write it ({e.strerror}); give a file in a folder you can write") from None
+    print(f"plotted the training curves into {path}")
 
 
 def is_record(value: str) -> bool:
@@ -115,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="one per log (--a's, then --b's), for logs whose lines and file name name no seed")
     parser.add_argument("--allow-mixed-settings", action="store_true",
-                        help="accept a group whose seeds' settings differ in more than SEED and RUN_ID")
+                        help="accept a group whose seeds' settings that change the model, or training data, "
+                             "differ")
     margin = parser.add_mutually_exclusive_group()
     margin.add_argument("--min-delta-nats", type=float, help="also test H0 improvement <= this many nats per token")
     margin.add_argument("--min-delta-bpb", type=float, help="also test H0 improvement <= this many bits per byte")
+    parser.add_argument("--plot", type=Path, help="also draw both groups' training curves into this PNG file")
     args = parser.parse_args(argv)
     margin = (("nats", args.min_delta_nats) if args.min_delta_nats is not None
               else ("bpb", args.min_delta_bpb) if args.min_delta_bpb is not None else None)
@@ -126,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = read_run_logs((args.b if a_is_record else args.a + args.b), args.score_line, args.seeds)
         a = read_record(args.a[0]) if a_is_record else runs[:len(args.a)]
-        print("\n".join(compare(a, runs[-len(args.b):], margin, args.allow_mixed_settings)))
+        b = runs[-len(args.b):]
+        print("\n".join(compare(a, b, margin, args.allow_mixed_settings)))
+        if args.plot:
+            plot_groups(a, b, args.plot)
     except Refusal as refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2

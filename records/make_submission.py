@@ -4,7 +4,7 @@
         --github-id ada --compare-to 1.2244 logs/seed1.txt logs/seed2.txt logs/seed3.txt
 
 writes records/track_<track>/<YYYY-MM-DD>_<Name>/ with the logs, train_gpt.py recovered from
-them, submission.json, README.md and val_bpb.png. It refuses (exit code 2, an `error: ...`
+them, submission.json, README.md and training_curves.png. It refuses (exit code 2, an `error: ...`
 line, nothing written) when the logs cannot back a valid score; the message names the log and the rule.
 Only logs of this kit's train_gpt.py can back a submission (records/README.md, "Logs").
 """
@@ -27,20 +27,21 @@ from pathlib import Path
 import numpy as np
 
 from run_log import (PER_RUN_SETTINGS, TIME_CAP_MS, Record, Refusal, ScoredRun, check_same_settings,
-                     check_same_val_split, differing_settings, nats_per_bpb, read_record, read_run_logs,
-                     training_time_check)
-from significance import NEEDS_TWO_SEEDS, Difference, mean_difference
+                     check_same_tokenizer, check_same_val_split, check_seeds, differing_settings, nats_per_bpb,
+                     read_record, read_run_logs, tokenizer_text, training_time_check)
+from significance import Difference, mean_difference
+from training_curves import pass_name, save_training_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402  (pack_code: the one truth of the packed file's format)
 
 TRACKS = ("10min_16mb", "non_record_16mb")
-CODE_ID_LINE = re.compile(rb"^Code size: \d+ bytes packed:\d+ code_id:([0-9a-f]{64})$", re.MULTILINE)
 ARTIFACT_CAP_BYTES = 16_000_000  # decimal bytes: code plus compressed model
 MIN_DELTA_NATS = 0.005           # a new record must beat the best by this much ...
 ALPHA = 0.01                     # ... with a one-sided p-value below this
-FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "val_bpb.png")
-TOKENIZER_LINE = re.compile(r"^tokenizer: (published \S+|custom \(sha256 [0-9a-f]{64}\))$", re.M)  # train_gpt.py's
+FOLDER_FILES = ("train_gpt.py", "submission.json", "README.md", "training_curves.png")
+RECORD_WORLD_SIZE = 8  # the 10-minute track: 8xH100 SXM
+BYTES_TOLERANCE = 1e-6  # val_bytes from 8-decimal scores: exact to ~1e-8 of the bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,9 +52,11 @@ def check_runs(runs: list[ScoredRun], track: str, allow_mixed_settings: bool = F
     for run in runs:
         check_run(run, track)
     check_same_source(runs)
+    check_same_tokenizer(runs)
     check_same_val_split(runs)
     check_same_settings(runs, allow_mixed_settings)
-    check_distinct(runs)
+    check_seeds(runs)
+    check_distinct_names(runs)
 
 
 def check_run(run: ScoredRun, track: str) -> None:
@@ -75,6 +78,19 @@ def check_run(run: ScoredRun, track: str) -> None:
         if (eval_ms := run.eval_total_ms or run.eval_time_ms) > TIME_CAP_MS:  # every final pass counts
             raise Refusal(f"{run.path}: evaluation took {eval_ms:,} ms, over the 10-minute track's limit of "
                           f"{TIME_CAP_MS:,} ms (600 s, every final pass together); submit to non_record_16mb instead")
+        if not on_record_hardware(run):
+            raise Refusal(f"{run.path}: the log says it ran on {run.device} with world_size "
+                          f"{run.world_size if run.world_size is not None else 'unknown'}; the 10-minute track is "
+                          f"{RECORD_WORLD_SIZE}xH100 SXM (the log's 'device:cuda name:NVIDIA H100 80GB HBM3 "
+                          f"world_size:{RECORD_WORLD_SIZE}' line): a run on other hardware belongs on the non-record "
+                          "track: pass --track non_record_16mb")
+
+
+def on_record_hardware(run: ScoredRun) -> bool:
+    """8 CUDA processes on H100 SXM, as the log's device line says (H100 PCIe and NVL are other cards)."""
+    device, _, name = run.device.partition(" ")
+    return (device == "cuda" and run.world_size == RECORD_WORLD_SIZE and "H100" in name
+            and not re.search(r"PCIe|NVL", name, re.IGNORECASE))
 
 
 def require_kit_log(run: ScoredRun) -> None:
@@ -106,21 +122,17 @@ def check_same_source(runs: list[ScoredRun]) -> None:
 def code_id(run: ScoredRun) -> str:
     """The code's identity: the logged sha256 of train_gpt.py packed (train_gpt.pack_code), which a packed run and a
     plain run of one commit share; for logs without one, the sha256 of the source."""
-    found = CODE_ID_LINE.search(run.path.read_bytes())
-    return found.group(1).decode() if found else hashlib.sha256(run.source).hexdigest()
+    return run.code_id or hashlib.sha256(run.source).hexdigest()
 
 
-def check_distinct(runs: list[ScoredRun]) -> None:
-    """Repeated seeds are not independent samples, and each log keeps its file name in the folder."""
-    names, seeds = {}, {}
+def check_distinct_names(runs: list[ScoredRun]) -> None:
+    """Each log keeps its file name in the folder."""
+    names = {}
     for run in runs:
         if run.path.name in FOLDER_FILES or run.path.name in names:
             raise Refusal(f"{run.path}: a log named {run.path.name!r} clashes with "
                           f"{names.get(run.path.name, 'a file the folder needs')}; rename it")
-        if run.seed in seeds:
-            raise Refusal(f"{run.path}: SEED={run.seed} was already run in {seeds[run.seed]}; "
-                          "the significance test needs distinct seeds")
-        names[run.path.name], seeds[run.seed] = run.path, run.path
+        names[run.path.name] = run.path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,8 +171,8 @@ def compare_with_baseline(runs: list[ScoredRun], record: Record, unit: str, min_
 
 
 def verdict(tested: Difference, unit: str, alpha: float, significant: bool) -> str:
-    if tested.p_beats_margin is None:
-        return NEEDS_TWO_SEEDS if tested.test == NEEDS_TWO_SEEDS else "not significant: no spread to test"
+    if tested.p_beats_margin is None:  # too few seeds, or no spread: the test says why
+        return tested.test if tested.test.startswith("not significant") else "not significant: no p-value"
     relation = "<" if significant else ">="
     return (f"{'significant' if significant else 'not significant'}: improvement {tested.mean:.5f} {unit}, "
             f"t = {tested.t_beats_margin:.2f}, df = {tested.df:.2f}, p = {tested.p_beats_margin:.3g} {relation} "
@@ -176,11 +188,53 @@ def shipped_code(runs: list[ScoredRun], pack: bool) -> bytes:
     if not pack:
         return runs[0].source
     packed = train_gpt.pack_code(runs[0].source)[1]
-    if CODE_ID_LINE.search(runs[0].path.read_bytes()) and hashlib.sha256(packed).hexdigest() != code_id(runs[0]):
+    if runs[0].code_id and hashlib.sha256(packed).hexdigest() != runs[0].code_id:
         raise Refusal(f"--pack-code: packing the source of {runs[0].path} here gives another file than the run "
                       f"counted (its code_id); pack with the run's Python ({sys.version.split()[0]} here) "
                       "or pass --no-pack-code")
     return packed
+
+
+def counted_packed(runs: list[ScoredRun]) -> bool:
+    """Whether the runs' `Total submission size` counted the packed file: the folder then ships it, so that
+    bytes_total is the logs' total."""
+    return all(run.code_form_counted == "packed" for run in runs)
+
+
+def published_split(run: ScoredRun) -> bool:
+    """The trainer's own rule (its `not the published split's count` warning): the whole split, of a published count
+    for the run's vocabulary (any vocabulary, when the log does not say)."""
+    vocab = run.settings.get("VOCAB_SIZE")
+    counts = train_gpt.PUBLISHED_VAL_TOKENS.get(vocab, ()) if vocab else [
+        n for counts in train_gpt.PUBLISHED_VAL_TOKENS.values() for n in counts]
+    return run.val_scope == "full" and run.val_tokens in counts and not run.unpublished_split
+
+
+def check_split_matches_record(runs: list[ScoredRun], record: Record, compare_to: str) -> None:
+    """A val_bpb measures one text: the runs and the record must have scored the same validation text, the published
+    split's unless both scored one other split (the same tokens). Its bytes, which tokenizers do not change, must
+    agree when the record's folder gives them (a record made by this tool)."""
+    run = runs[0]
+    same_tokens = record.val_sha256 is not None and (record.val_tokens, record.val_sha256) == (run.val_tokens,
+                                                                                             run.val_sha256)
+    record_split = ("stands for a score on the published split" if record.val_tokens is None else
+                    f"scored {record.val_tokens:,} tokens (sha256 {record.val_sha256})")
+    if not same_tokens and not published_split(run):
+        raise Refusal(f"--compare-to {compare_to}: {run.path} scored a validation split that is not the published one "
+                      f"({run.val_tokens:,} tokens, sha256 {run.val_sha256}), and the record {record_split}: the "
+                      "val_bpb of two texts are not comparable; compare runs on the published split "
+                      "(data/cached_challenge_fineweb.py), or leave out --compare-to")
+    if not same_tokens and record.val_tokens is not None and not any(
+            record.val_tokens in counts for counts in train_gpt.PUBLISHED_VAL_TOKENS.values()):
+        raise Refusal(f"--compare-to {compare_to}: the record {record_split}, not a published split's count, and "
+                      f"{run.path} another split ({run.val_tokens:,} tokens, sha256 {run.val_sha256}): the val_bpb "
+                      "of two texts are not comparable; compare with a record of the published split")
+    bytes_ = sum(r.val_bytes for r in runs) / len(runs)  # require_kit_log: each run gives val_tokens and val_loss
+    if record.val_bytes is not None and abs(bytes_ - record.val_bytes) > BYTES_TOLERANCE * record.val_bytes:
+        raise Refusal(f"--compare-to {compare_to}: the runs' scores count {bytes_:,.0f} bytes of validation text "
+                      f"({run.val_tokens:,} tokens), the record's {record.val_bytes:,.0f} ({record.val_tokens:,} "
+                      "tokens): not the same text, or another byte count for it (a tokenizer's byte table differs), "
+                      "so the val_bpb are not comparable")
 
 
 def check_artifacts_fit(runs: list[ScoredRun], code: bytes) -> None:
@@ -207,7 +261,8 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
         "track": args.track,
         "val_loss_std": sample_std(losses), "val_bpb_std": sample_std(bpbs),
         "export_format": runs[0].export_format_id,
-        "val_split": {"tokens": runs[0].val_tokens, "sha256": runs[0].val_sha256},
+        "score_pass": score_pass(runs),
+        "val_split": {"tokens": runs[0].val_tokens, "sha256": runs[0].val_sha256, "published": published_split(runs[0])},
         "seeds": [seed_summary(run, len(code)) for run in runs],
         "compliance": {
             "artifact_cap_bytes": ARTIFACT_CAP_BYTES,
@@ -229,6 +284,7 @@ def submission_summary(args: argparse.Namespace, runs: list[ScoredRun], comparis
 def seed_summary(run: ScoredRun, code_bytes: int) -> dict:
     return {
         "seed": run.seed, "log": run.path.name, "val_loss": run.val_loss, "val_bpb": run.val_bpb,
+        "score_pass": run.score_pass,
         "pre_export_val_bpb": run.pre_export_val_bpb, "steps": run.steps, "step_avg_ms": run.step_avg_ms,
         "train_time_ms": run.train_time_ms, "gptq_time_ms": run.gptq_time_ms, "eval_time_ms": run.eval_time_ms,
         "stopped_by_wallclock_cap": run.stopped_by_wallclock_cap,
@@ -245,20 +301,29 @@ def settings_defaults(source: bytes) -> dict:
     return {}
 
 
+def score_pass(runs: list[ScoredRun]) -> str:
+    """The final pass the seeds' scores came from ("roundtrip", "sliding", "ttt"), or "mixed"."""
+    return runs[0].score_pass if len({run.score_pass for run in runs}) == 1 else "mixed"
+
+
 def changed_settings(run: ScoredRun) -> dict:
-    """The run's settings that differ from its code's defaults, less those that differ per seed."""
+    """The run's settings that differ from its code's defaults, less those each seed's command sets (and OVERWRITE,
+    which a fresh RUN_ID never needs)."""
     defaults = settings_defaults(run.source)
     return {key: value for key, value in run.settings.items()
-            if key not in PER_RUN_SETTINGS and (key not in defaults or defaults[key] != value)}
+            if key not in (*PER_RUN_SETTINGS, "OVERWRITE") and (key not in defaults or defaults[key] != value)}
 
 
 def reproduce_command(runs: list[ScoredRun], script: str) -> str:
     """A shell loop over the seeds that sets every setting that differs from the code's default; one command per
-    seed, with its own settings, when the seeds' settings differ (--allow-mixed-settings)."""
+    seed, with its own settings, when the seeds' settings differ (--allow-mixed-settings). Each run gets a fresh
+    RUN_ID (the time it starts), so that no earlier run's name is refused or taken over."""
+    fresh = "_$(date +%Y%m%d_%H%M%S)"
     if differing_settings(runs):
-        return "\n".join(seed_command(run, f"RUN_ID=seed{run.seed} SEED={run.seed}", script) for run in runs)
+        return "\n".join(seed_command(run, f"RUN_ID=reproduce_seed{run.seed}{fresh} SEED={run.seed}", script)
+                         for run in runs)
     return (f"for SEED in {' '.join(str(run.seed) for run in runs)}; do\n"
-            f"  {seed_command(runs[0], 'RUN_ID=seed$SEED SEED=$SEED', script)}\n"
+            f"  {seed_command(runs[0], f'RUN_ID=reproduce_seed${{SEED}}{fresh} SEED=$SEED', script)}\n"
             "done")
 
 
@@ -273,12 +338,17 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
     first, compliance = runs[0], summary["compliance"]
     yes_no = {True: "yes", False: "**no**"}
     std = summary["val_bpb_std"]
+    passes = {pass_name(run) for run in runs}
+    scored_by = f"{passes.pop()} val_bpb" if len(passes) == 1 else "val_bpb (each seed's final pass)"
     lines = [
         f"# {summary['name']}", "",
+        *([f"**Not comparable with the records: scored on a validation split that is not the published FineWeb "
+           f"split** ({first.val_tokens:,} tokens, sha256 {first.val_sha256}), so its val_bpb measures another text.",
+           ""] if not summary["val_split"]["published"] else []),
         *([summary["blurb"], ""] if summary["blurb"] else []),
         f"Track `{summary['track']}`, by {summary['author']} (@{summary['github_id']}), {summary['date']}.", "",
         "## Result", "",
-        f"- val_bpb **{summary['val_bpb']:.8f}** (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        f"- {scored_by} **{summary['val_bpb']:.8f}** (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}"
         + (f", sample std {std:.8f})" if std is not None else ")"),
         f"- val_loss {summary['val_loss']:.8f} nats per token",
         f"- artifact {summary['bytes_total']:,} bytes (largest seed; code {summary['bytes_code']:,} bytes, "
@@ -293,15 +363,18 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
         lines += comparison_section(summary["comparison"])
     lines += [
         "## Seeds", "",
-        "| seed | steps | ms/step | pre-export val_bpb | round-trip val_bpb | artifact bytes | log |",
+        f"| seed | steps | ms/step | pre-export val_bpb | {scored_by} | artifact bytes | log |",
         "|---:|---:|---:|---:|---:|---:|---|",
         *(f"| {s['seed']} | {s['steps']} | {fmt(s['step_avg_ms'], '.2f')} | {fmt(s['pre_export_val_bpb'], '.4f')} | "
-          f"{s['val_bpb']:.8f} | {s['bytes_total']:,} | [{s['log']}]({s['log']}) |" for s in summary["seeds"]),
+          f"{s['val_bpb']:.8f}{'' if summary['score_pass'] != 'mixed' else f' ({pass_name(run)})'} | "
+          f"{s['bytes_total']:,} | [{s['log']}]({s['log']}) |" for s, run in zip(summary["seeds"], runs)),
         "", "## Configuration", "",
         f"- device: {first.device}, world size {first.world_size}",
         f"- model parameters: {fmt(first.model_params, ',')}",
         f"- validation split: {first.val_tokens:,} tokens, fingerprint {first.val_sha256}",
         f"- tokenizer: {tokenizer_identity(runs)}",
+        "- training data: " + ("not in the logs" if first.train_shards is None else
+                               f"{first.train_shards} shard(s), data_id {fmt(first.data_id, 's')}"),
         "- settings that differ from the defaults in train_gpt.py (all settings are in the logs):", "",
         "| setting | value |", "|---|---|",
         *(f"| {key} | `{value}` |" for key, value in changed_settings(first).items()), "",
@@ -312,7 +385,8 @@ def render_readme(summary: dict, runs: list[ScoredRun], folder: str) -> str:
     lines += ["## Reproduce", "",
               "From the repository root, with the data in place:", "",
               "```bash", reproduce_command(runs, f"{folder}/train_gpt.py"), "```", "",
-              "`val_bpb.png`: validation val_bpb against training time, one curve per seed.", ""]
+              "`training_curves.png`: each seed's training loss and validation val_bpb against training time; "
+              f"x: its final score ({scored_by}).", ""]
     return "\n".join(lines)
 
 
@@ -345,8 +419,8 @@ def kit_commit(source: bytes) -> str | None:
 
 
 def tokenizer_identity(runs: list[ScoredRun]) -> str:
-    """What the logs' `tokenizer:` lines say: a published tokenizer's name, or custom with its sha256."""
-    said = sorted({m.group(1) for run in runs if (m := TOKENIZER_LINE.search(run.path.read_text(errors="replace")))})
+    """What the logs' `tokenizer:` lines say: a published tokenizer's name, or custom, with its sha256."""
+    said = sorted({tokenizer_text(run) for run in runs if run.tokenizer is not None})
     return " / ".join(said) or "not named in the logs (a train_gpt.py older than its tokenizer line wrote them)"
 
 
@@ -380,25 +454,9 @@ def fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def plot_val_bpb(runs: list[ScoredRun], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        curve = run.val_curve
-        line, = ax.plot([p.train_time_ms / 1000 for p in curve], [p.val_bpb for p in curve],
-                        marker=".", label=f"seed {run.seed} (round trip {run.val_bpb:.4f})")
-        ax.plot([run.train_time_ms / 1000], [run.val_bpb], marker="x", color=line.get_color())
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("val_bpb")
-    ax.set_title("validation bits per byte (x: after the export round trip)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def seed_curves(runs: list[ScoredRun]) -> dict[str, list[ScoredRun]]:
+    """One curve per seed, its legend naming its score and the pass it came from."""
+    return {f"seed {run.seed} ({pass_name(run)} {run.val_bpb:.4f})": [run] for run in runs}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,7 +482,7 @@ def write_folder(folder: Path, runs: list[ScoredRun], summary: dict, force: bool
         readme = render_readme(summary, runs, relative_folder)
         readme += code_section(runs, runs[0].source if code is None else code)
         (staging / "README.md").write_text(readme, encoding="utf-8")
-        plot_val_bpb(runs, staging / "val_bpb.png")
+        save_training_figure(seed_curves(runs), staging / "training_curves.png")
         if force and folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
@@ -455,10 +513,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--records-dir", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--force", action="store_true", help="replace an existing folder")
     parser.add_argument("--allow-mixed-settings", action="store_true",
-                        help="accept seeds whose settings differ in more than SEED and RUN_ID (the README then "
-                             "gives each seed's own command)")
+                        help="accept seeds whose settings that change the model, or training data, differ (the "
+                             "README then gives each seed's own command)")
     parser.add_argument("--pack-code", action=argparse.BooleanOptionalAction, default=None,
-                        help="ship train_gpt.py packed (train_gpt.pack_code); default: on for 10min_16mb")
+                        help="ship train_gpt.py packed (train_gpt.pack_code); default: the form the runs' "
+                             "'Total submission size' counted (packed unless EXPORT_PACKED_CODE=0)")
     parser.add_argument("logs", nargs="+", type=Path)
     return parser.parse_args(argv)
 
@@ -476,10 +535,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.records_dir / f"track_{args.track}" / folder_name(args.date, args.name)
         if folder.exists() and not args.force:
             raise Refusal(f"{folder} already exists; pass --force to replace it")
-        code = shipped_code(runs, args.track == "10min_16mb" if args.pack_code is None else args.pack_code)
+        code = shipped_code(runs, counted_packed(runs) if args.pack_code is None else args.pack_code)
         check_artifacts_fit(runs, code)
-        comparison = (compare_with_baseline(runs, read_record(args.compare_to), *record_margin(args), args.alpha)
-                      if args.compare_to else None)
+        comparison = None
+        if args.compare_to:
+            record = read_record(args.compare_to)
+            check_split_matches_record(runs, record, args.compare_to)
+            comparison = compare_with_baseline(runs, record, *record_margin(args), args.alpha)
         summary = submission_summary(args, runs, comparison, code)
         write_folder(folder, runs, summary, args.force, code)
     except Refusal as refusal:

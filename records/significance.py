@@ -5,7 +5,8 @@ confidence interval).
 A baseline given as one number (a published mean) is taken as exact: the test is a one-sample
 t-test of the candidate's per-seed improvements. A baseline given as per-seed values gets
 Welch's two-sample t-test (no equal-variance assumption). A group needs at least two seeds:
-one seed has no spread to test against.
+one seed has no spread to test against, and neither have seeds that all scored the same: the t
+statistic is then infinite or undefined, so no p-value is given (NO_SPREAD).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from scipy import stats
 
 NEEDS_TWO_SEEDS = "not significant: needs >= 2 seeds"
+NO_SPREAD = "not significant: the seeds' scores do not vary (all equal), so the t-test is undefined"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ def mean_difference(baseline: float | Sequence[float], candidate: Sequence[float
     mean = float(baseline.mean() - candidate.mean())
     if len(candidate) < 2 or (not exact_baseline and len(baseline) < 2):
         return Difference(mean, None, None, None, margin, NEEDS_TWO_SEEDS)
+    if np.ptp(candidate) == 0 and (exact_baseline or np.ptp(baseline) == 0):  # a standard error of 0
+        return Difference(mean, None, None, None, margin, NO_SPREAD)
     if exact_baseline:
         improvements = baseline[0] - candidate
         test = "one-sample"

@@ -36,28 +36,34 @@ def render_log(seed: int = 1, val_loss: float = 2.0727, *, source: str = SOURCE,
                train_time_ms: int = 599_990, eval_time_ms: int = 1_400, artifact_bytes: int = 15_863_489,
                code_bytes: int | None = None, val_split: str = FULL_SPLIT, export_format: str = "int8+zlib",
                final_score: bool = True, prefix: bool = False, val_bpb: float | None = None,
-               settings: dict | None = None, export_lines: tuple[str, ...] = (), ttt_loss: float | None = None) -> str:
-    """A log as train_gpt.py writes it, with the given values (val_bpb: bpb_of(val_loss) unless given).
-    `settings` adds to the settings line, `export_lines` come before the sizes (e.g. the gptq line), and
-    `ttt_loss` adds the test-time-training pass (TTT_EPOCHS=3): its announcement and its pair, the score."""
+               settings: dict | None = None, export_lines: tuple[str, ...] = (), ttt_loss: float | None = None,
+               run_id: str | None = None, device: str = "cuda name:NVIDIA H100 80GB HBM3 world_size:8",
+               header_lines: tuple[str, ...] = ()) -> str:
+    """A log as train_gpt.py writes it, with the given values (val_bpb: bpb_of(val_loss) unless given; the
+    first training loss differs by seed, as a seed's losses do). `settings` adds to the settings line,
+    `header_lines` come after it (e.g. the tokenizer line), `export_lines` before the sizes (e.g. the gptq
+    line), and `ttt_loss` adds the test-time-training pass (TTT_EPOCHS=3): its announcement and its pair, the
+    score."""
     code = source.encode()
     code_bytes = len(code) if code_bytes is None else code_bytes
     bpb = bpb_of(val_loss) if val_bpb is None else val_bpb
     fid, scope = export_format.replace("+", "_"), " val_scope:prefix" if prefix else ""
     step_avg = train_time_ms / steps
-    settings = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "RUN_ID": f"seed{seed}", "SEED": seed,
+    run_id = f"seed{seed}" if run_id is None else run_id
+    settings = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "RUN_ID": run_id, "SEED": seed,
                 "ITERATIONS": 20000, "NUM_LAYERS": 9, "TTT_EPOCHS": 0 if ttt_loss is None else 3, **(settings or {})}
     lines = [
         f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}",
         source + "end_of_source",
-        f"run_id:seed{seed} started:2026-05-01T10:00:00+00:00",
-        "device:cuda name:NVIDIA H100 80GB HBM3 world_size:8 grad_accum_steps:1 compute_dtype:bfloat16",
+        f"run_id:{run_id} started:2026-05-01T10:00:00+00:00",
+        f"device:{device} grad_accum_steps:1 compute_dtype:bfloat16",
         "settings:" + json.dumps(settings),
+        *header_lines,
         "model_params:17059912",
         "val_split " + (val_split.replace("scope:full", "scope:prefix") if prefix else val_split),
         "warmup_step:20/20",
         f"step:0/20000 val_loss:6.9357 val_bpb:4.1077 train_time:0ms step_avg:0.00ms{scope}",
-        f"step:1/20000 train_loss:6.9357 train_time:44ms step_avg:44.00ms",
+        f"step:1/20000 train_loss:{6.9357 + seed / 10_000:.4f} train_time:44ms step_avg:44.00ms",
         "an informational line the reader must skip: step:99 val_bpb:0.1",
         f"step:{steps // 2}/20000 val_loss:2.2000 val_bpb:1.3000 train_time:{train_time_ms // 2}ms "
         f"step_avg:{step_avg:.2f}ms{scope}",
@@ -149,11 +155,11 @@ def test_folder_holds_the_logs_the_source_the_summary_the_readme_and_the_plot(tm
     assert submit(tmp_path, three_logs) == 0
     folder = folder_of(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["README.md", "submission.json", "train_gpt.py", "val_bpb.png", "seed1.txt", "seed2.txt", "seed3.txt"])
+        ["README.md", "submission.json", "train_gpt.py", "training_curves.png", "seed1.txt", "seed2.txt", "seed3.txt"])
     for log in three_logs:
         assert (folder / log.name).read_bytes() == log.read_bytes()
     assert (folder / "train_gpt.py").read_bytes() == SOURCE.encode()
-    assert (folder / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left
 
 
@@ -216,9 +222,9 @@ def test_force_replaces_an_existing_folder(tmp_path, three_logs):
 
 
 def test_a_failure_while_building_leaves_nothing_behind(tmp_path, three_logs, monkeypatch):
-    def broken_plot(runs, path):
+    def broken_plot(curves, path):
         raise RuntimeError("plotting failed")
-    monkeypatch.setattr(make_submission, "plot_val_bpb", broken_plot)
+    monkeypatch.setattr(make_submission, "save_training_figure", broken_plot)
     with pytest.raises(RuntimeError):
         submit(tmp_path, three_logs)
     assert list(folder_of(tmp_path).parent.iterdir()) == []
@@ -242,7 +248,7 @@ REFUSALS = {
     "evaluation passes over 600 s together": (dict(eval_time_ms=180_001, ttt_loss=2.05),
                                               "evaluation took 600,001 ms, over the 10-minute track"),
     "code size not the source": (dict(code_bytes=len(SOURCE) + 1), "'Code size' says"),
-    "a repeated seed": (dict(seed=1), "SEED=1 was already run"),
+    "a repeated seed": (dict(seed=1, run_id="seed1_again"), "SEED=1 was already run"),
 }
 
 
@@ -449,7 +455,7 @@ def compare_output(capsys, a, b) -> str:
 
 def test_compare_reports_the_improvement_with_a_welch_interval(tmp_path, capsys):
     a = write_logs(tmp_path / "a", *(render_log(s, x) for s, x in ((1, 2.10), (2, 2.11), (3, 2.12))))
-    b = write_logs(tmp_path / "b", *(render_log(s, x) for s, x in ((1, 2.08), (2, 2.09), (3, 2.10))))
+    b = write_logs(tmp_path / "b", *(render_log(s, x, run_id=f"b{s}") for s, x in ((1, 2.08), (2, 2.09), (3, 2.10))))
     out = compare_output(capsys, a, b)
     nats = re.search(r"nats per token\s+([-+.\d]+)\s+95% CI \[([-+.\d]+), ([-+.\d]+)\]\s+"
                      r"t = (\S+), df = (\S+), p \(two-sided\) = (\S+)", out)
@@ -469,7 +475,8 @@ def test_compare_reports_the_improvement_with_a_welch_interval(tmp_path, capsys)
 def test_compare_across_tokenizers_reports_only_bits_per_byte(tmp_path, capsys):
     a = write_logs(tmp_path / "a", render_log(1, 2.10), render_log(2, 2.11))
     other_split = "tokens:40540160 sha256:aaaaaaaaaaaaaaaa scope:full"
-    b = write_logs(tmp_path / "b", render_log(1, 3.0, val_split=other_split), render_log(2, 3.01, val_split=other_split))
+    b = write_logs(tmp_path / "b", render_log(1, 3.0, val_split=other_split, run_id="b1"),
+                   render_log(2, 3.01, val_split=other_split, run_id="b2"))
     out = compare_output(capsys, a, b)
     assert "nats per token   n/a: the groups scored different validation splits" in out
     assert re.search(r"bits per byte\s+[-+.\d]+\s+95% CI", out)
@@ -477,13 +484,14 @@ def test_compare_across_tokenizers_reports_only_bits_per_byte(tmp_path, capsys):
 
 def test_compare_accepts_prefix_scored_ablations(tmp_path, capsys):
     a = write_logs(tmp_path / "a", render_log(1, 2.10, prefix=True), render_log(2, 2.11, prefix=True))
-    b = write_logs(tmp_path / "b", render_log(1, 2.09, prefix=True), render_log(2, 2.10, prefix=True))
+    b = write_logs(tmp_path / "b", render_log(1, 2.09, prefix=True, run_id="b1"),
+                   render_log(2, 2.10, prefix=True, run_id="b2"))
     assert "scope:prefix" in compare_output(capsys, a, b)
 
 
 def test_compare_refuses_a_group_with_mixed_splits(tmp_path, capsys):
     a = write_logs(tmp_path / "a", render_log(1), render_log(2, prefix=True))
-    b = write_logs(tmp_path / "b", render_log(1), render_log(2))
+    b = write_logs(tmp_path / "b", render_log(1, 2.05, run_id="b1"), render_log(2, 2.06, run_id="b2"))
     assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b)]) == 2
     assert f"error: {a[1]} scored a different validation split" in capsys.readouterr().err
 
@@ -605,16 +613,16 @@ def test_mixed_settings_are_accepted_on_request_and_the_readme_gives_each_seed_i
     readme = (folder_of(tmp_path) / "README.md").read_text()
     script = f"records/track_10min_16mb/{DATE}_Test_Idea/train_gpt.py"
     for seed, ttt_epochs in ((1, 3), (2, 0), (3, 3)):
-        assert re.search(rf"^RUN_ID=seed{seed} SEED={seed} .*\bTTT_EPOCHS={ttt_epochs} torchrun "
+        assert re.search(rf"^RUN_ID=reproduce_seed{seed}_\$\(date \+%Y%m%d_%H%M%S\) SEED={seed} .*\bTTT_EPOCHS={ttt_epochs} torchrun "
                          rf"--standalone --nproc_per_node=8 {script}$", readme, re.MULTILINE)
     assert "for SEED in" not in readme and "differ between the seeds (--allow-mixed-settings): TTT_EPOCHS" in readme
 
 
 def test_compare_runs_refuses_a_group_with_mixed_settings_unless_allowed(tmp_path, capsys):
     a = write_logs(tmp_path / "a", render_log(1, 2.06), render_log(2, 2.08, settings={"MATRIX_LR": 0.03}))
-    b = write_logs(tmp_path / "b", render_log(1, 2.0), render_log(2, 2.01))
+    b = write_logs(tmp_path / "b", render_log(1, 2.0, run_id="b1"), render_log(2, 2.01, run_id="b2"))
     assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b)]) == 2
-    assert f"error: {a[1]}: its settings differ from those of {a[0]}: MATRIX_LR=0.03 (vs unset)" in \
+    assert f"error: {a[1]}: its settings or training data differ from those of {a[0]}: MATRIX_LR=0.03 (vs unset)" in \
         capsys.readouterr().err
     assert compare_runs.main(["--a", *map(str, a), "--b", *map(str, b), "--allow-mixed-settings"]) == 0
 

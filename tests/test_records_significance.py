@@ -10,7 +10,7 @@ from scipy.special import betainc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "records"))
 
-from significance import NEEDS_TWO_SEEDS, mean_difference  # noqa: E402
+from significance import NEEDS_TWO_SEEDS, NO_SPREAD, mean_difference  # noqa: E402
 
 T_TABLE_975 = {2: 4.303, 4: 2.776}  # two-sided 95% critical values of Student's t (printed tables, 3 decimals)
 
@@ -98,3 +98,17 @@ def test_scaling_changes_the_unit_not_the_p_values():
     assert bpb.ci95 == pytest.approx((nats.ci95[0] / 2, nats.ci95[1] / 2))
     assert bpb.margin == pytest.approx(0.0025)
     assert (bpb.p_two_sided, bpb.p_beats_margin) == (nats.p_two_sided, nats.p_beats_margin)
+
+
+@pytest.mark.parametrize("baseline", [2.10, [2.10, 2.10]])  # one-sample and Welch: a standard error of 0
+def test_seeds_whose_scores_do_not_vary_get_no_p_value(baseline):
+    result = mean_difference(baseline, [2.05, 2.05], margin=0.005)
+    assert result.mean == pytest.approx(0.05)
+    assert (result.p_two_sided, result.p_beats_margin, result.ci95, result.t) == (None, None, None, None)
+    assert result.test == NO_SPREAD
+
+
+def test_a_baseline_without_spread_against_candidates_with_some_is_still_welch():
+    result = mean_difference([2.10, 2.10], [2.04, 2.06])
+    t, df = welch([2.10, 2.10], [2.04, 2.06])
+    assert result.test == "welch" and result.p_two_sided == pytest.approx(2 * t_sf(abs(t), df), rel=1e-9)
