@@ -1621,7 +1621,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_
         log(f"WARNING: evaluation took {eval_ms:.0f}ms, over 600 s: lower TTT_EPOCHS or raise TTT_CHUNK_TOKENS")
     if rt.is_master:
         os.replace(unscored_path, artifact_path)
-    fits = "fits under" if total <= ARTIFACT_CAP_BYTES else "OVER THE CAP: not a submission, over"
+    fits = "fits under" if total <= ARTIFACT_CAP_BYTES else "not a valid submission: OVER"
     return (f"summary: val_bpb {val_bpb:.8f} ({passes[-1][0]} pass{val_suffix}), artifact {total:,} bytes ({fits} "
             f"{ARTIFACT_CAP_BYTES:,}) = {artifact_path} + train_gpt.py")
 
@@ -1641,7 +1641,7 @@ def settings_help(source: str) -> str:
     packed file (pack_code) has dropped, so that one lists names and values only."""
     body = source.partition("\nclass Settings:")[2].partition("@classmethod")[0]
     meanings = dict(re.findall(r"(?m)^    (\w+): .*?  # (.*)$", body))
-    lines = ["Every setting is an environment variable (NAME=value python3 train_gpt.py); PRESET's values come first:",
+    lines = ["Settings are environment variables (NAME=value python3 train_gpt.py); PRESET's values apply first:",
              f"{'NAME':28} {'DEFAULT':22} MEANING [PRESET VALUES]"]
     for f in fields(Settings):
         presets = ", ".join(f"{p}: {values[f.name]!r}" for p, values in PRESETS.items() if f.name in values)

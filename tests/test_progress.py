@@ -16,6 +16,8 @@ import pytest
 
 import train_gpt
 from conftest import REPO, read_log, run_trainer, trainer_env
+from test_cuda_paths_on_cpu import cpu_runtime, perturbed_model, tiny
+from test_final_evaluation import StubEvaluator
 
 sys.path.insert(0, str(REPO / "records"))
 import run_log  # noqa: E402
@@ -146,6 +148,21 @@ def test_the_run_ends_with_a_summary_of_score_bytes_and_paths(every_stage_run):
                          f"under 16,000,000) = logs/stages.int6.ptz + train_gpt.py, log logs/stages.txt")
     assert (every_stage_run.cwd / "logs" / "stages.int6.ptz").is_file()
     assert every_stage_run.stdout.splitlines()[-1] == lines[-1]
+
+
+def test_the_summary_of_an_artifact_over_the_cap_says_it_is_no_valid_submission(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1000)
+    settings, lines = tiny(export_quant="rtn", run_id="over", ttt_epochs=0, eval_stride=0), []
+    model = perturbed_model(settings)
+    summary = train_gpt.export_and_rescore(SimpleNamespace(model=model, compiled=model), StubEvaluator([0.0], 1.0),
+                                           (b"code", b"code"), "", {"training": 0.0}, lines.append, settings,
+                                           cpu_runtime())
+    (total,) = [int(m[1]) for line in lines if (m := re.match(r"Total submission size int6\+brotli: (\d+) bytes", line))]
+    assert total > 1000
+    assert summary == (f"summary: val_bpb 1.00000000 (roundtrip pass), artifact {total:,} bytes (not a valid "
+                       f"submission: OVER 1,000) = logs/over.int6.ptz + train_gpt.py")
 
 
 def test_the_first_line_on_the_console_names_the_log(every_stage_run):
