@@ -140,10 +140,14 @@ def test_progress_and_stage_lines_look_like_no_score_or_step_line(every_stage_ru
     assert [name for name, _ in run.eval_passes_ms] == ["roundtrip", "ttt"]
 
 
-def test_the_run_ends_with_a_summary_of_score_bytes_and_paths(every_stage_run):
-    lines = every_stage_run.lines
-    (bpb,) = [m[1] for line in lines if (m := re.match(r"final_int6_brotli_roundtrip_exact .*val_bpb:(\S+)", line))][-1:]
+def total_bytes(lines: list[str]) -> int:
     (total,) = [int(m[1]) for line in lines if (m := re.match(r"Total submission size int6\+brotli: (\d+) bytes", line))]
+    return total
+
+
+def test_the_run_ends_with_a_summary_of_score_bytes_and_paths(every_stage_run):
+    lines, total = every_stage_run.lines, total_bytes(every_stage_run.lines)
+    bpb = [m[1] for line in lines if (m := re.match(r"final_int6_brotli_roundtrip_exact .*val_bpb:(\S+)", line))][-1]
     assert lines[-1] == (f"summary: val_bpb {bpb} (ttt pass val_scope:prefix), artifact {total:,} bytes (fits "
                          f"under 16,000,000) = logs/stages.int6.ptz + train_gpt.py, log logs/stages.txt")
     assert (every_stage_run.cwd / "logs" / "stages.int6.ptz").is_file()
@@ -159,7 +163,7 @@ def test_the_summary_of_an_artifact_over_the_cap_says_it_is_no_valid_submission(
     summary = train_gpt.export_and_rescore(SimpleNamespace(model=model, compiled=model), StubEvaluator([0.0], 1.0),
                                            (b"code", b"code"), "", {"training": 0.0}, lines.append, settings,
                                            cpu_runtime())
-    (total,) = [int(m[1]) for line in lines if (m := re.match(r"Total submission size int6\+brotli: (\d+) bytes", line))]
+    total = total_bytes(lines)
     assert total > 1000
     assert summary == (f"summary: val_bpb 1.00000000 (roundtrip pass), artifact {total:,} bytes (not a valid "
                        f"submission: OVER 1,000) = logs/over.int6.ptz + train_gpt.py")
