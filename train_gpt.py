@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # None: validate refuses
+tqdm = importlib.import_module("tqdm").tqdm if importlib.util.find_spec("tqdm") else None  # None: no progress bar
 ARTIFACT_CAP_BYTES = 16_000_000
 # The published exports (SPEC.md): validation tokens, to catch another split; tokenizer sha256s, named in the log.
 PUBLISHED_VAL_TOKENS = {1024: (62_021_632, 63_779_840), 4096: (45_508_608,), 8192: (40_540_160, 47_851_520)}
@@ -671,23 +672,28 @@ def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
 class Evaluator:
     """Scores the validation split (periodic, final, round trip): plain, sliding (last `stride` targets) or TTT."""
 
-    def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime):
-        self.split, self.settings, self.rt = split, settings, runtime
+    def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime,
+                 log=lambda line: None):
+        self.split, self.settings, self.rt, self.log = split, settings, runtime, log
         self.table = table.on(runtime.device)
         seq_len = settings.train_seq_len
         self.batch_seqs = settings.val_batch_size // (seq_len * runtime.world_size * runtime.grad_accum_steps)
         self.ttt_rows = min(self.batch_seqs, math.ceil(settings.ttt_chunk_tokens / seq_len / runtime.world_size))
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, stride: int = 0) -> tuple[float, float]:
+    def evaluate(self, model: nn.Module, stride: int = 0, stage: str = "validation") -> tuple[float, float]:
         """(val_loss in nats per token, val_bpb) over the split; stride 0 or >= TRAIN_SEQ_LEN: plain windows."""
-        return self.reduce(self.scored_sums(model, stride))
+        progress = Progress(self.log, stage)
+        score = self.reduce(self.scored_sums(model, stride, track=progress.over))
+        progress.done()
+        return score
 
     @torch.inference_mode()
-    def scored_sums(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None) -> Tensor:
+    def scored_sums(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None,
+                    track=iter) -> Tensor:
         """(nats, tokens, bytes) scored on this rank, over all windows or the window indices [lo, hi)."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # nats, tokens, bytes
-        for nats, num_bytes, scored in self.scored_windows(model, stride, window_range):
+        for nats, num_bytes, scored in self.scored_windows(model, stride, window_range, track):
             sums[0] += (nats.double() * scored).sum()
             sums[1] += scored.sum()
             sums[2] += (num_bytes.double() * scored).sum()
@@ -700,8 +706,9 @@ class Evaluator:
         val_loss = nats / tokens
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
-    def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None):
-        """(nats, bytes, scored mask) per batch of this rank's windows; padded rows keep one compiled shape."""
+    def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None, track=iter):
+        """(nats, bytes, scored mask) per batch of this rank's windows (starts through `track`: Progress.over); padded
+        rows keep one compiled shape."""
         seq_len, rt = self.settings.train_seq_len, self.rt
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
@@ -710,7 +717,7 @@ class Evaluator:
         positions = torch.arange(seq_len, device=rt.device)
         was_training = model.training
         model.eval()
-        for start in range(first, last, self.batch_seqs):
+        for start in track(range(first, last, self.batch_seqs)):
             index = np.arange(start, start + self.batch_seqs)
             real = np.minimum(index, last - 1)  # padding rows repeat the last window and score nothing
             rows = (ends[real] - seq_len)[:, None] + np.arange(seq_len + 1)
@@ -721,7 +728,7 @@ class Evaluator:
             yield model(inputs, targets), self.table.target_bytes(inputs, targets), scored
         model.train(was_training)
 
-    def evaluate_with_ttt(self, model: nn.Module, stride: int) -> tuple[float, float]:
+    def evaluate_with_ttt(self, model: nn.Module, stride: int, stage: str = "ttt_eval") -> tuple[float, float]:
         """Legal score-first TTT: chunks of ~TTT_CHUNK_TOKENS scored tokens in order, each scored (final) before it is
         trained on (TTT_EPOCHS SGD steps, LR cosine-decayed): no token influences its own score or an earlier one."""
         s, seq_len = self.settings, self.settings.train_seq_len
@@ -730,13 +737,15 @@ class Evaluator:
         chunks = np.split(np.arange(len(ends)), np.flatnonzero(np.diff(starts // s.ttt_chunk_tokens)) + 1)
         params = list(model.parameters())
         optimizer = torch.optim.SGD(params, lr=s.ttt_lr, momentum=0.9)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)
-        for c, windows in enumerate(chunks):
+        sums, progress = torch.zeros(3, dtype=torch.float64, device=self.rt.device), Progress(self.log, stage, "chunks")
+        for c, windows in enumerate(progress.over(chunks)):
             sums += self.scored_sums(model, stride, (windows[0], windows[-1] + 1))
             if c < len(chunks) - 1:  # training on the last chunk would change no score
                 optimizer.param_groups[0]["lr"] = s.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))
                 self.train_on_scored(model, optimizer, starts[windows[0]], ends[windows[-1]])
-        return self.reduce(sums)
+        score = self.reduce(sums)
+        progress.done()
+        return score
 
     def train_on_scored(self, model: nn.Module, optimizer: torch.optim.Optimizer, first: int, end: int) -> None:
         """TTT_EPOCHS steps on sequences covering the scored targets [first, end); ranks take every world_size-th,
@@ -822,16 +831,17 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> dict[str, Tensor]:
+def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime, log=lambda line: None) -> dict:
     """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES of stream 0 (training)."""
-    hessians, last = {}, {}
+    hessians, last, count, progress = {}, {}, settings.gptq_calibration_batches, Progress(log, "gptq_calibration")
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
         hessians[name] = hessians.get(name, 0) + x.T @ x
     hooks = [m.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
              for name, m in model.named_modules() if isinstance(m, CastedLinear)]
     hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last.update(x=out)))
-    for inputs, targets in TrainBatchLoader(settings, runtime).calibration_batches(settings.gptq_calibration_batches):
+    batches = TrainBatchLoader(settings, runtime).calibration_batches(count)
+    for inputs, targets in progress.over(batches, len(range(runtime.rank, count, runtime.world_size))):
         model(inputs, targets)
         if model.lm_head is None:
             add("tok_emb.weight", rms_norm(last["x"]))  # the output head's input, as GPT.logits computes it
@@ -839,7 +849,9 @@ def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime) -> 
         hook.remove()
     for H in hessians.values() if runtime.distributed else ():
         dist.all_reduce(H)
-    return {name: H / settings.gptq_calibration_batches for name, H in hessians.items()}
+    runtime.sync()
+    progress.done()
+    return {name: H / count for name, H in hessians.items()}
 
 
 def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
@@ -848,12 +860,13 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
-                        mlp_bits: int | None = None, gptq: tuple[dict, float, float] = ({}, 12.85, 20.0)) -> dict:
+                        mlp_bits: int | None = None, gptq: tuple[dict, float, float] = ({}, 12.85, 20.0),
+                        track=iter) -> dict:
     """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales, the embedding (the tied head) int8, in int8
     storage; control_names fp32, other small tensors fp16. gptq = (hessians, clip sigmas, embedding's): GPTQ rounds
     the matrices with a hessian, at their clip; int6 matrices without one are rounded plainly at that clip."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
-    for name, t in state_dict.items():
+    for name, t in track(state_dict.items()):
         t, row_bits = t.detach().cpu(), mlp_bits if mlp_bits and ".mlp." in name else bits
         packed["dtypes"][name] = str(t.dtype).removeprefix("torch.")
         if not t.is_floating_point():
@@ -924,6 +937,8 @@ def pack_code(code: bytes) -> tuple[bytes, bytes]:
                                          brotli.compress(text.encode(), quality=11)) + PACKED_CODE[1]
 
 
+# One core of a shared AMD EPYC, on int6 codes of Gaussian weights (brotli: 16.8 MB in 30.9 s): an estimate to log.
+COMPRESS_MB_PER_S = {"brotli": 0.5, "lzma": 0.6, "zlib": 5.0}
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
 FIT_PRUNE_MAX = 0.14  # share of the codes pruning may zero: past it, the step-down adds less error (test_export_fit)
 
@@ -941,11 +956,16 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
         if i:
             log(f"export_fit: {len(blob) + code_bytes} bytes > {ARTIFACT_CAP_BYTES}; now int{bits} matrices, "
                 f"int{mlp_bits} MLP matrices")
-        t_quant = time.perf_counter()
-        packed = quantize_state_dict(state, control, bits, mlp_bits, gptq)
+        rounding = Progress(log, "rounding", "tensors")
+        packed = quantize_state_dict(state, control, bits, mlp_bits, gptq, rounding.over)
+        rounding_ms = rounding.done()
         if hessians is not None and ledger is not None:
-            ledger["gptq"] = ledger.get("gptq", 0.0) + 1000 * (time.perf_counter() - t_quant)
+            ledger["gptq"] = ledger.get("gptq", 0.0) + rounding_ms
+        mb = sum(t.nbytes for kind in ("int8", "scales", "float") for t in packed[kind].values()) / 1e6
+        compression = Progress(log, "compression", note=f"started: {s.export_format} of {mb:.1f} MB, estimated "
+                               f"{mb / COMPRESS_MB_PER_S[s.export_format.split('+')[1]]:.0f}s (no progress inside it)")
         blob = compress_packed(packed, s.export_format)
+        compression.done()
         if s.export_fit_cap and len(blob) + code_bytes > ARTIFACT_CAP_BYTES:
             blob = prune_to_fit(packed, state, blob, ARTIFACT_CAP_BYTES - code_bytes, s.export_format, log)
     return blob
@@ -1361,10 +1381,50 @@ class RunLog:
                            f"bytes free): free some space, then re-run") from None
 
 
+class Progress:
+    """A stage as it runs: `over(items)` logs `progress:<stage> i/n <unit> elapsed:… remaining:~…` at each tenth and
+    after 30 s without a line (on a terminal, rank 0 draws a tqdm bar instead of printing them); `done()`, once the
+    caller has synced the device, logs `stage:<stage> time:Tms`: a killed run's log keeps the stages it finished."""
+    TENTHS, EVERY_S = 10, 30.0
+
+    def __init__(self, log, stage: str, unit: str = "batches", note: str = ""):
+        self.log, self.stage, self.unit, self.bar, self.t0 = log, stage, unit, None, time.perf_counter()
+        if note:
+            log(f"progress:{stage} {note}")
+
+    def over(self, items, total: int | None = None):
+        """Yields `items` (`total` of them: len(items) by default), each counted done when the next is asked for."""
+        self.total, self.count, self.tenths = len(items) if total is None else total, 0, 0
+        self.t_line, self.write = time.perf_counter(), self.log
+        if tqdm and isinstance(self.log, RunLog) and self.log.is_master and sys.stdout.isatty():  # lines: file only
+            self.bar = tqdm(total=self.total, desc=self.stage, unit=self.unit, leave=False, file=sys.stdout)
+            self.write = partial(self.log, console=False)
+        for item in items:
+            yield item
+            self.update()
+
+    def update(self) -> None:
+        self.count, now = self.count + 1, time.perf_counter()
+        if self.bar is not None:
+            self.bar.update()
+        if self.count * self.TENTHS // self.total > self.tenths or now - self.t_line >= self.EVERY_S:
+            self.tenths, self.t_line, elapsed = self.count * self.TENTHS // self.total, now, now - self.t0
+            self.write(f"progress:{self.stage} {self.count}/{self.total} {self.unit} elapsed:{elapsed:.1f}s "
+                       f"remaining:~{elapsed * (self.total - self.count) / self.count:.1f}s")
+
+    def done(self) -> float:
+        """The stage's time in ms, also logged."""
+        if self.bar is not None:
+            self.bar.close()
+        ms = 1000 * (time.perf_counter() - self.t0)
+        self.log(f"stage:{self.stage} time:{ms:.0f}ms")
+        return ms
+
+
 def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: bytes) -> None:
     log(f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}", console=False)
     log(code.decode("utf-8") + "end_of_source", console=False)
-    log(f"run_id:{settings.run_id} started:{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+    log(f"run_id:{settings.run_id} started:{datetime.now(timezone.utc).isoformat(timespec='seconds')} log:{log.path}")
     dev = runtime.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     log(f"device:{dev.type} name:{name} world_size:{runtime.world_size} grad_accum_steps:{runtime.grad_accum_steps} "
@@ -1400,19 +1460,18 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     split = load_validation_split(s)
     check_split_fits_tokenizer(split, byte_table, s)
     val_suffix = log_validation_split(log, split, s)
-    evaluator = Evaluator(split, byte_table, s, rt)
+    evaluator = Evaluator(split, byte_table, s, rt, log)
     trainer = Trainer(s, rt)
     log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
     streams = trainer.loader.num_streams
     log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}" +
         (f" loader_streams:{streams} (one per shard, fewer than LOADER_STREAMS)" if streams < s.loader_streams else ""))
-    ledger = {}
-    t_start = time.perf_counter()
+    ledger, t_start, warmup = {}, time.perf_counter(), Progress(log, "warmup_compile")
     trainer.warm_up_and_restore(s.warmup_steps, log)
     if s.ttt_epochs and rt.compile and s.warmup_steps:
         evaluator.compile_ttt(trainer.model, trainer.compiled)
     rt.sync()
-    ledger["warmup_compile"] = 1000 * (time.perf_counter() - t_start)
+    ledger["warmup_compile"] = warmup.done()
 
     training_ms, validation_ms, step, stop_after = 0.0, 0.0, 0, None
     wallclock = WallclockStop(1000 * s.training_seconds, rt)
@@ -1428,7 +1487,7 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
             if last_step and trainer.ema is not None:
                 trainer.ema.copy_to_model()  # the last val line scores the weights the export will take
                 log(f"ema:applied decay:{s.ema_decay}")
-            val_loss, val_bpb = evaluator.evaluate(trainer.compiled)
+            val_loss, val_bpb = evaluator.evaluate(trainer.compiled, stage="final_" * last_step + "validation")
             check_finite_score(val_loss, val_bpb, f"the validation score at step {step}", s)
             log(f"step:{step}/{s.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms{val_suffix}")
@@ -1456,9 +1515,10 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
             stop_after = step
     ledger["training"], ledger["validation"] = training_ms, validation_ms
     log_peak_memory(log, rt)
-    export_and_rescore(trainer, evaluator, code, val_suffix, ledger, log, s, rt)
+    summary = export_and_rescore(trainer, evaluator, code, val_suffix, ledger, log, s, rt)
     ledger["total"] = 1000 * (time.perf_counter() - t_start)
     log("time_ledger " + " ".join(f"{k}:{v:.0f}ms" for k, v in ledger.items()))
+    log(f"{summary}, log {log.path}")
 
 
 class WallclockStop:
@@ -1504,16 +1564,17 @@ def log_peak_memory(log: RunLog, runtime: Runtime) -> None:
 
 
 def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_suffix: str, ledger: dict,
-                       log: RunLog, settings: Settings, runtime: Runtime) -> None:
-    """Write the compressed model, then load those exact bytes back into the model and score it again."""
+                       log: RunLog, settings: Settings, runtime: Runtime) -> str:
+    """Write the compressed model, then load those exact bytes back into the model and score it again; returns the
+    run's summary (rank 0's: the others do not know the artifact's bytes)."""
     rt, model, fmt = runtime, trainer.model, settings.export_format
     format_id = re.sub(r"\W", "_", fmt)  # int6+lzma -> int6_lzma, as the final lines spell it
     t_export = time.perf_counter()
     artifact_path = Path("logs") / f"{settings.run_id}.int{settings.export_bits}.ptz"
     unscored_path = artifact_path.with_name(artifact_path.name + ".unscored")  # renamed once its score is finite
-    blob, hessians = b"", None
+    blob, hessians, total = b"", None, 0
     if settings.export_quant == "gptq":
-        hessians = collect_hessians(model, settings, rt)
+        hessians = collect_hessians(model, settings, rt, log)
         ledger["gptq"] = 1000 * (time.perf_counter() - t_export)
     if rt.is_master:
         code_bytes = len(code[settings.export_packed_code])  # code: (source, packed)
@@ -1547,7 +1608,7 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_
         rt.sync()
         t_eval = time.perf_counter()
         score = evaluator.evaluate_with_ttt if name == "ttt" else evaluator.evaluate
-        val_loss, val_bpb = score(trainer.compiled, pass_stride)
+        val_loss, val_bpb = score(trainer.compiled, pass_stride, stage=f"{name}_eval")
         rt.sync()
         ledger[f"{name}_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
         check_finite_score(val_loss, val_bpb, f"the {what} score of {unscored_path} (kept, no submission)", settings)
@@ -1560,6 +1621,9 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_
         log(f"WARNING: evaluation took {eval_ms:.0f}ms, over 600 s: lower TTT_EPOCHS or raise TTT_CHUNK_TOKENS")
     if rt.is_master:
         os.replace(unscored_path, artifact_path)
+    fits = "fits under" if total <= ARTIFACT_CAP_BYTES else "not a valid submission: OVER"
+    return (f"summary: val_bpb {val_bpb:.8f} ({passes[-1][0]} pass{val_suffix}), artifact {total:,} bytes ({fits} "
+            f"{ARTIFACT_CAP_BYTES:,}) = {artifact_path} + train_gpt.py")
 
 
 def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:
@@ -1572,7 +1636,23 @@ def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:
     return data.cpu().numpy().tobytes()
 
 
+def settings_help(source: str) -> str:
+    """`--help`: every setting, its default, the presets' values and its meaning: its comment in Settings, which a
+    packed file (pack_code) has dropped, so that one lists names and values only."""
+    body = source.partition("\nclass Settings:")[2].partition("@classmethod")[0]
+    meanings = dict(re.findall(r"(?m)^    (\w+): .*?  # (.*)$", body))
+    lines = ["Settings are environment variables (NAME=value python3 train_gpt.py); PRESET's values apply first:",
+             f"{'NAME':28} {'DEFAULT':22} MEANING [PRESET VALUES]"]
+    for f in fields(Settings):
+        presets = ", ".join(f"{p}: {values[f.name]!r}" for p, values in PRESETS.items() if f.name in values)
+        lines.append(f"{f.name.upper():28} {f.default!r:22} {meanings.get(f.name, '')}"
+                     + f" [{presets}]" * bool(presets))
+    return "\n".join(lines + ["(a packed file: the meanings are in the readable train_gpt.py)"] * (not meanings))
+
+
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):  # before anything runs or is written
+        return print(settings_help(Path(__file__).read_text(encoding="utf-8", errors="replace")))
     log = RunLog("", is_master=False)  # writes nothing, until the run's own log exists
     try:
         settings = Settings.from_env()

@@ -23,10 +23,10 @@ class StubEvaluator:
     def __init__(self, clock: list, seconds: float):
         self.clock, self.seconds, self.calls = clock, seconds, []
 
-    def evaluate(self, model, stride=0):
+    def evaluate(self, model, stride=0, stage="validation"):
         return self.score("evaluate", stride, 2.0)
 
-    def evaluate_with_ttt(self, model, stride):
+    def evaluate_with_ttt(self, model, stride, stage="ttt_eval"):
         return self.score("evaluate_with_ttt", stride, 1.9)
 
     def score(self, scorer, stride, val_loss):
