@@ -44,9 +44,14 @@ def without_docstrings(code: bytes) -> str:
     return ast.dump(tree)
 
 
-def test_packed_code_of_todays_trainer_is_at_most_20000_bytes(packed):
+# The largest model the default's record shipped (the 1.0714 record's logs: 15,911,493 bytes) must fit beside the
+# packed code under the 16,000,000-byte cap.
+RECORD_LARGEST_MODEL_BYTES = 15_911_493
+
+
+def test_packed_trainer_fits_beside_the_records_largest_model(packed):
     print(f"packed train_gpt.py: {len(packed)} bytes (plain {len(SOURCE)})")
-    assert len(packed) <= 20_000
+    assert RECORD_LARGEST_MODEL_BYTES + len(packed) <= 16_000_000
 
 
 def test_packed_file_is_a_latin1_exec_of_brotli(packed):
