@@ -188,8 +188,11 @@ class Settings:
 
     def validate(self) -> None:
         s = self
+        require(0 <= s.seed < 2**32, "SEED", s.seed, "a whole number in [0, 2**32 - 1] (numpy's range; torch "
+                "wraps others onto other seeds)")
         for name, value in asdict(s).items():  # inf and NaN pass comparisons like >= 0, and poison the run
             require(not isinstance(value, float) or math.isfinite(value), name.upper(), value, "a finite number")
+            require(not isinstance(value, int) or abs(value) < 2**63, name.upper(), value, "below 2**63 in size")
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
@@ -222,8 +225,8 @@ class Settings:
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
         require(s.training_seconds > 0 or s.max_wallclock_seconds == 0, "GPTQ_RESERVE_SECONDS",
                 s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
-        require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
-                "a name without path separators, at most 200 bytes (it names files)")
+        require(re.fullmatch(r"(?a)(\w[\w.-]{0,199})?", s.run_id) is not None, "RUN_ID", s.run_id,
+                "1 to 200 letters, digits, '.', '_' or '-', not starting with '.' or '-'")
         if brotli is None:  # it compresses the default artifact and packs this file (pack_code)
             raise SettingsError("the brotli package is missing: pip install -r requirements.txt")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")

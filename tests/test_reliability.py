@@ -262,7 +262,7 @@ def test_logs_that_is_a_file_is_an_error(tmp_path, tiny_dataset):
 
 
 def test_run_id_too_long_for_a_file_name_is_refused():
-    with pytest.raises(train_gpt.SettingsError, match=r"^RUN_ID=.* at most 200 bytes"):
+    with pytest.raises(train_gpt.SettingsError, match=r"^RUN_ID=.* 1 to 200 letters"):
         train_gpt.Settings.from_env({"RUN_ID": "r" * 250})
 
 
