@@ -1351,9 +1351,11 @@ class RunLog:
         except OSError as e:
             raise RunError(f"cannot create the log {self.path} ({e}): make logs/ a folder you can write") from None
 
-    def __call__(self, line: str, console: bool = True) -> None:
+    def __call__(self, line: str, console: bool = True, source: bool = False) -> None:
+        """One line, whatever a value in it holds; `source`: the embedded source, the log's one multi-line block."""
         if not self.is_master:
             return
+        line = line if source else one_line(line)
         if console:
             print(line, flush=True)
         try:
@@ -1364,9 +1366,13 @@ class RunLog:
                            f"bytes free): free some space, then re-run") from None
 
 
+def one_line(text: str) -> str:  # the line breaks of str.splitlines, escaped: a path or a message cannot add a line
+    return re.sub(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", lambda m: ascii(m[0])[1:-1], text)
+
+
 def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: bytes) -> None:
     log(f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}", console=False)
-    log(code.decode("utf-8") + "end_of_source", console=False)
+    log(code.decode("utf-8") + "end_of_source", console=False, source=True)
     log(f"run_id:{settings.run_id} started:{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
     dev = runtime.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
@@ -1587,7 +1593,7 @@ def main() -> None:
     except (RunError, ValueError, FileNotFoundError) as e:  # SettingsError is a ValueError
         with contextlib.suppress(RunError):  # into the log too, unless the log is what failed
             log(f"error: {e}", console=False)
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(str(e))}")
     finally:
         close_process_group()
 
