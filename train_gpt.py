@@ -1337,8 +1337,8 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.path.with_name(f"{run_id}.lock"), "a")  # flocked until the process ends, however
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            earlier = [p for suffix in (".txt", ".int*.ptz", ".int*.ptz.unscored")
-                       for p in sorted(self.path.parent.glob(glob.escape(run_id) + suffix))]
+            owned = [".txt"] + [f".int{bits}.ptz{unscored}" for bits in (6, 8) for unscored in ("", ".unscored")]
+            earlier = [p for suffix in owned if (p := self.path.with_name(run_id + suffix)).exists()]  # names, no globs
             if earlier and not overwrite:
                 raise RunError(f"RUN_ID={run_id} was used before: {', '.join(map(str, earlier))} exist; choose a new "
                                f"RUN_ID, or set OVERWRITE=1 to rename them aside (nothing is deleted)")
