@@ -927,6 +927,15 @@ def pack_code(code: bytes) -> tuple[bytes, bytes]:
                                          brotli.compress(text.encode(), quality=11)) + PACKED_CODE[1]
 
 
+def check_packed_file(path: Path) -> None:
+    """A packed file reads its own source back (pack_code): it must be byte for byte as pack_code wrote it."""
+    code = path.read_bytes()
+    if code.startswith(PACKED_CODE[0].split(b"\n")[0]) and not (code.startswith(PACKED_CODE[0]) and b"\r" not in code
+                                                                and code.endswith(PACKED_CODE[1])):
+        raise ValueError(f"{path}: a packed file changed since packing (CRLF line ends or bytes after its last "
+                         f"line): copy it again byte for byte, or run the plain train_gpt.py")
+
+
 FIT_CAP_STEPS = ((6, 5), (5, 5), (5, 4))  # (matrix bits, MLP matrix bits), tried in turn
 FIT_PRUNE_MAX = 0.14  # share of the codes pruning may zero: past it, the step-down adds less error (test_export_fit)
 
@@ -1584,6 +1593,7 @@ def broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:
 def main() -> None:
     log = RunLog("", is_master=False)  # writes nothing, until the run's own log exists
     try:
+        check_packed_file(Path(__file__))  # before any log: the run's name stays free
         settings = Settings.from_env()
         if not settings.run_id:
             settings = Settings(**{**asdict(settings), "run_id": str(uuid.uuid4())})
