@@ -466,6 +466,12 @@ def shard_paths(data_path: str, split: str, vocab_size: int) -> list[str]:
     return paths
 
 
+def training_data_id(paths: list[str]) -> str:
+    """The shards' names and sizes, hashed: the same shards give the same id on any machine, in any folder."""
+    listing = "".join(f"{os.path.basename(p)} {os.path.getsize(p)}\n" for p in paths)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise ValueError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
@@ -1414,7 +1420,7 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     log_run_header(log, s, rt, code[0])
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
     known = PUBLISHED_TOKENIZERS.get(sha := hashlib.sha256(Path(s.tokenizer_path).read_bytes()).hexdigest())
-    log(f"tokenizer: published {known}" if known else f"tokenizer: custom (sha256 {sha})")
+    log(f"tokenizer: published {known} sha256:{sha}" if known else f"tokenizer: custom sha256:{sha}")
     split = load_validation_split(s)
     check_split_fits_tokenizer(split, byte_table, s)
     val_suffix = log_validation_split(log, split, s)
@@ -1422,7 +1428,8 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     trainer = Trainer(s, rt)
     log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
     streams = trainer.loader.num_streams
-    log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}" +
+    log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')} "
+        f"data_id:{training_data_id(trainer.loader.paths)}" +
         (f" loader_streams:{streams} (one per shard, fewer than LOADER_STREAMS)" if streams < s.loader_streams else ""))
     ledger = {}
     t_start = time.perf_counter()
