@@ -506,10 +506,7 @@ class ShuffledSequences:
         self.paths, self.counts, self.seq_len = paths[v::n], counts[v::n], seq_len
         self.rng = np.random.Generator(np.random.PCG64(v))
         self.maps = [np.memmap(p, "<u2", "r", SHARD_HEADER_BYTES, (c,)) for p, c in zip(self.paths, self.counts)]
-        self.starts = [self.cut(i) for i in range(len(self.paths))]
-        if not any(self.starts):
-            raise ValueError(f"the train shards {', '.join(self.paths)} hold no TRAIN_SEQ_LEN + 1 = {seq_len + 1} "
-                             f"tokens: download them again or lower TRAIN_SEQ_LEN")
+        self.starts = [self.cut(i) for i in range(len(self.paths))]  # not all empty: check_streams_fit
 
     def cut(self, i: int) -> list[int]:
         num_tokens, seq_len = self.counts[i], self.seq_len
@@ -541,6 +538,7 @@ class TrainBatchLoader:
         if sum(self.counts) == 0:
             raise ValueError(f"the train shards in {s.data_path} hold no tokens: download them again")
         self.num_streams, seqs = min(s.loader_streams, len(self.paths)), s.train_batch_tokens // s.train_seq_len
+        check_streams_fit(self.paths, self.counts, self.num_streams, s.train_seq_len)
         self.micro_seqs, n = seqs // (rt.world_size * rt.grad_accum_steps), max(1, self.num_streams)
         self.mine = [(m * rt.world_size + rt.rank) * self.micro_seqs + i  # this rank's sequences, micro-step by step
                      for m in range(rt.grad_accum_steps) for i in range(self.micro_seqs)]
@@ -568,6 +566,17 @@ class TrainBatchLoader:
         rows = torch.from_numpy(rows.astype(np.int64))
         rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
         return rows[:, :-1].contiguous().to(self.rt.device), rows[:, 1:].contiguous().to(self.rt.device)
+
+
+def check_streams_fit(paths: list[str], counts: list[int], num_streams: int, seq_len: int) -> None:
+    """Stream v of n cuts its sequences from the shards paths[v::n] (a short last shard is fine beside a longer one)."""
+    fit = [n for n in range(num_streams, -1, -1) if all(max(counts[v::n]) > seq_len for v in range(n))]  # 0: in order
+    if fit[0] != num_streams:
+        v = next(v for v in range(num_streams) if max(counts[v::num_streams]) <= seq_len)
+        raise ValueError(f"loader stream {v} of {num_streams} reads only the train shards "
+                         f"{', '.join(paths[v::num_streams])}, which hold no TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens "
+                         f"(each stream needs one shard that long): set LOADER_STREAMS={' or '.join(map(str, fit))} "
+                         f"(each works with these shards) or lower TRAIN_SEQ_LEN")
 
 
 @dataclass
