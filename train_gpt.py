@@ -680,6 +680,33 @@ def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Sett
                          f"tokens decode and re-encode to themselves (>= 95% when they match): {fix}")
 
 
+def check_byte_accounting(split: ValidationSplit, table: ByteTable, s: Settings, num_docs: int = 256) -> None:
+    """The table's bytes of sampled validation documents (BOS + ids, as the shards hold them) equal the UTF-8 bytes of
+    their decoded text, <unk> counting 0 (SPEC.md); no id without text occurs but BOS, EOS and <unk>."""
+    t, path = split.tokens, s.tokenizer_path
+    if path.endswith(".json"):  # byte260: special ids, then one id per byte value
+        spec = json.loads(Path(path).read_text())
+        utf8 = lambda ids: bytes(i - int(spec["byte_offset"]) for i in ids)  # noqa: E731 (the text's bytes as they are)
+        specials = {spec.get("eos_id"), spec.get("unk_id")}
+    else:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=path)
+        utf8, specials = lambda ids: sp.decode(ids).encode(), {sp.eos_id(), sp.unk_id()}  # noqa: E731
+    present = np.zeros(table.is_boundary.size, dtype=bool)
+    present[t] = True  # (np.bincount would copy the split to int64 first)
+    strays = sorted(set(np.flatnonzero(present & table.is_boundary).tolist()) - specials - {BOS_ID})  # control, unused
+    starts, counted, decoded = np.flatnonzero(t[1:] == BOS_ID) + 1, 0, 0  # whole documents after the first
+    for a, b in list(zip(starts[:-1], starts[1:]))[::max(1, -(-len(starts) // num_docs))]:  # <= num_docs, spread
+        counted += int(table.target_bytes(t[a - 1:b - 1], t[a:b]).sum())  # BOS and its document
+        doc = t[a + 1:b]
+        decoded += sum(len(utf8(run[~table.is_boundary[run]].tolist()))  # decoded between <unk> pieces
+                       for run in np.split(doc, np.flatnonzero(table.is_boundary[doc])))
+    if strays or counted != decoded:
+        raise ValueError(f"TOKENIZER_PATH={path} miscounts the validation text (SPEC.md): {counted} bytes in sampled "
+                         f"documents of {decoded} UTF-8 bytes; ids of no text in it: {strays[:8]}; use the unmodified "
+                         f"tokenizer of the shards in DATA_PATH={s.data_path}")
+
+
 def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
     """Where windows end (exclusive, scored-token indices): window k sees seq_len tokens, scores those after ends[k-1]
     (the first all its own): each once, with >= seq_len - stride of context when it can. stride = seq_len: plain."""
@@ -1432,6 +1459,7 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     log(f"tokenizer: published {known} sha256:{sha}" if known else f"tokenizer: custom sha256:{sha}")
     split = load_validation_split(s)
     check_split_fits_tokenizer(split, byte_table, s)
+    check_byte_accounting(split, byte_table, s)
     val_suffix = log_validation_split(log, split, s)
     evaluator = Evaluator(split, byte_table, s, rt)
     trainer = Trainer(s, rt)
