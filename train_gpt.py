@@ -189,8 +189,11 @@ class Settings:
 
     def validate(self) -> None:
         s = self
+        require(0 <= s.seed < 2**32, "SEED", s.seed, "a whole number in [0, 2**32 - 1] (numpy's range; torch "
+                "wraps others onto other seeds)")
         for name, value in asdict(s).items():  # inf and NaN pass comparisons like >= 0, and poison the run
             require(not isinstance(value, float) or math.isfinite(value), name.upper(), value, "a finite number")
+            require(not isinstance(value, int) or abs(value) < 2**63, name.upper(), value, "below 2**63 in size")
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
@@ -223,8 +226,8 @@ class Settings:
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
         require(s.training_seconds > 0 or s.max_wallclock_seconds == 0, "GPTQ_RESERVE_SECONDS",
                 s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
-        require("/" not in s.run_id and "\\" not in s.run_id and len(s.run_id.encode()) <= 200, "RUN_ID", s.run_id,
-                "a name without path separators, at most 200 bytes (it names files)")
+        require(re.fullmatch(r"(?a)(\w[\w.-]{0,199})?", s.run_id) is not None, "RUN_ID", s.run_id,
+                "1 to 200 letters, digits, '.', '_' or '-', not starting with '.' or '-'")
         if brotli is None:  # it compresses the default artifact and packs this file (pack_code)
             raise SettingsError("the brotli package is missing: pip install -r requirements.txt")
         require(s.vocab_size <= 65536, "VOCAB_SIZE", s.vocab_size, "at most 65536 (shards store uint16 ids)")
@@ -464,6 +467,12 @@ def shard_paths(data_path: str, split: str, vocab_size: int) -> list[str]:
     return paths
 
 
+def training_data_id(paths: list[str]) -> str:
+    """The shards' names and sizes, hashed: the same shards give the same id on any machine, in any folder."""
+    listing = "".join(f"{os.path.basename(p)} {os.path.getsize(p)}\n" for p in paths)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise ValueError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
@@ -498,10 +507,7 @@ class ShuffledSequences:
         self.paths, self.counts, self.seq_len = paths[v::n], counts[v::n], seq_len
         self.rng = np.random.Generator(np.random.PCG64(v))
         self.maps = [np.memmap(p, "<u2", "r", SHARD_HEADER_BYTES, (c,)) for p, c in zip(self.paths, self.counts)]
-        self.starts = [self.cut(i) for i in range(len(self.paths))]
-        if not any(self.starts):
-            raise ValueError(f"the train shards {', '.join(self.paths)} hold no TRAIN_SEQ_LEN + 1 = {seq_len + 1} "
-                             f"tokens: download them again or lower TRAIN_SEQ_LEN")
+        self.starts = [self.cut(i) for i in range(len(self.paths))]  # not all empty: check_streams_fit
 
     def cut(self, i: int) -> list[int]:
         num_tokens, seq_len = self.counts[i], self.seq_len
@@ -533,6 +539,7 @@ class TrainBatchLoader:
         if sum(self.counts) == 0:
             raise ValueError(f"the train shards in {s.data_path} hold no tokens: download them again")
         self.num_streams, seqs = min(s.loader_streams, len(self.paths)), s.train_batch_tokens // s.train_seq_len
+        check_streams_fit(self.paths, self.counts, self.num_streams, s.train_seq_len)
         self.micro_seqs, n = seqs // (rt.world_size * rt.grad_accum_steps), max(1, self.num_streams)
         self.mine = [(m * rt.world_size + rt.rank) * self.micro_seqs + i  # this rank's sequences, micro-step by step
                      for m in range(rt.grad_accum_steps) for i in range(self.micro_seqs)]
@@ -560,6 +567,17 @@ class TrainBatchLoader:
         rows = torch.from_numpy(rows.astype(np.int64))
         rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
         return rows[:, :-1].contiguous().to(self.rt.device), rows[:, 1:].contiguous().to(self.rt.device)
+
+
+def check_streams_fit(paths: list[str], counts: list[int], num_streams: int, seq_len: int) -> None:
+    """Stream v of n cuts its sequences from the shards paths[v::n] (a short last shard is fine beside a longer one)."""
+    fit = [n for n in range(num_streams, -1, -1) if all(max(counts[v::n]) > seq_len for v in range(n))]  # 0: in order
+    if fit[0] != num_streams:
+        v = next(v for v in range(num_streams) if max(counts[v::num_streams]) <= seq_len)
+        raise ValueError(f"loader stream {v} of {num_streams} reads only the train shards "
+                         f"{', '.join(paths[v::num_streams])}, which hold no TRAIN_SEQ_LEN + 1 = {seq_len + 1} tokens "
+                         f"(each stream needs one shard that long): set LOADER_STREAMS={' or '.join(map(str, fit))} "
+                         f"(each works with these shards) or lower TRAIN_SEQ_LEN")
 
 
 @dataclass
@@ -661,6 +679,33 @@ def check_split_fits_tokenizer(split: ValidationSplit, table: ByteTable, s: Sett
     if kept < 0.95 * total:  # measured (tests/test_tokenizer_match.py): own shards >= 98%, others <= 93%
         raise ValueError(f"the validation shards were not made with TOKENIZER_PATH: only {kept / total:.1%} of {total} "
                          f"tokens decode and re-encode to themselves (>= 95% when they match): {fix}")
+
+
+def check_byte_accounting(split: ValidationSplit, table: ByteTable, s: Settings, num_docs: int = 256) -> None:
+    """The table's bytes of sampled validation documents (BOS + ids, as the shards hold them) equal the UTF-8 bytes of
+    their decoded text, <unk> counting 0 (SPEC.md); no id without text occurs but BOS, EOS and <unk>."""
+    t, path = split.tokens, s.tokenizer_path
+    if path.endswith(".json"):  # byte260: special ids, then one id per byte value
+        spec = json.loads(Path(path).read_text())
+        utf8 = lambda ids: bytes(i - int(spec["byte_offset"]) for i in ids)  # noqa: E731 (the text's bytes as they are)
+        specials = {spec.get("eos_id"), spec.get("unk_id")}
+    else:
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=path)
+        utf8, specials = lambda ids: sp.decode(ids).encode(), {sp.eos_id(), sp.unk_id()}  # noqa: E731
+    present = np.zeros(table.is_boundary.size, dtype=bool)
+    present[t] = True  # (np.bincount would copy the split to int64 first)
+    strays = sorted(set(np.flatnonzero(present & table.is_boundary).tolist()) - specials - {BOS_ID})  # control, unused
+    starts, counted, decoded = np.flatnonzero(t[1:] == BOS_ID) + 1, 0, 0  # whole documents after the first
+    for a, b in list(zip(starts[:-1], starts[1:]))[::max(1, -(-len(starts) // num_docs))]:  # <= num_docs, spread
+        counted += int(table.target_bytes(t[a - 1:b - 1], t[a:b]).sum())  # BOS and its document
+        doc = t[a + 1:b]
+        decoded += sum(len(utf8(run[~table.is_boundary[run]].tolist()))  # decoded between <unk> pieces
+                       for run in np.split(doc, np.flatnonzero(table.is_boundary[doc])))
+    if strays or counted != decoded:
+        raise ValueError(f"TOKENIZER_PATH={path} miscounts the validation text (SPEC.md): {counted} bytes in sampled "
+                         f"documents of {decoded} UTF-8 bytes; ids of no text in it: {strays[:8]}; use the unmodified "
+                         f"tokenizer of the shards in DATA_PATH={s.data_path}")
 
 
 def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
@@ -935,6 +980,15 @@ def pack_code(code: bytes) -> tuple[bytes, bytes]:
     escape = {b"\\": b"\\\\", b'"': b'\\"', b"\r": b"\\r", b"\0": b"\\0"}  # \\0 then a digit would be octal: \\x00
     return code, PACKED_CODE[0] + re.sub(rb'[\\"\r]|\0(?![0-7])|(\0)', lambda m: b"\\x00" if m[1] else escape[m[0]],
                                          brotli.compress(text.encode(), quality=11)) + PACKED_CODE[1]
+
+
+def check_packed_file(path: Path) -> None:
+    """A packed file reads its own source back (pack_code): it must be byte for byte as pack_code wrote it."""
+    code = path.read_bytes()
+    if code.startswith(PACKED_CODE[0].split(b"\n")[0]) and not (code.startswith(PACKED_CODE[0]) and b"\r" not in code
+                                                                and code.endswith(PACKED_CODE[1])):
+        raise ValueError(f"{path}: a packed file changed since packing (CRLF line ends or bytes after its last "
+                         f"line): copy it again byte for byte, or run the plain train_gpt.py")
 
 
 # One core of a shared AMD EPYC, on int6 codes of Gaussian weights (brotli: 16.8 MB in 30.9 s): an estimate to log.
@@ -1354,8 +1408,8 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.lock = open(self.path.with_name(f"{run_id}.lock"), "a")  # flocked until the process ends, however
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            earlier = [p for suffix in (".txt", ".int*.ptz", ".int*.ptz.unscored")
-                       for p in sorted(self.path.parent.glob(glob.escape(run_id) + suffix))]
+            owned = [".txt"] + [f".int{bits}.ptz{unscored}" for bits in (6, 8) for unscored in ("", ".unscored")]
+            earlier = [p for suffix in owned if (p := self.path.with_name(run_id + suffix)).exists()]  # names, no globs
             if earlier and not overwrite:
                 raise RunError(f"RUN_ID={run_id} was used before: {', '.join(map(str, earlier))} exist; choose a new "
                                f"RUN_ID, or set OVERWRITE=1 to rename them aside (nothing is deleted)")
@@ -1368,9 +1422,11 @@ class RunLog:
         except OSError as e:
             raise RunError(f"cannot create the log {self.path} ({e}): make logs/ a folder you can write") from None
 
-    def __call__(self, line: str, console: bool = True) -> None:
+    def __call__(self, line: str, console: bool = True, source: bool = False) -> None:
+        """One line, whatever a value in it holds; `source`: the embedded source, the log's one multi-line block."""
         if not self.is_master:
             return
+        line = line if source else one_line(line)
         if console:
             print(line, flush=True)
         try:
@@ -1421,9 +1477,13 @@ class Progress:
         return ms
 
 
+def one_line(text: str) -> str:  # the line breaks of str.splitlines, escaped: a path or a message cannot add a line
+    return re.sub(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", lambda m: ascii(m[0])[1:-1], text)
+
+
 def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: bytes) -> None:
     log(f"source train_gpt.py bytes:{len(code)} sha256:{hashlib.sha256(code).hexdigest()}", console=False)
-    log(code.decode("utf-8") + "end_of_source", console=False)
+    log(code.decode("utf-8") + "end_of_source", console=False, source=True)
     log(f"run_id:{settings.run_id} started:{datetime.now(timezone.utc).isoformat(timespec='seconds')} log:{log.path}")
     dev = runtime.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
@@ -1456,15 +1516,17 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     log_run_header(log, s, rt, code[0])
     byte_table = build_byte_table(s.tokenizer_path, s.vocab_size)
     known = PUBLISHED_TOKENIZERS.get(sha := hashlib.sha256(Path(s.tokenizer_path).read_bytes()).hexdigest())
-    log(f"tokenizer: published {known}" if known else f"tokenizer: custom (sha256 {sha})")
+    log(f"tokenizer: published {known} sha256:{sha}" if known else f"tokenizer: custom sha256:{sha}")
     split = load_validation_split(s)
     check_split_fits_tokenizer(split, byte_table, s)
+    check_byte_accounting(split, byte_table, s)
     val_suffix = log_validation_split(log, split, s)
     evaluator = Evaluator(split, byte_table, s, rt, log)
     trainer = Trainer(s, rt)
     log(f"model_params:{sum(p.numel() for p in trainer.model.parameters())}")
     streams = trainer.loader.num_streams
-    log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')}" +
+    log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')} "
+        f"data_id:{training_data_id(trainer.loader.paths)}" +
         (f" loader_streams:{streams} (one per shard, fewer than LOADER_STREAMS)" if streams < s.loader_streams else ""))
     ledger, t_start, warmup = {}, time.perf_counter(), Progress(log, "warmup_compile")
     trainer.warm_up_and_restore(s.warmup_steps, log)
@@ -1655,6 +1717,7 @@ def main() -> None:
         return print(settings_help(Path(__file__).read_text(encoding="utf-8", errors="replace")))
     log = RunLog("", is_master=False)  # writes nothing, until the run's own log exists
     try:
+        check_packed_file(Path(__file__))  # before any log: the run's name stays free
         settings = Settings.from_env()
         if not settings.run_id:
             settings = Settings(**{**asdict(settings), "run_id": str(uuid.uuid4())})
@@ -1664,7 +1727,7 @@ def main() -> None:
     except (RunError, ValueError, FileNotFoundError) as e:  # SettingsError is a ValueError
         with contextlib.suppress(RunError):  # into the log too, unless the log is what failed
             log(f"error: {e}", console=False)
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(str(e))}")
     finally:
         close_process_group()
 

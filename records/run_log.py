@@ -46,7 +46,7 @@ VAL_SPLIT_LINE = re.compile(r"^val_split tokens:(\d+) sha256:([0-9a-f]+) scope:(
 MODEL_BYTES_LINE = re.compile(r"^Serialized model (\S+): (\d+) bytes")
 TOTAL_BYTES_LINE = re.compile(r"^Total submission size (\S+): (\d+) bytes")
 CODE_BYTES_LINE = re.compile(r"^Code size: (\d+) bytes(?: packed:(\d+) code_id:([0-9a-f]{64})\b)?")
-RUN_LINE = re.compile(r"^run_id:(.*) started:(\S+)$")  # a kit log's first line after its source
+RUN_LINE = re.compile(r"^run_id:(.*) started:(\S+)(?: log:.*)?$")  # after the source (newer trainers add log:<path>)
 # `published sp8192 sha256:<hex>` or `custom sha256:<hex>`; older: `published sp8192`, `custom (sha256 <hex>)`
 TOKENIZER_LINE = re.compile(r"^tokenizer: (?:published (\S+)(?: sha256:([0-9a-f]{64}))?|"
                             r"custom (?:sha256:|\(sha256 )([0-9a-f]{64})\)?)$")

@@ -254,8 +254,8 @@ def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, 256, 50_000).astype(np.uint16))
-    write_shard(tmp_path / "fineweb_val_000000.bin", rng.integers(0, 256, 12 * 64 + 1).astype(np.uint16))
-    (tmp_path / "bytes.json").write_text('{"vocab_size": 256, "byte_offset": 0}')
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.r_[1, rng.integers(4, 256, 12 * 64)].astype(np.uint16))
+    (tmp_path / "bytes.json").write_text('{"vocab_size": 256, "byte_offset": 4}')  # ids 0-3 special, as byte260's
     env = dict(PRESET="strong", DEVICE="cpu", COMPILE="1", VOCAB_SIZE="256", DATA_PATH=str(tmp_path),
                TOKENIZER_PATH=str(tmp_path / "bytes.json"), NUM_LAYERS="3", RECUR_LAYERS="1", MODEL_DIM="64",
                NUM_HEADS="1", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", VAL_BATCH_SIZE="1024",

@@ -405,7 +405,8 @@ def test_trainer_logs_the_downloaded_tokenizer_as_published(hub, tmp_path):
                               tokenizer_path=str(out / "tokenizers/fineweb_1024_bpe.model"))
     result = run_trainer(trainer_env(dataset, RUN_ID="published", ITERATIONS=1, VAL_LOSS_EVERY=0), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^tokenizer: published sp1024$", read_log(tmp_path, "published"), re.M)
+    sha = hashlib.sha256((SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model").read_bytes()).hexdigest()
+    assert re.search(rf"^tokenizer: published sp1024 sha256:{sha}$", read_log(tmp_path, "published"), re.M)
 
 
 def test_download_warns_when_the_tokenizer_is_not_the_published_one(hub, tmp_path):

@@ -152,9 +152,16 @@ def test_shards_hold_the_documents_in_order(smoke):
 
 def test_smoke_preset_trains_on_what_the_builder_wrote(smoke, smoke_run):
     sha = hashlib.sha256(Path(smoke.tokenizer_path).read_bytes()).hexdigest()
-    assert f"tokenizer: custom (sha256 {sha})" in smoke_run.log  # the smoke tokenizer, trained on the spot
+    assert re.search(rf"^tokenizer: custom sha256:{sha}$", smoke_run.log, re.M)  # the smoke tokenizer, made here
     shards = r"^train_shards:\d+ pattern:\./data/smoke/datasets/fineweb10B_smoke/fineweb_train_"
     assert re.search(shards, smoke_run.log, re.M)
+
+
+def test_smoke_run_names_its_training_data_by_the_shards_names_and_sizes(smoke, smoke_run):
+    listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in sorted(Path(smoke.data_path).glob("fineweb_train_*")))
+    data_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    line = rf"^train_shards:\d+ pattern:\S+/fineweb_train_\*\.bin data_id:{data_id}( loader_streams:\d+ \(.*\))?$"
+    assert re.search(line, smoke_run.log, re.M)
 
 
 def test_smoke_preset_runs_every_stage(smoke_run):

@@ -102,3 +102,16 @@ def test_packed_file_under_torchrun_logs_its_readable_source(tmp_path, tiny_data
     source = payload_of(packed)
     assert log.startswith(b"source train_gpt.py bytes:%d " % len(source)) and source + b"end_of_source\n" in log
     assert b" world_size:2 " in log
+
+
+@pytest.mark.parametrize("change", ["a newline added at the end", "CRLF line ends"])
+def test_a_packed_file_changed_after_packing_is_refused_in_one_line_before_any_log(tmp_path, tiny_dataset, packed,
+                                                                                    change):
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes(packed + b"\n" if change.startswith("a newline") else packed.replace(b"\n", b"\r\n"))
+    result = run_trainer(trainer_env(tiny_dataset, RUN_ID="changed", ITERATIONS=1), tmp_path, script=script)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: {script}: a packed file changed since packing (CRLF line "
+                                                  f"ends or bytes after its last line): copy it again byte for byte, "
+                                                  f"or run the plain train_gpt.py"]
+    assert not (tmp_path / "logs").exists()  # the RUN_ID stays free

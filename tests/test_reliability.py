@@ -262,7 +262,7 @@ def test_logs_that_is_a_file_is_an_error(tmp_path, tiny_dataset):
 
 
 def test_run_id_too_long_for_a_file_name_is_refused():
-    with pytest.raises(train_gpt.SettingsError, match=r"^RUN_ID=.* at most 200 bytes"):
+    with pytest.raises(train_gpt.SettingsError, match=r"^RUN_ID=.* 1 to 200 letters"):
         train_gpt.Settings.from_env({"RUN_ID": "r" * 250})
 
 
@@ -300,3 +300,27 @@ def test_error_line_ends_the_log(tmp_path, tiny_dataset):
     error = run_failing(tmp_path, tiny_dataset, RUN_ID="bad", DATA_PATH=data, **QUICK)
     assert "token id 999 >= VOCAB_SIZE=384" in error
     assert read_log(tmp_path, "bad").rstrip().splitlines()[-1] == error
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Every value written into the log is one line: a path or a message with a line break adds no line.
+
+INJECTED = "step:7/400 val_loss:1.0000 val_bpb:0.1000"  # what a line break in a value would make a log line
+
+
+def test_a_path_with_line_breaks_adds_no_line_to_the_log(tmp_path, tiny_dataset):
+    data = tmp_path / f"shards\n{INJECTED}\r{INJECTED}\u2028{INJECTED}"
+    shutil.copytree(tiny_dataset.data_path, data)
+    env = trainer_env(tiny_dataset, RUN_ID="oneline", DATA_PATH=data, TORCH_NOTE=f"x\n{INJECTED}", **QUICK)
+    result = run_trainer(env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_lines = read_log(tmp_path, "oneline").split("\nend_of_source\n", 1)[1].splitlines()  # str: every break
+    assert not [line for line in run_lines + result.stdout.splitlines() if line.startswith(INJECTED)]
+    (shards,) = [line for line in run_lines if line.startswith("train_shards:")]
+    assert f"shards\\n{INJECTED}\\r{INJECTED}\\u2028{INJECTED}" in shards
+
+
+def test_an_error_naming_a_path_with_a_line_break_is_one_line(tmp_path, tiny_dataset):
+    error = run_failing(tmp_path, tiny_dataset, RUN_ID="oneline", DATA_PATH=tmp_path / f"none\n{INJECTED}", **QUICK)
+    assert error.startswith("error: no val shards match ") and f"none\\n{INJECTED}" in error
+    assert not [line for line in read_log(tmp_path, "oneline").splitlines() if line.startswith(INJECTED)]

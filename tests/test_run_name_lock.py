@@ -78,3 +78,34 @@ def test_under_torchrun_the_second_run_stops_at_once_with_an_error(tmp_path, mon
     assert "error: RUN_ID=shared is in use by a live run (logs/shared.lock)" in result.stderr
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["shared.lock", "shared.txt"]
     assert read_log(tmp_path, "shared") == "the first run\n"
+
+
+# Names that extend each other (y and y.int6) own separate files: each file belongs to exactly one RUN_ID.
+
+def live_run_named_y_int6(tmp_path) -> train_gpt.RunLog:
+    live = train_gpt.RunLog("y.int6", is_master=True)
+    live("the live run's line")
+    (tmp_path / "logs" / "y.int6.int6.ptz.unscored").write_bytes(b"the live run's model, being scored")
+    return live
+
+
+def test_a_run_id_is_not_refused_for_the_files_of_a_longer_run_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    live_run_named_y_int6(tmp_path)
+    before = files_in(tmp_path / "logs")
+    train_gpt.RunLog("y", is_master=True)("the run y")
+    assert read_log(tmp_path, "y") == "the run y\n"
+    assert {k: v for k, v in files_in(tmp_path / "logs").items() if k in before} == before
+
+
+def test_overwrite_moves_only_the_files_of_its_own_run_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    live = live_run_named_y_int6(tmp_path)
+    (tmp_path / "logs" / "y.txt").write_text("y's earlier log\n")
+    (tmp_path / "logs" / "y.int6.ptz").write_bytes(b"y's earlier model")
+    train_gpt.RunLog("y", is_master=True, overwrite=True)("the run y again")
+    names = sorted(files_in(tmp_path / "logs"))
+    assert [n.split(".replaced-")[0] for n in names if ".replaced-" in n] == ["y.int6.ptz", "y.txt"]
+    assert (tmp_path / "logs" / "y.int6.int6.ptz.unscored").read_bytes() == b"the live run's model, being scored"
+    live("the live run goes on")
+    assert read_log(tmp_path, "y.int6") == "the live run's line\nthe live run goes on\n"

@@ -1,10 +1,13 @@
 """Settings come from the environment; a bad value stops the run with an error naming the variable."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import train_gpt
 from conftest import REPO
@@ -98,3 +101,40 @@ def test_empty_paths_and_run_id_take_their_documented_defaults():
 def test_empty_choice_is_refused_naming_the_choices():
     with pytest.raises(SettingsError, match=r"^DEVICE='' is invalid: it must be one of auto, cuda, cpu, mps"):
         Settings.from_env({"DEVICE": ""})
+
+
+# Whole numbers are taken as they are: a seed never wraps onto another seed's run, no number overflows unnamed.
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), str(2**64 - 1), str(2**64)])  # -1 and 2**64-1: one torch run
+def test_a_seed_numpy_or_torch_would_refuse_or_wrap_is_refused_naming_seed(seed):
+    with pytest.raises(SettingsError, match=rf"^SEED={seed} is invalid: it must be a whole number in \[0, 2\*\*32 - 1\]"):
+        Settings.from_env({"SEED": seed})
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_the_ends_of_the_seed_range_are_seeds_as_they_are(seed):
+    assert Settings.from_env({"SEED": str(seed)}).seed == seed
+    np.random.seed(seed)  # numpy's legacy seeding takes exactly [0, 2**32 - 1]
+    assert torch.manual_seed(seed).initial_seed() == seed
+
+
+INT_SETTINGS = [f.name.upper() for f in dataclasses.fields(Settings) if f.type == "int"]
+
+
+@pytest.mark.parametrize("variable", INT_SETTINGS)
+def test_every_whole_number_setting_beyond_64_bits_is_refused_with_its_name(variable):
+    with pytest.raises(SettingsError, match=rf"^{variable}={2**64} is invalid"):
+        Settings.from_env({variable: str(2**64)})
+
+
+@pytest.mark.parametrize("run_id", ["a\nstep:7/400 val_loss:1.0", "seed 1", ".hidden", "-x", "..", "naïve", "a/b",
+                                    "tab\tx", "r" * 201])
+def test_a_run_id_beyond_letters_digits_dot_underscore_and_dash_is_refused(run_id):
+    rule = r"1 to 200 letters, digits, '\.', '_' or '-', not starting with '\.' or '-'"
+    with pytest.raises(SettingsError, match=rf"^RUN_ID=.* is invalid: it must be {rule}"):
+        Settings.from_env({"RUN_ID": run_id})
+
+
+@pytest.mark.parametrize("run_id", ["seed1", "y.int6", "A-b_C.9", "_x", "r" * 200])
+def test_a_run_id_of_safe_characters_is_accepted(run_id):
+    assert Settings.from_env({"RUN_ID": run_id}).run_id == run_id

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,83 @@ def test_a_byte_tokenizer_split_skips_the_round_trip(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The byte table counts the validation text's own UTF-8 bytes (SPEC.md: <unk> 0): a tokenizer whose piece types were
+# changed (one byte: <s> typed NORMAL gives BOS 3 bytes, and the first piece of each document its space) is refused.
+
+BOS_CONTROL = b"\n\x03<s>\x15\x00\x00\x00\x00\x18\x03"  # the piece "<s>": its text, score 0.0, type 3 (CONTROL)
+
+
+def with_bos_as_a_normal_piece(model: Path, folder: Path) -> Path:
+    raw = model.read_bytes()
+    assert raw.count(BOS_CONTROL) == 1
+    doctored = folder / f"doctored_{model.name}"
+    doctored.write_bytes(raw.replace(BOS_CONTROL, BOS_CONTROL[:-1] + b"\x01"))  # type 1: NORMAL
+    return doctored
+
+
+def split_and_table(tokenizer: Path, vocab_size: int, made_with: Path, count: int = 200):
+    sp = spm.SentencePieceProcessor(model_file=str(made_with))
+    tokens = np.concatenate([np.concatenate(([1], ids)) for ids in sp.encode(sample_documents(count))])
+    return split_of(tokens), train_gpt.build_byte_table(str(tokenizer), vocab_size), settings_for(tokenizer, vocab_size)
+
+
+@needs_shared
+@pytest.mark.parametrize("name", VOCAB_SIZES)
+def test_byte_accounting_of_each_tokenizer_holds_exactly_on_real_text(name):
+    split, table, settings = split_and_table(TOKENIZERS[name], VOCAB_SIZES[name], TOKENIZERS[name])
+    if name == "sp1024":  # its <unk> pieces (decoded " ⁇ ", counted 0) are in the sample
+        assert (split.tokens == 3).any()
+    train_gpt.check_byte_accounting(split, table, settings, num_docs=10**6)  # every document of the sample
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["sp1024", "sp8192"])
+def test_a_published_tokenizer_with_bos_doctored_into_a_normal_piece_is_refused(tmp_path, name):
+    doctored = with_bos_as_a_normal_piece(TOKENIZERS[name], tmp_path)
+    split, table, settings = split_and_table(doctored, VOCAB_SIZES[name], TOKENIZERS[name])
+    assert table.base_bytes[1] == 3 and not table.is_boundary[1]  # the doctored table: "<s>" is 3 bytes of text
+    with pytest.raises(ValueError, match=rf"^TOKENIZER_PATH={re.escape(str(doctored))} miscounts the validation text "
+                                         r"\(SPEC.md\): \d+ bytes in sampled documents of \d+ UTF-8 bytes; ids of no "
+                                         r"text in it: \[\]; use the unmodified tokenizer of the shards in DATA_PATH="):
+        train_gpt.check_byte_accounting(split, table, settings)
+
+
+def tiny_split_with(tiny_dataset, make) -> tuple:
+    """Two documents of the tiny tokenizer's text, BOS + ids, with `make(ids)` as the first one's ids."""
+    sp = spm.SentencePieceProcessor(model_file=tiny_dataset.tokenizer_path)
+    ids = sp.encode(tiny_dataset.docs[0])
+    split = split_of(np.concatenate(([1], make(ids), [1], ids, [1], ids)))
+    table = train_gpt.build_byte_table(tiny_dataset.tokenizer_path, tiny_dataset.vocab_size)
+    return split, table, settings_for(Path(tiny_dataset.tokenizer_path), tiny_dataset.vocab_size)
+
+
+def test_a_control_id_inside_a_document_is_refused(tiny_dataset):
+    split, table, settings = tiny_split_with(tiny_dataset, lambda ids: ids[:10] + [0] + ids[10:])  # <pad>: no text
+    with pytest.raises(ValueError, match=r"^TOKENIZER_PATH=.* miscounts the validation text .* ids of no text in it: "
+                                         r"\[0\]; "):
+        train_gpt.check_byte_accounting(split, table, settings)
+
+
+def test_eos_ending_a_document_is_accepted(tiny_dataset):
+    train_gpt.check_byte_accounting(*tiny_split_with(tiny_dataset, lambda ids: ids + [2]))
+
+
+def test_a_byte_tokenizer_counts_its_bytes_and_one_doctored_to_count_bos_is_refused(tmp_path):
+    text = ["naïve café ✓ one", "two ≠ three", "and a fourth"]
+    tokens = np.concatenate([[1, *(4 + b for b in doc.encode("utf-8"))] for doc in text])
+    for offset, refused in ((4, False), (1, True)):  # byte_offset 1: BOS (id 1) would count as a byte
+        tokenizer = tmp_path / f"byte260_{offset}.json"
+        tokenizer.write_text(f'{{"vocab_size": 260, "byte_offset": {offset}, "bos_id": 1, "eos_id": 2}}')
+        table = train_gpt.build_byte_table(str(tokenizer), 260)
+        check = partial(train_gpt.check_byte_accounting, split_of(tokens), table, settings_for(tokenizer, 260))
+        if not refused:
+            check()
+            continue
+        with pytest.raises(ValueError, match=r"miscounts the validation text \(SPEC.md\): \d+ bytes in sampled"):
+            check()
+
+
+# ----------------------------------------------------------------------------------------------
 # Through the trainer: the error comes before the first training step, also into the run's log.
 
 
@@ -150,6 +228,16 @@ def test_trainer_stops_before_training_on_shards_of_another_tokenizer(tmp_path, 
     error, _ = run_with_val_tokens(tmp_path, tiny_dataset, other, "other_tokenizer")
     assert error.startswith("error: the validation shards were not made with TOKENIZER_PATH")
     assert f"TOKENIZER_PATH={tiny_dataset.tokenizer_path}" in error and str(tmp_path / "data") in error
+
+
+def test_trainer_stops_before_training_with_a_tokenizer_doctored_in_one_byte(tmp_path, tiny_dataset):
+    doctored = with_bos_as_a_normal_piece(Path(tiny_dataset.tokenizer_path), tmp_path)
+    env = trainer_env(tiny_dataset, TOKENIZER_PATH=doctored, RUN_ID="doctored", ITERATIONS=2, WARMUP_STEPS=0)
+    result = run_trainer(env, tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert error.startswith(f"error: TOKENIZER_PATH={doctored} miscounts the validation text")
+    assert not re.search(r"^(warmup_)?step:", read_log(tmp_path, "doctored"), re.MULTILINE)
 
 
 def measure(text_paths: list[Path], windows: int = 20, length: int = 4096) -> None:

@@ -2,6 +2,8 @@
 isolation."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -207,5 +209,35 @@ def test_the_default_is_the_records_eight_gpu_loader_and_the_baseline_the_offici
 def test_shards_without_one_sequence_are_an_error_at_start(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5))
     settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=16)
-    with pytest.raises(ValueError, match=r"fineweb_train_000000.bin hold no TRAIN_SEQ_LEN \+ 1 = 9 tokens"):
+    with pytest.raises(ValueError, match=r"fineweb_train_000000.bin, which hold no TRAIN_SEQ_LEN \+ 1 = 9 tokens"):
         train_gpt.TrainBatchLoader(settings, cpu_runtime())
+
+
+@pytest.mark.parametrize("lengths, streams, working", [
+    ([100, 5], 8, "1 or 0"),  # a short last shard: stream 1 of 2 would read only it
+    ([100, 5, 5, 100], 4, "2 or 1 or 0"),  # 3 streams: stream 1 reads only shard 1
+])
+def test_short_shards_name_the_loader_streams_that_work_with_them(tmp_path, lengths, streams, working):
+    for i, n in enumerate(lengths):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(2, 2 + n))
+    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=16,
+                                  loader_streams=streams)
+    with pytest.raises(ValueError, match=r"^loader stream 1 of \d reads only the train shards .*fineweb_train_000001.bin, "
+                                         r"which hold no TRAIN_SEQ_LEN \+ 1 = 9 tokens .*: set "
+                                         rf"LOADER_STREAMS={working} \(each works with these shards\)") as refused:
+        train_gpt.TrainBatchLoader(settings, cpu_runtime())
+    assert "download" not in str(refused.value)
+    for n in map(int, working.split(" or ")):  # each named setting trains on these shards
+        train_gpt.TrainBatchLoader(dataclasses.replace(settings, loader_streams=n), cpu_runtime()).next_step()
+
+
+def test_the_training_data_id_is_the_shards_names_and_sizes_wherever_they_lie(tmp_path):
+    for folder in ("here", "there"):
+        (tmp_path / folder).mkdir()
+        write_split_shards(tmp_path / folder, "train", [np.arange(2, 300)], 2)
+    paths = {folder: train_gpt.shard_paths(str(tmp_path / folder), "train", 512) for folder in ("here", "there")}
+    sizes = [1024 + 2 * n for n in (150, 149)]  # the header, then 299 tokens (BOS + 298) split in two
+    listing = f"fineweb_train_000000.bin {sizes[0]}\nfineweb_train_000001.bin {sizes[1]}\n"
+    expected = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    assert train_gpt.training_data_id(paths["here"]) == train_gpt.training_data_id(paths["there"]) == expected
+    assert train_gpt.training_data_id(paths["here"][:1]) != expected  # a shard fewer: another identity
