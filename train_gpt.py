@@ -142,8 +142,11 @@ class Settings:
     export_fit_cap: int = 0  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
     export_packed_code: int = 1  # 1: the fit and the Total line count this file packed (pack_code), as shipped
     export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: plain rounding
+    export_embed_bits: int = 8  # the embedding's (the tied head's) bits; 8 without a hessian: a quantile clip
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
-    gptq_embed_clip_sigmas: float = 20.0  # ... for the (int8) embedding
+    gptq_mlp_clip_sigmas: float = 0.0  # ... for the MLP matrices; 0: GPTQ_CLIP_SIGMAS
+    gptq_attn_clip_sigmas: float = 0.0  # ... for the attention matrices; 0: GPTQ_CLIP_SIGMAS
+    gptq_embed_clip_sigmas: float = 20.0  # ... for the embedding
     gptq_reserve_seconds: float = 12.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
     gptq_calibration_batches: int = 64  # micro-batches of training sequences whose layer inputs make the hessians
 
@@ -187,6 +190,11 @@ class Settings:
     def export_bits(self) -> int:
         return int(self.export_format.split("+")[0].removeprefix("int"))
 
+    @property
+    def gptq_clips(self) -> dict[str, float]:  # by kind of matrix: the first key found in its name (clip_sigmas_of)
+        c = self.gptq_clip_sigmas
+        return {".mlp.": self.gptq_mlp_clip_sigmas or c, ".attn.": self.gptq_attn_clip_sigmas or c, "": c}
+
     def validate(self) -> None:
         s = self
         require(0 <= s.seed < 2**32, "SEED", s.seed, "a whole number in [0, 2**32 - 1] (numpy's range; torch "
@@ -208,7 +216,8 @@ class Settings:
                      "embed_lr", "head_lr", "tied_embed_lr", "matrix_lr", "scalar_lr", "tied_embed_init_std",
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
                      "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay", "gptq_reserve_seconds",
-                     "ttt_epochs", "ttt_lr", "num_loops", "loader_streams"):
+                     "ttt_epochs", "ttt_lr", "num_loops", "loader_streams", "gptq_mlp_clip_sigmas",
+                     "gptq_attn_clip_sigmas"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
@@ -224,6 +233,8 @@ class Settings:
                 "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
         for name in ("rope_base", "logit_softcap", "adam_eps", "gptq_clip_sigmas", "gptq_embed_clip_sigmas"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
+        require(2 <= s.export_embed_bits <= 8, "EXPORT_EMBED_BITS", s.export_embed_bits,
+                "a whole number from 2 to 8 (codes are stored as int8)")
         require(s.training_seconds > 0 or s.max_wallclock_seconds == 0, "GPTQ_RESERVE_SECONDS",
                 s.gptq_reserve_seconds, f"below MAX_WALLCLOCK_SECONDS={s.max_wallclock_seconds} (or EXPORT_QUANT=rtn)")
         require(re.fullmatch(r"(?a)(\w[\w.-]{0,199})?", s.run_id) is not None, "RUN_ID", s.run_id,
@@ -826,8 +837,8 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: matrices quantised per row (GPTQ or plain rounding; int8, or int6 with an int8 embedding), small tensors in
-# 16 bits, then brotli, lzma or zlib, told apart on loading by their own first bytes.
+# Export: matrices quantised per row (GPTQ or plain rounding; int8, or int6 with an int8 or int7 embedding), small
+# tensors in 16 bits, then brotli, lzma or zlib, told apart on loading by their own first bytes.
 
 INT8_KEEP_FLOAT_MAX_NUMEL = 65_536  # tensors this small cost little to keep in 16 bits
 INT8_CLIP_QUANTILE = 0.9999984  # clip the rare extreme weight rather than widen every step of its row
@@ -851,9 +862,10 @@ def quantize_rows(t: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Ten
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
-    """GPTQ (Frantar et al. 2022) as the 1.0810 record rounds: per-row int<bits>, clip = clip_sigmas x the row's std,
-    columns rounded by descending input energy, each one's error spread through H^-1 (H = X^T X of the layer's
-    inputs X) over those not yet rounded, so that the outputs X W^T move least; inputs never firing lose weights."""
+    """GPTQ (Frantar et al. 2022) as the 1.0810 and 1.0714 records round: per-row int<bits>, clip = clip_sigmas x the
+    row's std, columns rounded by descending input energy, each one's error spread through H^-1 (H = X^T X of the
+    layer's inputs X) over those not yet rounded, so that the outputs X W^T move least; inputs never firing lose
+    weights."""
     W, H, qmax = w.to(H.device, torch.float32), H.float().clone(), 2 ** (bits - 1) - 1
     scale = (clip_sigmas * W.std(1) / qmax).clamp_min(2.0**-24).half().float()  # the record's 1e-10: 0 in fp16
     dead = H.diagonal() == 0
@@ -904,15 +916,22 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     return rows.reshape(q.shape)
 
 
+def clip_sigmas_of(name: str, clips: float | dict[str, float]) -> float:  # one for all, or the first kind in the name
+    return next(c for part, c in clips.items() if part in name) if isinstance(clips, dict) else clips
+
+
 def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], bits: int = 8,
-                        mlp_bits: int | None = None, gptq: tuple[dict, float, float] = ({}, 12.85, 20.0),
-                        track=iter) -> dict:
-    """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales, the embedding (the tied head) int8, in int8
-    storage; control_names fp32, other small tensors fp16. gptq = (hessians, clip sigmas, embedding's): GPTQ rounds
-    the matrices with a hessian, at their clip; int6 matrices without one are rounded plainly at that clip."""
+                        mlp_bits: int | None = None, gptq: tuple[dict, float | dict, float] = ({}, 12.85, 20.0),
+                        embed_bits: int = 8, track=iter) -> dict:
+    """Matrices to int<bits> (MLP ones to int<mlp_bits>) + fp16 row scales, the embedding (the tied head) to
+    int<embed_bits>, in int8 storage; control_names fp32, other small tensors fp16. gptq = (hessians, clip sigmas of
+    the matrices (one, or by kind: Settings.gptq_clips), embedding's): GPTQ rounds each tensor with a hessian at its
+    clip; below 8 bits, a matrix without one is rounded plainly at it, else at a quantile clip (quantize_int8)."""
     packed = {"int8": {}, "scales": {}, "float": {}, "dtypes": {}}
     for name, t in track(state_dict.items()):
-        t, row_bits = t.detach().cpu(), mlp_bits if mlp_bits and ".mlp." in name else bits
+        t, embedding = t.detach().cpu(), name == "tok_emb.weight"
+        row_bits = embed_bits if embedding else mlp_bits if mlp_bits and ".mlp." in name else bits
+        clip = gptq[2] if embedding else clip_sigmas_of(name, gptq[1])
         packed["dtypes"][name] = str(t.dtype).removeprefix("torch.")
         if not t.is_floating_point():
             packed["float"][name] = t
@@ -921,11 +940,9 @@ def quantize_state_dict(state_dict: dict[str, Tensor], control_names: set[str], 
         elif t.numel() <= INT8_KEEP_FLOAT_MAX_NUMEL:
             packed["float"][name] = t.half()
         elif name in gptq[0]:
-            embedding = name == "tok_emb.weight"
-            packed["int8"][name], packed["scales"][name] = gptq_quantize(
-                t, gptq[0][name], 8 if embedding else row_bits, gptq[2] if embedding else gptq[1])
-        elif bits < 8 and t.ndim == 2 and name != "tok_emb.weight":
-            packed["int8"][name], packed["scales"][name] = quantize_rows(t, row_bits, gptq[1])
+            packed["int8"][name], packed["scales"][name] = gptq_quantize(t, gptq[0][name], row_bits, clip)
+        elif row_bits < 8 and t.ndim == 2:
+            packed["int8"][name], packed["scales"][name] = quantize_rows(t, row_bits, clip)
         else:
             packed["int8"][name], packed["scales"][name] = quantize_int8(t)
     return packed
@@ -1002,7 +1019,7 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
     """The compressed model; EXPORT_FIT_CAP=1: over the cap, prune +-1 codes or take fewer bits."""
     s, state = settings, model.state_dict()
     control = model.control_tensor_names() if s.export_bits == 8 else set()  # int6: the record's fp16 for all
-    gptq = (hessians or {}, s.gptq_clip_sigmas, s.gptq_embed_clip_sigmas)
+    gptq = (hessians or {}, s.gptq_clips, s.gptq_embed_clip_sigmas)
     plans = [(s.export_bits, None)] + list(FIT_CAP_STEPS if s.export_fit_cap and s.export_bits == 6 else ())
     for i, (bits, mlp_bits) in enumerate(plans):
         if i and len(blob) + code_bytes <= ARTIFACT_CAP_BYTES:
@@ -1011,7 +1028,7 @@ def export_artifact(model: nn.Module, settings: Settings, code_bytes: int, log, 
             log(f"export_fit: {len(blob) + code_bytes} bytes > {ARTIFACT_CAP_BYTES}; now int{bits} matrices, "
                 f"int{mlp_bits} MLP matrices")
         rounding = Progress(log, "rounding", "tensors")
-        packed = quantize_state_dict(state, control, bits, mlp_bits, gptq, rounding.over)
+        packed = quantize_state_dict(state, control, bits, mlp_bits, gptq, s.export_embed_bits, rounding.over)
         rounding_ms = rounding.done()
         if hessians is not None and ledger is not None:
             ledger["gptq"] = ledger.get("gptq", 0.0) + rounding_ms

@@ -14,8 +14,10 @@ weights, -0.05x the step-down's increase at 4.6%. With clip-search rounding only
 pruning 5.7% adds 0.2x the step-down's output error, 0.24x its weight error.)"""
 from __future__ import annotations
 
+import dataclasses
 import io
 import lzma
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,3 +91,40 @@ def test_pruning_only_zeroes_plus_minus_one_codes(monkeypatch, unfitted):
 def test_an_excess_past_the_pruning_limit_steps_bits_down(monkeypatch, unfitted):
     _, lines = export_under_cap(monkeypatch, int(0.8 * len(unfitted)))
     assert "now int6 matrices, int5 MLP matrices" in lines[0]
+
+
+def int7_embedding_state(with_mlp: bool) -> dict[str, torch.Tensor]:
+    """A 320 x 256 embedding (the tied head; int7 as the 1.0714 record exports it), and an MLP matrix."""
+    torch.manual_seed(1)
+    shapes = {"tok_emb.weight": (320, 256), **({"blocks.0.mlp.fc.weight": (320, 256)} if with_mlp else {})}
+    return {name: torch.randn(shape) * 0.02 * (0.5 + torch.rand(shape[0], 1)) for name, shape in shapes.items()}
+
+
+INT7_EMBEDDING = dataclasses.replace(SETTINGS, export_embed_bits=7, gptq_embed_clip_sigmas=15.0)
+
+
+def test_step_down_keeps_the_int7_embedding_as_it_is(monkeypatch):
+    """Fewer bits for the matrices, never for the embedding: its int7 codes are those of the export with no cap."""
+    state = int7_embedding_state(with_mlp=True)
+    model = SimpleNamespace(state_dict=lambda: state)
+    unfitted = torch.load(io.BytesIO(lzma.decompress(train_gpt.export_artifact(model, INT7_EMBEDDING, -10**9, print))))
+    emb = state["tok_emb.weight"]
+    assert torch.equal(unfitted["scales"]["tok_emb.weight"], (15 * emb.std(1) / 63).half())  # int7 at 15 row stds
+    monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
+    lines = []
+    stepped = codes(train_gpt.export_artifact(model, INT7_EMBEDDING, 0, lines.append))
+    assert len(lines) == len(train_gpt.FIT_CAP_STEPS) and stepped["blocks.0.mlp.fc.weight"].abs().max() <= 7
+    assert torch.equal(stepped["tok_emb.weight"], unfitted["int8"]["tok_emb.weight"])
+
+
+def test_pruning_zeroes_only_plus_minus_one_codes_of_an_int7_embedding(monkeypatch):
+    state = int7_embedding_state(with_mlp=False)
+    model = SimpleNamespace(state_dict=lambda: state)
+    unfitted = train_gpt.export_artifact(model, INT7_EMBEDDING, -10**9, print)
+    monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", len(unfitted) - 300)
+    lines = []
+    before, after = codes(unfitted), codes(train_gpt.export_artifact(model, INT7_EMBEDDING, 0, lines.append))
+    moved = before["tok_emb.weight"] != after["tok_emb.weight"]
+    assert lines[0].startswith(f"export_fit: pruned {int(moved.sum())} of ")
+    assert moved.any() and (before["tok_emb.weight"][moved].abs() == 1).all()
+    assert (after["tok_emb.weight"][moved] == 0).all()

@@ -2,7 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import io
+import re
 import shutil
+import sys
+import types
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,7 +17,7 @@ import torch
 
 import train_gpt
 from conftest import REPO, read_log, run_trainer, trainer_env, write_shard
-from reference_record import load_record
+from reference_record import environment, load_record
 from train_gpt import Settings
 
 # Matrices large enough to be quantised (more than INT8_KEEP_FLOAT_MAX_NUMEL weights), trained for seconds.
@@ -85,6 +92,26 @@ def test_gptq_calibrates_and_reserves_time_as_the_record_by_default():
     assert (s.gptq_calibration_batches, s.gptq_reserve_seconds) == (64, 12.0)
     with pytest.raises(train_gpt.SettingsError, match="^GPTQ_CALIBRATION_BATCHES=0 is invalid"):
         Settings.from_env({"GPTQ_CALIBRATION_BATCHES": "0"})
+
+
+def test_per_kind_clips_and_embedding_bits_default_to_one_clip_and_int8():
+    """GPTQ_MLP_CLIP_SIGMAS and GPTQ_ATTN_CLIP_SIGMAS at 0 follow GPTQ_CLIP_SIGMAS, and the embedding keeps 8 bits:
+    the export computes what it computed before they existed."""
+    assert Settings().gptq_clips == {".mlp.": 12.85, ".attn.": 12.85, "": 12.85} and Settings().export_embed_bits == 8
+    assert Settings.from_env({"GPTQ_CLIP_SIGMAS": "3"}).gptq_clips == {".mlp.": 3.0, ".attn.": 3.0, "": 3.0}
+    assert Settings.from_env({"GPTQ_MLP_CLIP_SIGMAS": "12", "GPTQ_ATTN_CLIP_SIGMAS": "13"}).gptq_clips == {
+        ".mlp.": 12.0, ".attn.": 13.0, "": 12.85}
+    assert [train_gpt.clip_sigmas_of(name, {".mlp.": 1, ".attn.": 2, "": 3}) for name in (
+        "blocks.0.mlp.proj.weight", "blocks.0.attn.proj.weight", "lm_head.weight")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("env, rule", [({"EXPORT_EMBED_BITS": "9"}, "a whole number from 2 to 8"),
+                                       ({"EXPORT_EMBED_BITS": "1"}, "a whole number from 2 to 8"),
+                                       ({"GPTQ_MLP_CLIP_SIGMAS": "-1"}, "a number >= 0"),
+                                       ({"GPTQ_ATTN_CLIP_SIGMAS": "nan"}, "a finite number")])
+def test_bad_embedding_bits_or_kind_clips_are_refused_by_name(env, rule):
+    with pytest.raises(train_gpt.SettingsError, match=rf"^{next(iter(env))}=\S+ is invalid: it must be {rule}"):
+        Settings.from_env(env)
 
 
 def test_export_quant_names_a_known_rounding():
@@ -246,3 +273,163 @@ def test_default_export_quantizes_a_state_dict_as_the_records(record):
     assert model.control_tensor_names() <= packed["float"].keys()
     for name, t in packed["float"].items():
         assert t.dtype == torch.float16 and torch.equal(t, result[name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessians as the record's hooks sum them, run by the 1.0810 record's own collect_hessians beside the kit's.
+
+# Every matrix 272 x 272 (2 heads of 136; MLP 1x), above 65,536 weights: the record hooks only those.
+LOOPED_RECORD = dict(VOCAB_SIZE=384, NUM_LAYERS=4, MODEL_DIM=272, EMBEDDING_DIM=272, NUM_HEADS=2, NUM_KV_HEADS=2,
+                     MLP_MULT=1, LOOP_START=1, LOOP_END=2, NUM_LOOPS=2, PARALLEL_RESIDUAL_START=2, XSA_LAST_N=4,
+                     QK_GAIN_INIT=5.25, TRAIN_SEQ_LEN=64)
+LOOPED_KIT = dict(num_layers=4, model_dim=272, num_heads=2, num_kv_heads=2, mlp_mult=1, recur_layers="1,2",
+                  num_loops=2, parallel_last_n=2, xsa_last_n=4, train_seq_len=64, train_batch_tokens=256,
+                  grad_accum_steps=1, device="cpu", gptq_calibration_batches=3)
+HESSIAN_RTOL = 1e-5  # both sum X^T X in fp32 over the same activations (logits equal to 1e-5): summation order only
+
+
+def test_looped_layers_hessians_sum_every_pass_as_the_records_hooks(tmp_path, tiny_dataset):
+    """Blocks 1-2 run three times with recurrence on: each pass adds its X^T X, as the record's hooks add one term
+    per call; the embedding's H is the final norm's output. Same weights, same calibration batches (the record's
+    loader is fed the kit's: the loaders' equality is proven elsewhere)."""
+    record = load_record(tmp_path, {k: str(v) for k, v in LOOPED_RECORD.items()})
+    s = Settings.for_preset("strong", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
+                            **LOOPED_KIT)
+    runtime = train_gpt.setup_runtime(s)
+    torch.manual_seed(0)
+    theirs = record.GPT(record.Hyperparameters())
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = train_gpt.GPT(s)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.looping_active = ours.recurrence_active = True
+    batches = iter(list(train_gpt.TrainBatchLoader(s, runtime).calibration_batches(3)))
+    expected = record.collect_hessians(theirs, SimpleNamespace(next_batch=lambda *_: next(batches)),
+                                       record.Hyperparameters(), torch.device("cpu"), 3)
+    hessians = train_gpt.collect_hessians(ours, s, runtime)
+    assert len(expected) == 4 * 6 + 1  # c_q, c_k, c_v, proj, fc, mlp proj of each block, and the embedding
+    for name, H in expected.items():
+        error = (hessians[name] - H).abs().max().item()
+        assert error <= HESSIAN_RTOL * H.abs().max().item(), (name, error)
+    ours.recurrence_active = False
+    once = train_gpt.collect_hessians(ours, s, runtime)  # block 0 runs once either way; 1 and 2 thrice when looping
+    assert torch.equal(once["blocks.0.mlp.fc.weight"], hessians["blocks.0.mlp.fc.weight"])
+    ratio = hessians["blocks.1.mlp.fc.weight"].trace() / once["blocks.1.mlp.fc.weight"].trace()
+    assert ratio == pytest.approx(3, rel=1e-3)  # each pass's input is normed: the same trace, 3 passes
+
+
+# ----------------------------------------------------------------------------------------------
+# GPTQ as the 1.0714 record rounds (per-kind clips, int7 embedding), run by the record's own code beside the kit's.
+
+RECORD_1_0714 = REPO.parent / "shared" / "reference" / "record_2026-04-16_sp8192_1.0714"
+# One block of width 512 with 2 of 8 heads for K and V: c_k and c_v hold exactly 65,536 weights (the record's
+# passthrough edge: fp16), c_q, the output projection, the MLP matrices (MLP_MULT 1, to keep GPTQ fast) and the
+# 256 x 512 embedding are above it; the logged run's gates (SMEAR_GATE=1, GATE_ATTN_OUT=1) add their small tensors.
+REDUCED_1_0714 = dict(VOCAB_SIZE=256, NUM_LAYERS=1, MODEL_DIM=512, EMBEDDING_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=2,
+                      MLP_MULT=1, NUM_LOOPS=0, SMEAR_GATE=1, GATE_ATTN_OUT=1)
+# The record's export settings, as its three runs logged them, in the kit's names.
+EXPORT_1_0714 = dict(export_embed_bits=7, gptq_clip_sigmas=12.85, gptq_mlp_clip_sigmas=12.0,
+                     gptq_attn_clip_sigmas=13.0, gptq_embed_clip_sigmas=15.0)
+
+
+def import_record_1_0714(env: dict):
+    """The 1.0714 source, unedited, as a module: stand-ins for what it imports at the top and only calls on a GPU
+    (FlashAttention 3, triton's kernel), torch.compile the identity while it loads; the stand-ins are removed after."""
+    source = RECORD_1_0714 / "train_gpt.py"
+    if not source.exists():
+        pytest.skip(f"{source} is absent (../shared is not beside the repository)")
+    import torch._dynamo  # noqa: F401  (it probes triton when first imported: before any stand-in)
+    stubs = {name: types.ModuleType(name) for name in ("flash_attn_interface", "triton", "triton.language",
+                                                       "triton.tools", "triton.tools.tensor_descriptor")}
+    stubs["flash_attn_interface"].flash_attn_func = stubs["flash_attn_interface"].flash_attn_varlen_func = None
+    stubs["triton"].jit = lambda fn: fn
+    stubs["triton.language"].constexpr = type("constexpr", (), {})
+    stubs["triton.tools.tensor_descriptor"].TensorDescriptor = type("TensorDescriptor", (), {})
+    saved = {name: sys.modules.get(name) for name in stubs}  # e.g. the 1.0810 record's stand-in, or triton itself
+    sys.modules.update(stubs)
+    try:
+        with environment({k: str(v) for k, v in env.items()}), \
+                mock.patch.object(torch, "compile", lambda fn=None, **kwargs: fn or (lambda f: f)):
+            spec = importlib.util.spec_from_file_location("record_1_0714", source)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+    finally:
+        for name, module_before in saved.items():
+            sys.modules.pop(name) if module_before is None else sys.modules.update({name: module_before})
+    return module
+
+
+@pytest.fixture(scope="module")
+def record_1_0714_export():
+    """The record's gptq_mixed_quantize on its own un-banked state dict (perturbed, so that no tensor is at its
+    init), with correlated-input Hessians and an input that never fires."""
+    record = import_record_1_0714(REDUCED_1_0714)
+    h = record.Hyperparameters()
+    torch.manual_seed(0)
+    model = record.GPT(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p) * (0.5 + torch.rand(p.shape[0], *[1] * (p.ndim - 1))))
+    state = record._unbank_state_dict(model.state_dict(), h.num_layers)
+    hessians = {name: correlated_inputs_hessian(t.shape[1]) for name, t in state.items() if t.numel() > 65536}
+    hessians["blocks.0.mlp.proj.weight"][5], hessians["blocks.0.mlp.proj.weight"][:, 5] = 0, 0
+    result, meta = record.gptq_mixed_quantize(state, hessians, h)
+    s = Settings(**EXPORT_1_0714, export_format="int6+zlib")  # zlib: the fastest; the compressor leaves codes alone
+    blob = train_gpt.export_artifact(SimpleNamespace(state_dict=lambda: state), s, 0, print, hessians)
+    return SimpleNamespace(record=record, h=h, state=state, hessians=hessians, result=result, meta=meta, blob=blob)
+
+
+def test_record_1_0714_export_settings_are_its_runs_logged_ones(record_1_0714_export):
+    h = record_1_0714_export.h
+    for log in sorted(RECORD_1_0714.glob("train_seed*.log")):
+        logged = dict(re.findall(r"(?m)^  (\w+): (.*)$", log.read_text(encoding="utf-8")))
+        for name in ("matrix_bits", "embed_bits", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
+                     "embed_clip_sigmas", "compressor"):
+            assert str(getattr(h, name)) == logged[name], (log.name, name)
+    assert (h.matrix_bits, h.embed_bits, h.matrix_clip_sigmas, h.mlp_clip_sigmas, h.attn_clip_sigmas,
+            h.embed_clip_sigmas) == (6, 7, 12.85, 12.0, 13.0, 15.0) == (6, *EXPORT_1_0714.values())
+
+
+def test_1_0714_export_gives_the_records_codes_scales_and_fp16_tensors(record_1_0714_export):
+    """Exactly equal: the same GPTQ (this record's gptq_quantize_weight is the 1.0810 record's, whose codes the kit's
+    gptq_quantize gives) at the same clip and width per tensor: int6 at 12 (MLP) or 13 (attention) row stds, int7 at
+    15 for the embedding; every float tensor of at most 65,536 values in fp16, the gates among them."""
+    ref = record_1_0714_export
+    packed = train_gpt.decompress_packed(ref.blob)
+    assert {name for name, what in ref.meta.items() if what == "gptq (int7)"} == {"tok_emb.weight"}
+    assert packed["int8"].keys() == ref.hessians.keys()
+    assert packed["float"].keys() == ref.state.keys() - ref.hessians.keys()
+    small = {"blocks.0.attn.c_k.weight", "blocks.0.attn.attn_gate_proj.weight", "smear_gate.weight", "smear_lambda"}
+    assert small <= packed["float"].keys()  # c_k: exactly 65,536 weights
+    for name in ref.hessians:
+        assert torch.equal(packed["int8"][name], ref.result[name + ".q"]), name
+        assert torch.equal(packed["scales"][name], ref.result[name + ".scale"]), name
+    for name, (sigmas, qmax) in {"tok_emb.weight": (15, 63), "blocks.0.mlp.fc.weight": (12, 31),
+                                 "blocks.0.attn.proj.weight": (13, 31)}.items():  # clip / largest code, per kind
+        assert torch.equal(packed["scales"][name], (sigmas * ref.state[name].std(1) / qmax).half()), name
+        assert packed["int8"][name].abs().max() <= qmax
+    for name, t in packed["float"].items():
+        assert t.dtype == torch.float16 and torch.equal(t, ref.result[name]), name
+
+
+def test_1_0714_export_loads_back_to_the_records_dequantized_weights(record_1_0714_export):
+    """Exactly: the same codes times the same fp16 scales, one fp32 product per weight; fp16 tensors widen exactly."""
+    ref = record_1_0714_export
+    ours = train_gpt.decompress_model(ref.blob)
+    theirs = ref.record.dequantize_mixed(ref.result, ref.meta, ref.state)
+    assert ours.keys() == theirs.keys() == ref.state.keys()
+    for name, t in theirs.items():
+        assert ours[name].dtype == t.dtype == torch.float32 and torch.equal(ours[name], t), name
+
+
+@pytest.mark.parametrize("changed_back, differs", [(dict(gptq_mlp_clip_sigmas=0.0), "blocks.0.mlp.fc.weight"),
+                                                   (dict(gptq_attn_clip_sigmas=0.0), "blocks.0.attn.c_q.weight"),
+                                                   (dict(export_embed_bits=8), "tok_emb.weight"),
+                                                   (dict(gptq_embed_clip_sigmas=20.0), "tok_emb.weight")])
+def test_1_0714_codes_differ_when_one_export_setting_is_changed_back(record_1_0714_export, changed_back, differs):
+    ref = record_1_0714_export
+    s = Settings(**{**EXPORT_1_0714, **changed_back})
+    packed = train_gpt.quantize_state_dict({differs: ref.state[differs]}, set(), 6, None,
+                                           (ref.hessians, s.gptq_clips, s.gptq_embed_clip_sigmas), s.export_embed_bits)
+    assert not torch.equal(packed["int8"][differs], ref.result[differs + ".q"])
