@@ -135,3 +135,18 @@ def test_the_log_says_when_the_packed_data_repeats(steps, iterations, warned):
     assert lines[0] == f"train_data: packed documents; the shards repeat after {steps} steps"
     assert (len(lines) == 2 and lines[1].startswith(f"WARNING: the training data repeats after {steps} steps, "
                                                     f"before the 4843 steps")) == warned
+
+
+def test_the_training_step_gives_the_model_each_rows_cu_seqlens(tmp_path, monkeypatch):
+    """The model's forward takes (inputs, targets, cu_seqlens, max_seqlen), as the record's."""
+    write_packed_shards(tmp_path, np.random.default_rng(5))
+    calls, forward = [], train_gpt.GPT.forward
+    monkeypatch.setattr(train_gpt.GPT, "forward", lambda model, inputs, targets, *documents:
+                        calls.append((inputs, *documents)) or forward(model, inputs, targets))
+    settings = packed_settings(tmp_path, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
+                               recur_layers="", device="cpu")
+    train_gpt.Trainer(settings, cpu_runtime(0, 1, 8)).step(0, 1.0)
+    rows = train_gpt.TrainBatchLoader(settings, cpu_runtime(0, 1, 8)).next_step()
+    assert len(calls) == 8
+    for (inputs, cu_seqlens, max_seqlen), (x, _, cu, max_len) in zip(calls, rows):
+        assert torch.equal(inputs, x) and torch.equal(cu_seqlens, cu) and max_seqlen == max_len == SEQ_LEN
