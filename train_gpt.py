@@ -92,6 +92,7 @@ class Settings:
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     loader_streams: int = 8  # the sequences of the record's loader on this many GPUs (its 8); 0: shards in order
+    pack_documents: int = 0  # 1: each of those GPUs trains on one row of whole documents (the 1.0714 record's loader)
     grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
     max_wallclock_seconds: float = 600.0
     # Model.
@@ -136,6 +137,9 @@ class Settings:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3
+    grad_clip_per_rank: int = 0  # 1: each GPU of LOADER_STREAMS (a micro-batch) clips its own gradient, no DDP (1.0714)
+    muon_rounding: str = "1.0810"  # whose Muon arithmetic: 1.0810 | 1.0714 (bf16 momentum on CUDA; same math)
+    warmup_keep_momentum: int = 0  # 1: Muon's momentum outlives the warm-up, as the 1.0714 record's on 8 GPUs
     ema_decay: float = 0.9965  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
     export_format: str = "int6+brotli"  # <int6|int8>+<brotli|lzma|zlib>
@@ -205,7 +209,7 @@ class Settings:
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
-                              ("export_quant", ("gptq", "rtn"))):
+                              ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
@@ -224,7 +228,8 @@ class Settings:
         for name in ("warmdown_frac", "recur_start_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
         for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "export_packed_code", "overwrite", "smear_gate",
-                     "tie_embeddings", "eval_sliding", "optimize_ddp", "skip_gates", "ortho_init"):
+                     "tie_embeddings", "eval_sliding", "optimize_ddp", "skip_gates", "ortho_init", "pack_documents",
+                     "grad_clip_per_rank", "warmup_keep_momentum"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
@@ -266,6 +271,10 @@ class Settings:
                 f"{self.train_seq_len} x {world_size} x {grad_accum_steps} = {unit}")
         require(self.val_batch_size >= unit, "VAL_BATCH_SIZE", self.val_batch_size,
                 f"at least TRAIN_SEQ_LEN x world size x GRAD_ACCUM_STEPS = {unit}")
+        require(world_size * grad_accum_steps == self.loader_streams or not (self.pack_documents or
+                self.grad_clip_per_rank), "GRAD_ACCUM_STEPS", grad_accum_steps, f"LOADER_STREAMS / world size = "
+                f"{self.loader_streams} / {world_size} with PACK_DOCUMENTS=1 or GRAD_CLIP_PER_RANK=1 (each micro-batch "
+                f"is one of the record's GPUs): set it so, on a divisor of LOADER_STREAMS processes")
         require(self.gptq_calibration_batches >= world_size or self.export_quant != "gptq", "GPTQ_CALIBRATION_BATCHES",
                 self.gptq_calibration_batches, f"at least the world size {world_size} (each rank calibrates on some)")
 
@@ -384,30 +393,35 @@ NS_COEFFS = {  # (a, b, c) of the quintic a X + b (X X^T) X + c (X X^T)^2 X, per
 }
 
 
-def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7, coeffs=NS_COEFFS["fixed"]) -> Tensor:
-    """Approximately U V^T of G = U S V^T, by quintic Newton-Schulz iterations; G may be a batch (..., m, n)."""
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
+def newton_schulz_orthogonalize(G: Tensor, steps: int, eps: float = 1e-7, coeffs=NS_COEFFS["fixed"],
+                                rounding: str = "1.0810") -> Tensor:
+    """Approximately U V^T of G = U S V^T, by quintic Newton-Schulz iterations; G may be a batch (..., m, n).
+    rounding="1.0714": that record's order of operations (transpose before normalising, c (A A)), the same in bf16."""
+    transposed, late = G.size(-2) > G.size(-1), rounding == "1.0714"
+    X = G.mT if transposed and late else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    if transposed and not late:
         X = X.mT
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        X = a * X + (b * A + (c * (A @ A) if late else c * A @ A)) @ X
     return X.mT if transposed else X
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum SGD, update orthogonalised (same-shaped matrices batched, split over ranks); decoupled decay."""
+    """Momentum SGD, update orthogonalised (same-shaped matrices batched, split over ranks); decoupled decay. The
+    gradient, momentum and row norms in state_dtype: fp32 (the 1.0810 record), or bf16 as the 1.0714 record's banks."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int, world_size: int,
                  ns_dtype: torch.dtype, orthogonalize=newton_schulz_orthogonalize, row_norm: bool = False,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       row_norm=row_norm, weight_decay=weight_decay))
         self.rank, self.world_size, self.ns_dtype, self.orthogonalize = rank, world_size, ns_dtype, orthogonalize
+        self.state_dtype = state_dtype
         for p in (p for group in self.param_groups for p in group["params"]):  # once, not every step
-            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=state_dtype)
 
     @torch.no_grad()
     def step(self):
@@ -419,13 +433,13 @@ class Muon(torch.optim.Optimizer):
                 mine = [i for i in indices[self.rank::self.world_size] if params[i].grad is not None]
                 if not mine:
                     continue
-                grads = [params[i].grad for i in mine]
+                grads = [params[i].grad.to(self.state_dtype) for i in mine]
                 bufs = [self.state[params[i]]["momentum_buffer"] for i in mine]
-                torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, grads)
+                for buf, grad in zip(bufs, grads):  # not foreach: for bf16 it rounds the factor to bf16 on a CPU
+                    buf.mul_(group["momentum"]).add_(grad)
                 g = torch.stack(grads).add_(torch.stack(bufs), alpha=group["momentum"])  # Nesterov
                 if group["row_norm"]:  # equal-norm rows: every output unit gets a comparable step
-                    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                    g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
                 g = self.orthogonalize(g.to(self.ns_dtype), group["backend_steps"])
                 g = g * max(1, shape[0] / shape[1]) ** 0.5  # same RMS step size for tall matrices
                 for update, i in zip(g, mine):
@@ -537,10 +551,54 @@ class ShuffledSequences:
         return drawn
 
 
+def first_bos(tokens: np.ndarray, chunk: int = 1 << 16) -> int:
+    """Where a shard's first document starts (0 if none does), read a chunk at a time: usually its first token."""
+    for start in range(0, len(tokens), chunk):
+        hits = np.flatnonzero(tokens[start:start + chunk] == BOS_ID)
+        if hits.size:
+            return start + int(hits[0])
+    return 0
+
+
+def document_cu_seqlens(input_ids: np.ndarray, max_len: int, bucket: int = 64) -> Tensor:
+    """A packed row's attention segments, as the 1.0714 record's _build_cu_seqlens: one starts at 0, at every BOS and
+    every max_len tokens into a document; int32 boundaries, padded with the row's length to a multiple of `bucket`
+    entries (few shapes to compile)."""
+    n = len(input_ids)
+    starts = np.union1d(0, np.flatnonzero(np.asarray(input_ids) == BOS_ID))
+    cuts = np.concatenate([np.arange(a, b, max_len) for a, b in zip(starts, np.append(starts[1:], n))] + [[n]])
+    return torch.from_numpy(np.pad(cuts, (0, -len(cuts) % bucket), constant_values=n).astype(np.int32))
+
+
+class PackedDocuments:
+    """The 1.0714 record's DocumentPackingLoader on its n GPUs at once: one cursor, from the first shard's first BOS;
+    a step is n adjacent spans of `span` tokens, GPU v's the v-th; when the n do not fit in the rest of the shard, all
+    move to the next shard's first BOS (after the last shard, the first). One process of the record differs: it checks
+    a span at a time."""
+
+    def __init__(self, paths: list[str], counts: list[int], n: int, span: int):
+        self.maps = [np.memmap(p, "<u2", "r", SHARD_HEADER_BYTES, (c,)) for p, c in zip(paths, counts)]
+        self.first = [first_bos(tokens) for tokens in self.maps]
+        self.n, self.span = n, span
+        self.steps_per_shard = [max(0, c - b) // (n * span) for c, b in zip(counts, self.first)]
+        if not any(self.steps_per_shard):
+            raise ValueError(f"no train shard in {os.path.dirname(paths[0])} holds LOADER_STREAMS x (TRAIN_BATCH_TOKENS"
+                             f" / LOADER_STREAMS + 1) = {n * span} tokens from its first BOS: lower TRAIN_BATCH_TOKENS")
+        self.shard, self.cursor = 0, self.first[0]
+
+    def spans(self) -> list[tuple[np.ndarray, int]]:  # (tokens, start) of each GPU, read when sliced
+        while self.cursor + self.n * self.span > len(self.maps[self.shard]):
+            self.shard = (self.shard + 1) % len(self.maps)
+            self.cursor = self.first[self.shard]
+        start, self.cursor = self.cursor, self.cursor + self.n * self.span
+        return [(self.maps[self.shard], start + v * self.span) for v in range(self.n)]
+
+
 class TrainBatchLoader:
     """A step's sequences: j goes to micro-step j // (world x micro-batch) of rank j // micro-batch % world, so any
     world size and accumulation trains on the same ones; LOADER_STREAMS=N: the v-th N-th from stream v (the record's
-    GPU v of N; one per shard if fewer); 0: the shards in order (the official loader). A rank reads only its own."""
+    GPU v of N; one per shard if fewer); 0: the shards in order (the official loader). PACK_DOCUMENTS=1: micro-step m
+    of rank r is GPU m x world + r of PackedDocuments. A rank reads only its own."""
 
     def __init__(self, settings: Settings, runtime: Runtime):
         s, rt, self.rt = settings, runtime, runtime
@@ -557,9 +615,16 @@ class TrainBatchLoader:
         self.parts = {v: range(-(-v * seqs // n), -(-(v + 1) * seqs // n)) for v in range(n)}
         self.stream = partial(ShuffledSequences, self.paths, self.counts, n=n, seq_len=self.seq_len) if \
             self.num_streams else lambda v: TokenStream(self.paths, self.vocab_size, self.seq_len)
-        self.streams = {v: self.stream(v) for v, part in self.parts.items() if set(part) & set(self.mine)}
+        self.packed = PackedDocuments(self.paths, self.counts, s.loader_streams, s.train_batch_tokens //
+                                      s.loader_streams + 1) if s.pack_documents else None
+        self.streams = {v: self.stream(v) for v, part in self.parts.items() if set(part) & set(self.mine)
+                        and not self.packed}
 
-    def next_step(self) -> list[tuple[Tensor, Tensor]]:
+    def next_step(self) -> list[tuple]:
+        """This rank's micro-batches: (inputs, targets), packed: (inputs, targets, cu_seqlens, max_seqlen)."""
+        if self.packed:
+            spans, rt = self.packed.spans(), self.rt
+            return [self.packed_row(*spans[m * rt.world_size + rt.rank]) for m in range(rt.grad_accum_steps)]
         drawn = {}
         for v, stream in self.streams.items():  # a stream draws all its sequences, to stay in step
             drawn.update(zip(self.parts[v], stream.sequences(len(self.parts[v]))))
@@ -572,8 +637,14 @@ class TrainBatchLoader:
         for b in range(self.rt.rank, count, self.rt.world_size):
             yield self.batch(drawn[b * self.micro_seqs:(b + 1) * self.micro_seqs])
 
-    def batch(self, sequences: list[tuple[np.ndarray, int]]) -> tuple[Tensor, Tensor]:
-        rows = np.stack([tokens[start:start + self.seq_len + 1] for tokens, start in sequences])
+    def packed_row(self, tokens: np.ndarray, start: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """A GPU's row (1, TRAIN_BATCH_TOKENS / LOADER_STREAMS), its documents cut every TRAIN_SEQ_LEN tokens."""
+        length = self.packed.span - 1
+        cu_seqlens = document_cu_seqlens(tokens[start:start + length], self.seq_len).to(self.rt.device)
+        return *self.batch([(tokens, start)], length), cu_seqlens, self.seq_len
+
+    def batch(self, sequences: list[tuple[np.ndarray, int]], length: int = 0) -> tuple[Tensor, Tensor]:
+        rows = np.stack([tokens[start:start + (length or self.seq_len) + 1] for tokens, start in sequences])
         check_token_ids(rows, self.vocab_size, f"the train shards in {os.path.dirname(self.paths[0])}")
         rows = torch.from_numpy(rows.astype(np.int64))
         rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
@@ -1265,11 +1336,12 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
     groups += [([model.lm_head.weight], s.head_lr, 0.0)] if model.lm_head is not None else []
     optimizers = [torch.optim.AdamW([dict(params=g, lr=lr, base_lr=lr)], weight_decay=wd, **adam)  # wd 0: Adam
                   for g, lr, wd in groups]
-    orthogonalize = partial(newton_schulz_orthogonalize, coeffs=NS_COEFFS[s.muon_ns_coeffs])
+    orthogonalize = partial(newton_schulz_orthogonalize, coeffs=NS_COEFFS[s.muon_ns_coeffs], rounding=s.muon_rounding)
     muon = Muon(matrices, s.matrix_lr, s.muon_momentum, s.muon_backend_steps, runtime.rank, runtime.world_size,
                 ns_dtype=runtime.compute_dtype,
                 orthogonalize=torch.compile(orthogonalize, dynamic=False) if runtime.compile else orthogonalize,
-                row_norm=bool(s.muon_row_norm), weight_decay=s.muon_weight_decay)
+                row_norm=bool(s.muon_row_norm), weight_decay=s.muon_weight_decay,
+                state_dtype=runtime.compute_dtype if s.muon_rounding == "1.0714" else torch.float32)
     for group in muon.param_groups:
         group["base_lr"] = s.matrix_lr
     return optimizers + [muon]
@@ -1338,6 +1410,33 @@ def check_finite_score(val_loss: float, val_bpb: float, what: str, settings: Set
                                f"{settings.divergence_suspects()}")
 
 
+class RankGradients:
+    """GRAD_CLIP_PER_RANK=1, the 1.0714 record's step (no DDP): each micro-batch is one of its GPUs, whose gradient
+    is clipped to GRAD_CLIP_NORM by its own norm over all parameters; the step takes the mean of all LOADER_STREAMS
+    (summed in fp32 here, then over the ranks in one all-reduce; the record averages banks in a bf16 reduce-scatter)."""
+
+    def __init__(self, model: nn.Module, settings: Settings, runtime: Runtime):
+        self.params, self.rt = list(model.parameters()), runtime
+        self.max_norm, self.count = settings.grad_clip_norm, runtime.world_size * runtime.grad_accum_steps
+        self.flat = torch.zeros(sum(p.numel() for p in self.params), device=runtime.device)
+        self.sums = [t.view_as(p) for t, p in zip(self.flat.split([p.numel() for p in self.params]), self.params)]
+
+    def add(self) -> None:
+        """After a micro-batch's backward: its gradient, clipped, joins the sum; .grad is zeroed for the next."""
+        grads = [p.grad for p in self.params]
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        torch._foreach_add_(self.sums, grads)
+        torch._foreach_zero_(grads)
+
+    def set_mean(self) -> None:
+        if self.rt.distributed:
+            dist.all_reduce(self.flat)
+        self.flat /= self.count
+        torch._foreach_copy_([p.grad for p in self.params], self.sums)
+        self.flat.zero_()
+
+
 class Trainer:
     """Owns the model, optimizers and batches; `step` is one optimizer step over the global batch."""
 
@@ -1350,7 +1449,8 @@ class Trainer:
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
         self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
-                                else None) if runtime.distributed else self.compiled)
+                                else None) if runtime.distributed and not settings.grad_clip_per_rank else self.compiled)
+        self.rank_grads = RankGradients(self.model, settings, runtime) if settings.grad_clip_per_rank else None
         self.optimizers = build_optimizers(self.model, settings, runtime)
         self.loader = TrainBatchLoader(settings, runtime)
         self.all_finite = torch.ones((), dtype=torch.bool, device=runtime.device)
@@ -1367,12 +1467,15 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         train_loss = torch.zeros((), device=rt.device)
         batches = self.loader.next_step()
-        for micro, (inputs, targets) in enumerate(batches):
+        for micro, (inputs, targets, *documents) in enumerate(batches):  # documents: cu_seqlens, max_seqlen
             last = micro == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not rt.distributed else self.train_model.no_sync()
+            sync = self.train_model.no_sync() if isinstance(self.train_model, DDP) and not last else \
+                contextlib.nullcontext()
             with sync:
-                loss = self.train_model(inputs, targets).mean()
-                (loss / rt.grad_accum_steps).backward()
+                loss = self.train_model(inputs, targets, *documents).mean()
+                (loss if self.rank_grads else loss / rt.grad_accum_steps).backward()
+            if self.rank_grads:
+                self.rank_grads.add()
             train_loss += loss.detach() / rt.grad_accum_steps
         self.all_finite &= torch.isfinite(train_loss)
         for opt in self.optimizers:
@@ -1380,7 +1483,9 @@ class Trainer:
                 group["lr"] = group["base_lr"] * lr_scale
                 if isinstance(opt, Muon):
                     group["momentum"] = muon_momentum(step, s)
-        if s.grad_clip_norm > 0:
+        if self.rank_grads:
+            self.rank_grads.set_mean()
+        elif s.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
@@ -1397,19 +1502,31 @@ class Trainer:
                                    f"and nothing is exported; {self.settings.divergence_suspects()}")
 
     def warm_up_and_restore(self, steps: int, log) -> None:
-        """Steps (half with recurrence on) that compile outside the timed run, then everything put back."""
+        """Steps (half with recurrence on) that compile outside the timed run, then everything put back.
+        WARMUP_KEEP_MOMENTUM=1, the 1.0714 record's on 8 GPUs: after one batch (its kernel warm-up's), `steps` steps
+        without recurrence then `steps` with; Muon's momentum is kept (its sharded buffers escape the restore)."""
         if steps <= 0:
             return
+        s, adams = self.settings, [opt for opt in self.optimizers if not isinstance(opt, Muon)]
         initial_model = copy.deepcopy(self.model.state_dict())
-        initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for i in range(steps):
-            self.step(0, 1.0, progress=1.0 if 2 * i >= steps else 0.0)
-            log(f"warmup_step:{i + 1}/{steps}")
+        initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in adams]
+        schedule = [(0, float(2 * i >= steps)) for i in range(steps)]
+        if s.warmup_keep_momentum:
+            self.loader.next_step()
+            looping = bool(s.recur_layer_ids and s.num_loops)
+            schedule = [(i, 0.0) for i in range(steps)] + [(i, 1.0) for i in range(steps) if looping]
+        for n, (i, progress) in enumerate(schedule):
+            self.step(i, 1.0, progress)
+            log(f"warmup_step:{n + 1}/{len(schedule)}")
         self.model.load_state_dict(initial_model)
         self.model.recurrence_active = False
         self.ema = WeightEMA(self.model, self.settings.ema_decay) if self.ema is not None else None
-        for opt, state in zip(self.optimizers, initial_optimizers):
+        for opt, state in zip(adams, initial_optimizers):
             opt.load_state_dict(state)
+        for opt in self.optimizers if not s.warmup_keep_momentum else ():
+            if isinstance(opt, Muon):  # zeroed in place: load_state_dict would cast a bf16 momentum to fp32
+                for state in opt.state.values():
+                    state["momentum_buffer"].zero_()
         self.loader = TrainBatchLoader(self.settings, self.rt)
         self.all_finite.fill_(True)
 
@@ -1545,6 +1662,8 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     log(f"train_shards:{len(trainer.loader.paths)} pattern:{os.path.join(s.data_path, 'fineweb_train_*.bin')} "
         f"data_id:{training_data_id(trainer.loader.paths)}" +
         (f" loader_streams:{streams} (one per shard, fewer than LOADER_STREAMS)" if streams < s.loader_streams else ""))
+    if trainer.loader.packed:
+        log_packed_data_repeat(log, sum(trainer.loader.packed.steps_per_shard), s)
     ledger, t_start, warmup = {}, time.perf_counter(), Progress(log, "warmup_compile")
     trainer.warm_up_and_restore(s.warmup_steps, log)
     if s.ttt_epochs and rt.compile and s.warmup_steps:
@@ -1598,6 +1717,16 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
     ledger["total"] = 1000 * (time.perf_counter() - t_start)
     log("time_ledger " + " ".join(f"{k}:{v:.0f}ms" for k, v in ledger.items()))
     log(f"{summary}, log {log.path}")
+
+
+RECORD_STEPS = 4843  # the most steps of the 1.0714 record's three 600 s runs on 8xH100 (its logs)
+
+
+def log_packed_data_repeat(log: RunLog, steps: int, settings: Settings) -> None:
+    log(f"train_data: packed documents; the shards repeat after {steps} steps")
+    if steps < min(settings.iterations, RECORD_STEPS):
+        log(f"WARNING: the training data repeats after {steps} steps, before the {RECORD_STEPS} steps the 1.0714 "
+            f"record trains in 600 s on 8xH100: download more shards (data/cached_challenge_fineweb.py --train-shards)")
 
 
 class WallclockStop:
