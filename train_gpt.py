@@ -1218,9 +1218,8 @@ class Block(nn.Module):
         + post[1, j] MLP: learned routing (GPT.parallel_post_lambdas and parallel_resid_lambdas of this block)."""
         _, attn_out = self.attention_branch(lane0, x0, attend, lora)
         mlp_out = self.mlp_branch(lane1, lora)
-        post, resid = post.to(lane0.dtype), resid.to(lane0.dtype)
-        return tuple(resid[j] * lane + post[0, j] * attn_out + post[1, j] * mlp_out for j, lane in enumerate((lane0,
-                                                                                                              lane1)))
+        post, resid, lanes = post.to(lane0.dtype), resid.to(lane0.dtype), (lane0, lane1)
+        return tuple(resid[j] * lanes[j] + post[0, j] * attn_out + post[1, j] * mlp_out for j in (0, 1))
 
 
 class GPT(nn.Module):
@@ -1362,7 +1361,7 @@ class BatchedLinearLoRA(nn.Module):
 class BatchedTTTLoRA(nn.Module):
     """Test-time training's adapters for `batch` documents, the 1.0714 record's: Q, K, V, O (reading the attention's
     input) and MLP-out on every block pass of the model's current recurrence, and the head. GPT.logits(lora=...)
-    adds them; reset() draws A in the record's order (head, then Q, V, K, MLP and O of each pass in turn)."""
+    adds them; reset() draws A in the record's order: the head's, then every pass's Q, then V, K, MLP and O."""
 
     def __init__(self, batch: int, model: GPT, rank: int):
         super().__init__()
@@ -1597,10 +1596,10 @@ def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: byte
         f"attention:{runtime.attention} torch:{torch.__version__} python:{platform.python_version()} "
         f"host:{platform.node()}")
     if dev.type == "cuda" and runtime.attention != "fa3":
-        log("attention: SDPA's FlashAttention kernel, not the records' FlashAttention 3: on 8xH100 an estimated +12 ms "
-            "a step, +19 ms with recurrence, ~500 fewer steps in 600 s, very roughly +0.004 to +0.008 val_bpb "
-            "(estimates, unmeasured); for FA3: pip install kernels, or the flash_attn_3 wheel (README: The attention "
-            "kernel)")
+        log("attention: SDPA's FlashAttention (FlexAttention on packed rows), not the records' FlashAttention 3: on "
+            "8xH100 an estimated +12 ms a step, +19 ms with recurrence, ~500 fewer steps in 600 s, very roughly "
+            "+0.004 to +0.008 val_bpb (estimates, unmeasured); for FA3: pip install kernels, or the flash_attn_3 "
+            "wheel (README: The attention kernel)")
     log("settings:" + json.dumps({k.upper(): v for k, v in asdict(settings).items()}))
     env_prefixes = ("CUDA", "NCCL", "TORCH", "OMP", "PYTORCH", "RANK", "LOCAL_", "WORLD_", "MASTER_")
     log("environment:" + json.dumps({k: v for k, v in sorted(os.environ.items()) if k.startswith(env_prefixes)}))

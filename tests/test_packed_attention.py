@@ -34,8 +34,10 @@ def fa3_stand_in(tmp_path, monkeypatch):
         assert train_gpt.pick_attention("fa3", "cpu") == "fa3"
         module = train_gpt.FLASH_ATTENTION_3
         for name in ("flash_attn_func", "flash_attn_varlen_func"):
-            original = getattr(module, name)
-            monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append((_n, a, k)) or _f(*a, **k))
+            def noted(*args, _original=getattr(module, name), _name=name, **kwargs):
+                calls.append((_name, args, kwargs))
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(module, name, noted)
         yield calls
     finally:
         sys.modules.pop("flash_attn_interface", None)

@@ -15,7 +15,8 @@ from test_record_equivalence_model import assert_close_relative, one_thread  # n
 from train_gpt import RECORD_1_0714, Settings
 
 # What the record's runs set beyond its source's defaults (its logs' Hyperparameters block; test below).
-LOGGED = dict(QK_GAIN_INIT=5.25, SMEAR_GATE=1, SMEAR_GATE_WIDTH=12, GATE_ATTN_OUT=1, GATE_ATTN_SRC="proj", GATE_WIDTH=12)
+LOGGED = dict(QK_GAIN_INIT=5.25, SMEAR_GATE=1, SMEAR_GATE_WIDTH=12, GATE_ATTN_OUT=1, GATE_ATTN_SRC="proj",
+              GATE_WIDTH=12)
 # Reduced size: the record's 11 layers, loops of 3-5, XSA on all, two lanes from 8, MLP 4x, gated skips, at width 64
 # with 2 KV heads and a 32-token TRAIN_SEQ_LEN (the longest segment of a packed row).
 REDUCED_RECORD = dict(LOGGED, VOCAB_SIZE=128, MODEL_DIM=64, EMBEDDING_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2,
@@ -73,6 +74,7 @@ def logged_hyperparameters() -> dict[str, str]:
 def test_record_settings_are_the_logged_models():
     """RECORD_1_0714 on the kit's defaults is the model the record's runs logged, setting by setting."""
     logged, s = logged_hyperparameters(), Settings(**RECORD_1_0714)
+    assert Settings.from_env({k.upper(): str(v) for k, v in RECORD_1_0714.items()}) == s  # valid as variables
     assert {k: logged[k] for k in ("smear_gate_enabled", "gate_attn_out", "gate_attn_src", "gate_width",
                                    "smear_gate_width", "parallel_final_lane", "gate_mlp_out", "rope_yarn")} == \
         dict(smear_gate_enabled="True", gate_attn_out="True", gate_attn_src="proj", gate_width="12",
