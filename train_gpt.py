@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 brotli = importlib.import_module("brotli") if importlib.util.find_spec("brotli") else None  # None: validate refuses
@@ -73,6 +74,7 @@ class Settings:
     seed: int = 1337
     device: str = "auto"  # auto | cuda | cpu | mps
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
+    attention: str = "auto"  # auto (fa3 where installed on CUDA, else sdpa) | fa3 (FlashAttention 3) | sdpa
     optimize_ddp: int = 0  # 1: dynamo splits the compiled DDP graph at the gradient buckets; 0: one graph (the record)
     # Evaluation and logging.
     val_batch_size: int = 524_288
@@ -109,6 +111,7 @@ class Settings:
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
     parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
+    parallel_start_layer: int = 0  # decoder passes of blocks from this one on: two residual lanes (GPT.logits); 0: off
     recur_layers: str = "3,4,5"  # contiguous block indices run again (shared weights); "": none
     num_loops: int = 2  # ... this many extra times
     recur_start_frac: float = 0.35  # ... from this fraction of training on
@@ -116,8 +119,10 @@ class Settings:
     logit_softcap: float = 30.0
     qk_gain_init: float = 5.25
     tied_embed_init_std: float = 0.005
-    ortho_init: int = 1  # 1: orthogonal matrices (the record's init); 0: PyTorch's default (the baseline's)
-    smear_gate: int = 0  # 1: each position adds a gated share of the previous token's embedding (not across BOS)
+    ortho_init: int = 1  # 1: orthogonal matrices (the record's init); 0: PyTorch's default; 2: as 1.0714 (its banks)
+    smear_gate: int = 0  # 1: each position adds a gated share of the previous token's embedding
+    smear_bos_mask: int = 1  # 1: ... never across a BOS (the later records' fix); 0: also across (the 1.0714 record)
+    gate_attn_out: int = 0  # 1: each head's attention output x 2 sigmoid(a zero-initialised gate of its input)
     # Optimizers.
     embed_lr: float = 0.6
     head_lr: float = 0.008
@@ -209,7 +214,8 @@ class Settings:
         require(s.device in ("auto", "cuda", "cpu", "mps"), "DEVICE", s.device, "one of auto, cuda, cpu, mps")
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
-                              ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714"))):
+                              ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714")),
+                              ("attention", ("auto", "fa3", "sdpa"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
@@ -221,21 +227,26 @@ class Settings:
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
                      "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay", "gptq_reserve_seconds",
                      "ttt_epochs", "ttt_lr", "num_loops", "loader_streams", "gptq_mlp_clip_sigmas",
-                     "gptq_attn_clip_sigmas"):
+                     "gptq_attn_clip_sigmas", "parallel_start_layer"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
         for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
         for name in ("warmdown_frac", "recur_start_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
         for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "export_packed_code", "overwrite", "smear_gate",
-                     "tie_embeddings", "eval_sliding", "optimize_ddp", "skip_gates", "ortho_init", "pack_documents",
-                     "grad_clip_per_rank", "warmup_keep_momentum"):
+                     "tie_embeddings", "eval_sliding", "optimize_ddp", "skip_gates", "pack_documents",
+                     "grad_clip_per_rank", "warmup_keep_momentum", "smear_bos_mask", "gate_attn_out"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
+        require(s.ortho_init in (0, 1, 2), "ORTHO_INIT", s.ortho_init, "0, 1 or 2")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
         ids = s.recur_layer_ids
         require(ids == list(range(ids[0], ids[0] + len(ids))) and ids[-1] < s.num_layers if ids else True,
                 "RECUR_LAYERS", s.recur_layers, f"contiguous ascending block indices below NUM_LAYERS={s.num_layers}")
+        lanes = s.parallel_start_layer  # once two lanes start, every later decoder pass must be two-lane
+        require(not lanes or lanes < s.num_layers and not s.parallel_last_n and not (ids and ids[0] < lanes <= ids[-1]),
+                "PARALLEL_START_LAYER", lanes, f"0, or below NUM_LAYERS={s.num_layers}, not inside the RECUR_LAYERS "
+                f"range, with PARALLEL_LAST_N=0 (the two kinds of parallel residual exclude each other)")
         for name in ("rope_base", "logit_softcap", "adam_eps", "gptq_clip_sigmas", "gptq_embed_clip_sigmas"):
             require(getattr(s, name) > 0, name.upper(), getattr(s, name), "a number > 0")
         require(2 <= s.export_embed_bits <= 8, "EXPORT_EMBED_BITS", s.export_embed_bits,
@@ -293,6 +304,11 @@ PRESETS = {"strong": {}, "baseline": dict(
     train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
     warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096,
     gptq_calibration_batches=4)}
+# The 1.0714 record's logged settings that differ from the default, its model's so far: not yet a preset, it joins
+# PRESETS (as the default) once every part of its run is proven equal to the record's code. Its optimizers leave
+# out smear_gate and smear_lambda: they stay 0, so its SmearGate is the identity throughout its runs.
+RECORD_1_0714 = dict(smear_gate=1, smear_bos_mask=0, gate_attn_out=1, parallel_start_layer=8, parallel_last_n=0,
+                     ortho_init=2)
 EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 
@@ -322,6 +338,7 @@ class Runtime:
     grad_accum_steps: int
     compute_dtype: torch.dtype
     compile: bool
+    attention: str = "sdpa"  # the kernel `attention` runs: fa3 | sdpa (pick_attention)
 
     @property
     def is_master(self) -> bool:
@@ -348,7 +365,8 @@ def pick_device_type(requested: str) -> str:
 
 
 def pin_flash_attention() -> None:
-    """CUDA attention runs FlashAttention or fails, never the math kernel's T x T fallback (as the official script)."""
+    """CUDA attention runs FlashAttention or fails, never the math kernel's T x T fallback (as the official script).
+    cuDNN stays off until a GPU measures it faster on the trainer's exact call (bench/gpu_check.py's kernel step)."""
     torch.backends.cuda.enable_flash_sdp(True)
     for other in ("math", "mem_efficient", "cudnn"):
         getattr(torch.backends.cuda, f"enable_{other}_sdp")(False)
@@ -375,7 +393,20 @@ def setup_runtime(settings: Settings) -> Runtime:
     torch._dynamo.config.optimize_ddp = bool(settings.optimize_ddp)
     # bf16 matmuls where the hardware is built for them; fp32 on CPU, where bf16 is slow and tests want exactness.
     compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    return Runtime(device, rank, world_size, local_rank, grad_accum_steps, compute_dtype, compile_model)
+    return Runtime(device, rank, world_size, local_rank, grad_accum_steps, compute_dtype, compile_model,
+                   pick_attention(settings.attention, device_type))
+
+
+def pick_attention(requested: str, device_type: str) -> str:
+    """ATTENTION=auto: FlashAttention 3 on CUDA where it is installed, else SDPA; fa3: FA3 or a clear error."""
+    if requested == "sdpa" or (requested == "auto" and device_type != "cuda"):
+        return "sdpa"
+    if find_flash_attention_3() is not None:
+        return "fa3"
+    if requested == "fa3":
+        raise SettingsError("ATTENTION=fa3 but FlashAttention 3 is not installed: `pip install kernels` (on CUDA) or "
+                            "the flash_attn_3 wheel (README: The attention kernel), or set ATTENTION=auto")
+    return "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,14 +591,16 @@ def first_bos(tokens: np.ndarray, chunk: int = 1 << 16) -> int:
     return 0
 
 
-def document_cu_seqlens(input_ids: np.ndarray, max_len: int, bucket: int = 64) -> Tensor:
-    """A packed row's attention segments, as the 1.0714 record's _build_cu_seqlens: one starts at 0, at every BOS and
-    every max_len tokens into a document; int32 boundaries, padded with the row's length to a multiple of `bucket`
-    entries (few shapes to compile)."""
-    n = len(input_ids)
-    starts = np.union1d(0, np.flatnonzero(np.asarray(input_ids) == BOS_ID))
+def document_cu_seqlens(tokens: np.ndarray | Tensor, max_len: int, bucket: int = 64) -> tuple[Tensor, int]:
+    """A packed row's attention segments, as the 1.0714 record's _build_cu_seqlens cuts them: at 0, at every BOS and
+    every max_len tokens into a document. Returns (cu_seqlens, the longest segment): int32 boundaries (on the row's
+    device), padded with the row's length to a multiple of `bucket` entries: few shapes to compile (a compiled
+    model also compiles anew for each max_seqlen: the record trains with max_len)."""
+    ids = tokens.cpu().numpy() if torch.is_tensor(tokens) else np.asarray(tokens)
+    n, starts = len(ids), np.union1d(0, np.flatnonzero(ids == BOS_ID))
     cuts = np.concatenate([np.arange(a, b, max_len) for a, b in zip(starts, np.append(starts[1:], n))] + [[n]])
-    return torch.from_numpy(np.pad(cuts, (0, -len(cuts) % bucket), constant_values=n).astype(np.int32))
+    padded = torch.from_numpy(np.pad(cuts, (0, -len(cuts) % bucket), constant_values=n).astype(np.int32))
+    return padded.to(tokens.device if torch.is_tensor(tokens) else "cpu"), int(np.diff(cuts).max())
 
 
 class PackedDocuments:
@@ -640,7 +673,7 @@ class TrainBatchLoader:
     def packed_row(self, tokens: np.ndarray, start: int) -> tuple[Tensor, Tensor, Tensor, int]:
         """A GPU's row (1, TRAIN_BATCH_TOKENS / LOADER_STREAMS), its documents cut every TRAIN_SEQ_LEN tokens."""
         length = self.packed.span - 1
-        cu_seqlens = document_cu_seqlens(tokens[start:start + length], self.seq_len).to(self.rt.device)
+        cu_seqlens = document_cu_seqlens(tokens[start:start + length], self.seq_len)[0].to(self.rt.device)
         return *self.batch([(tokens, start)], length), cu_seqlens, self.seq_len
 
     def batch(self, sequences: list[tuple[np.ndarray, int]], length: int = 0) -> tuple[Tensor, Tensor]:
@@ -961,18 +994,17 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: in
 @torch.no_grad()
 def collect_hessians(model: nn.Module, settings: Settings, runtime: Runtime, log=lambda line: None) -> dict:
     """H = X^T X of each matrix's inputs, the mean over GPTQ_CALIBRATION_BATCHES of stream 0 (training)."""
-    hessians, last, count, progress = {}, {}, settings.gptq_calibration_batches, Progress(log, "gptq_calibration")
+    hessians, count, progress = {}, settings.gptq_calibration_batches, Progress(log, "gptq_calibration")
     def add(name: str, x: Tensor) -> None:
         x = x.detach().flatten(0, -2).float()
         hessians[name] = hessians.get(name, 0) + x.T @ x
     hooks = [m.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
              for name, m in model.named_modules() if isinstance(m, CastedLinear)]
-    hooks.append(model.blocks[-1].register_forward_hook(lambda m, args, out: last.update(x=out)))
+    if model.lm_head is None:  # the tied output head's input
+        hooks.append(model.final_norm.register_forward_hook(lambda m, args, out: add("tok_emb.weight", out)))
     batches = TrainBatchLoader(settings, runtime).calibration_batches(count)
     for inputs, targets in progress.over(batches, len(range(runtime.rank, count, runtime.world_size))):
         model(inputs, targets)
-        if model.lm_head is None:
-            add("tok_emb.weight", rms_norm(last["x"]))  # the output head's input, as GPT.logits computes it
     for hook in hooks:
         hook.remove()
     for H in hessians.values() if runtime.distributed else ():
@@ -1173,25 +1205,96 @@ class Rotary(nn.Module):
         self.dims, self.base = min(dims, head_dim) or head_dim, base
 
     def forward(self, x: Tensor) -> Tensor:
-        """Rotate pairs (i, i + dims/2) of x: (batch, heads, seq, head_dim) by position-dependent angles."""
+        """Rotate pairs (i, i + dims/2) of x: (batch, seq, heads, head_dim) by angles of the position in the row, also
+        in a packed row (as the 1.0714 record: within a document only the distance between positions counts)."""
         inv_freq = self.base ** (-torch.arange(0, self.dims, 2, device=x.device, dtype=torch.float32) / self.dims)
-        angles = torch.outer(torch.arange(x.size(-2), device=x.device, dtype=torch.float32), inv_freq)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        angles = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), inv_freq)[:, None]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (seq, 1, dims / 2)
         x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:]), dim=-1)
 
 
 def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: drop from each head's output y its component along the token's own value v (the residual has it)."""
-    v_unit = F.normalize(v.repeat_interleave(y.size(1) // v.size(1), dim=1), dim=-1)
+    v_unit = F.normalize(v.repeat_interleave(y.size(2) // v.size(2), dim=2), dim=-1)
     return y - (y * v_unit).sum(-1, keepdim=True) * v_unit
 
 
+# Attention kernels: FlashAttention 3 (FA3, the records' kernel, on CUDA) where installed, else PyTorch's SDPA.
+FLASH_ATTENTION_3 = None  # the module giving FA3's flash_attn_func and flash_attn_varlen_func, once found
+FA3_HUB_KERNEL = "kernels-community/flash-attn3"  # the Hugging Face `kernels` package's FA3 builds
+
+
+def find_flash_attention_3():
+    """The records' wheel (flash_attn_interface), else `kernels`' build, fetched from the hub here, before any timed
+    work; None without either, or without a build for this GPU and torch."""
+    global FLASH_ATTENTION_3
+    if FLASH_ATTENTION_3 is None and importlib.util.find_spec("flash_attn_interface"):
+        FLASH_ATTENTION_3 = importlib.import_module("flash_attn_interface")
+    elif FLASH_ATTENTION_3 is None and importlib.util.find_spec("kernels") and torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # the hub unreachable, no build for this GPU and torch: SDPA then
+            FLASH_ATTENTION_3 = importlib.import_module("kernels").get_kernel(FA3_HUB_KERNEL, version=1)
+    return FLASH_ATTENTION_3
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, kernel: str, cu_seqlens: Tensor | None = None,
+              max_seqlen: int = 0) -> Tensor:
+    """Causal attention in FA3's layout: q (batch, seq, heads, dim), k and v (batch, seq, kv_heads, dim); the output
+    is shaped as q. With cu_seqlens (document_cu_seqlens; batch 1) each segment of the row attends within itself."""
+    if kernel == "fa3":  # the records' calls
+        fa3 = FLASH_ATTENTION_3
+        y = fa3.flash_attn_func(q, k, v, causal=True) if cu_seqlens is None else fa3.flash_attn_varlen_func(
+            q[0], k[0], v[0], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+            max_seqlen_k=max_seqlen, causal=True)
+        y = y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the softmax's log-sum-exp
+        return y if cu_seqlens is None else y[None]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA's (batch, heads, seq, dim)
+    gqa = k.size(1) != q.size(1)
+    if cu_seqlens is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif not torch.compiler.is_compiling():
+        y = segment_attention(q, k, v, cu_seqlens, gqa)
+    else:
+        y = document_masked_attention(q, k, v, cu_seqlens, gqa)
+    return y.transpose(1, 2)
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, gqa: bool) -> Tensor:
+    """Uncompiled: causal SDPA segment by segment, the fastest exact way with a backward on a CPU (measured:
+    bench/varlen_attention.py)."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                     enable_gqa=gqa) for a, b in zip(bounds, bounds[1:]) if b > a], 2)
+
+
+def document_masked_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, gqa: bool,
+                              flex: bool | None = None) -> Tensor:
+    """Compiled (one graph: no loop over segments): FlexAttention's block-sparse kernel with a document mask on CUDA;
+    elsewhere SDPA with the dense seq x seq mask, as FlexAttention has no CPU backward (rows there are short)."""
+    positions = torch.arange(q.size(2), device=q.device)
+    document = torch.searchsorted(cu_seqlens, positions.to(cu_seqlens.dtype), right=True)
+    same_document_causal = lambda b, h, i, j: (document[i] == document[j]) & (j <= i)  # noqa: E731
+    if q.is_cuda if flex is None else flex:
+        mask = create_block_mask(same_document_causal, None, None, q.size(2), q.size(2), device=q.device)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    mask = same_document_causal(None, None, positions[:, None], positions[None, :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def with_lora(out: Tensor, lora: dict | None, target: str, x: Tensor) -> Tensor:
+    """out, plus the test-time adapter of `target` at this block pass (BatchedTTTLoRA.at) applied to x, if any."""
+    return out if lora is None else out + lora[target](x)
+
+
+GATE_INPUTS = 12  # SmearGate and the attention output gate read this many leading channels of their input
+
+
 class CausalSelfAttention(nn.Module):
-    """Grouped-query attention; q and k are RMS-normalised, rotated, and q gets a learned per-head gain."""
+    """Grouped-query attention; q and k are RMS-normalised, rotated, and q gets a learned per-head gain. gate: each
+    head's output is scaled by 2 sigmoid(W x[:12]), x the attention's input, W zero-initialised (the 1.0714 record)."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 rope_dims: int = 0, exclusive: bool = False):
+                 rope_dims: int = 0, exclusive: bool = False, gate: bool = False):
         super().__init__()
         self.exclusive = exclusive
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
@@ -1200,20 +1303,22 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, num_kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
+        self.attn_gate_proj = CastedLinear(GATE_INPUTS, num_heads, zero_init=True) if gate else None
         self.rotary = Rotary(self.head_dim, rope_base, rope_dims)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attend, lora: dict | None = None) -> Tensor:
+        """x (B, T, C); attend: `attention` with the kernel and the row's segments bound; lora: this pass's adapters."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = with_lora(self.c_q(x), lora, "q", x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = with_lora(self.c_k(x), lora, "k", x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = with_lora(self.c_v(x), lora, "v", x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = attend(q * self.q_gain.to(q.dtype)[:, None], k, v)
         if self.exclusive:
             y = exclude_self_value(y, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.attn_gate_proj is not None:
+            y = y * (2 * torch.sigmoid(self.attn_gate_proj(x[..., :GATE_INPUTS])))[..., None]
+        return with_lora(self.proj(y.reshape(B, T, C)), lora, "o", x)  # O's adapter reads the input x too
 
 
 class MLP(nn.Module):
@@ -1225,18 +1330,19 @@ class MLP(nn.Module):
         self.proj = CastedLinear(mult * dim, dim, zero_init=True)
         self.leaky_slope = leaky_slope
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square())
+    def forward(self, x: Tensor, lora: dict | None = None) -> Tensor:
+        return with_lora(self.proj(F.leaky_relu(self.fc(x), self.leaky_slope).square()), lora, "mlp", x)
 
 
 class Block(nn.Module):
-    """Pre-norm block re-mixing its input with x0; LN scale 1/sqrt(i+1); parallel: attention and MLP read one input."""
+    """Pre-norm block re-mixing its input with x0; LN scale 1/sqrt(i+1); parallel: attention and MLP read one input;
+    two_lanes: the 1.0714 record's parallel form, two residual streams."""
 
     def __init__(self, dim: int, settings: Settings, layer: int = 0):
         super().__init__()
         s = settings
         self.attn = CausalSelfAttention(dim, s.num_heads, s.num_kv_heads, s.rope_base, s.qk_gain_init, s.rope_dims,
-                                        exclusive=layer >= s.num_layers - s.xsa_last_n)
+                                        exclusive=layer >= s.num_layers - s.xsa_last_n, gate=bool(s.gate_attn_out))
         self.mlp = MLP(dim, s.mlp_mult, s.mlp_leaky_slope)
         self.norm_scale = 1 / math.sqrt(layer + 1) if s.ln_scale else 1.0
         self.parallel = layer >= s.num_layers - s.parallel_last_n
@@ -1244,26 +1350,41 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def attention_branch(self, x: Tensor, x0: Tensor, attend, lora: dict | None) -> tuple[Tensor, Tensor]:
+        """(x mixed with x0, the scaled attention output of it)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        after_attn = x + self.attn_scale.to(x.dtype) * self.attn(self.norm_scale * rms_norm(x))
-        mlp_input = x if self.parallel else after_attn
-        return after_attn + self.mlp_scale.to(x.dtype) * self.mlp(self.norm_scale * rms_norm(mlp_input))
+        return x, self.attn_scale.to(x.dtype) * self.attn(self.norm_scale * rms_norm(x), attend, lora)
 
+    def mlp_branch(self, x: Tensor, lora: dict | None) -> Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(self.norm_scale * rms_norm(x), lora)
 
-SMEAR_GATE_INPUTS = 12  # SmearGate reads this many leading channels of a token's embedding
+    def forward(self, x: Tensor, x0: Tensor, attend, lora: dict | None = None) -> Tensor:
+        x, attn_out = self.attention_branch(x, x0, attend, lora)
+        after_attn = x + attn_out
+        return after_attn + self.mlp_branch(x if self.parallel else after_attn, lora)
+
+    def two_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, attend, post: Tensor, resid: Tensor,
+                  lora: dict | None = None) -> tuple[Tensor, Tensor]:
+        """Attention reads lane 0 (mixed with x0), the MLP lane 1; then lane j = resid[j] lane j + post[0, j] attention
+        + post[1, j] MLP: learned routing (GPT.parallel_post_lambdas and parallel_resid_lambdas of this block)."""
+        _, attn_out = self.attention_branch(lane0, x0, attend, lora)
+        mlp_out = self.mlp_branch(lane1, lora)
+        post, resid, lanes = post.to(lane0.dtype), resid.to(lane0.dtype), (lane0, lane1)
+        return tuple(resid[j] * lanes[j] + post[0, j] * attn_out + post[1, j] * mlp_out for j in (0, 1))
 
 
 class GPT(nn.Module):
     """A U-Net of block passes: the first half's outputs are mixed (weights, gates) into the second half. Depth
     recurrence: with `recurrence_active`, RECUR_LAYERS run 1 + NUM_LOOPS times (same weights) and the longer list of
-    passes is split again: more depth for no bytes (switching it on recompiles)."""
+    passes is split again: more depth for no bytes (switching it on recompiles). From PARALLEL_START_LAYER on, the
+    decoder passes carry two residual lanes (Block.two_lanes); the skips join lane 0; the output is their mean."""
 
-    def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, settings: Settings, compute_dtype: torch.dtype = torch.float32, attention_kernel: str = "sdpa"):
         super().__init__()
+        rng = torch.get_rng_state()  # ORTHO_INIT=2 replays the draws from here (draw_as_banks)
         s, dim, recur = settings, settings.model_dim, settings.recur_layer_ids
-        self.compute_dtype, self.logit_softcap = compute_dtype, s.logit_softcap
+        self.compute_dtype, self.logit_softcap, self.attention_kernel = compute_dtype, s.logit_softcap, attention_kernel
         self.tok_emb = nn.Embedding(s.vocab_size, dim)
         self.blocks = nn.ModuleList(Block(dim, s, i) for i in range(s.num_layers))
         self.lm_head = None if s.tie_embeddings else CastedLinear(dim, s.vocab_size, zero_init=True)
@@ -1275,50 +1396,143 @@ class GPT(nn.Module):
         num_skips = len(self.passes[True][0])  # the looped split has the most encoder passes
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim)) if s.skip_gates else None
-        self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_INPUTS)) if s.smear_gate else None
+        self.two_lanes_from, lanes = s.parallel_start_layer or s.num_layers, s.parallel_start_layer > 0
+        self.parallel_post_lambdas = nn.Parameter(torch.ones(s.num_layers, 2, 2)) if lanes else None
+        self.parallel_resid_lambdas = nn.Parameter(torch.full((s.num_layers, 2), 1.1)) if lanes else None
+        self.smear_gate = nn.Parameter(torch.zeros(1, GATE_INPUTS)) if s.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if s.smear_gate else None
-        if s.tie_embeddings:
+        self.smear_bos_mask = bool(s.smear_bos_mask)
+        self.final_norm = nn.RMSNorm(dim, elementwise_affine=False)  # a module: GPTQ hooks the head's input here
+        if s.ortho_init == 2:
+            self.draw_as_banks(rng, s)
+        elif s.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=s.tied_embed_init_std)
-        for m in self.modules() if s.ortho_init else ():  # the record's init, drawn in its order
+        for m in self.modules() if s.ortho_init == 1 else ():  # the 1.0810 record's init, drawn in its order
             if isinstance(m, CastedLinear) and not m.zero_init and min(m.weight.shape) >= 64:
                 nn.init.orthogonal_(m.weight)
 
+    def draw_as_banks(self, rng: Tensor, settings: Settings) -> None:
+        """ORTHO_INIT=2: the 1.0714 record's initial weights for the same seed. Its block matrices are parameter banks
+        that draw nothing when built, so the draws are rewound and made in its order: the embedding's and the gates'
+        default init when built (the gates then zeroed), the embedding's normal, then each block's c_q, c_k, c_v and
+        fc orthogonal, whatever their shape."""
+        torch.set_rng_state(rng)
+        self.tok_emb.reset_parameters()
+        gates = [b.attn.attn_gate_proj for b in self.blocks if b.attn.attn_gate_proj is not None]
+        for m in gates + [self.lm_head] * (self.lm_head is not None):
+            m.reset_parameters()
+        if self.smear_gate is not None:
+            nn.init.kaiming_uniform_(self.smear_gate, a=math.sqrt(5))  # nn.Linear(12, 1)'s draw, as the record's
+        if settings.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=settings.tied_embed_init_std)
+        for b in self.blocks:
+            for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                nn.init.orthogonal_(m.weight)
+        zeroed = [m.weight for m in self.modules() if isinstance(m, CastedLinear) and m.zero_init]
+        for w in zeroed + [self.smear_gate] * (self.smear_gate is not None):
+            nn.init.zeros_(w)
+
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T) -> (B, T, C); SmearGate: + lambda x sigmoid(gate(e_t[:12])) x e_{t-1}, never across a BOS."""
+        """(B, T) -> (B, T, C); SmearGate: + lambda x sigmoid(gate(e_t[:12])) x e_{t-1}, never across a BOS unless
+        SMEAR_BOS_MASK=0."""
         x = self.tok_emb(input_ids).to(self.compute_dtype)
         if self.smear_gate is not None:
-            gate = torch.sigmoid(F.linear(x[:, 1:, :SMEAR_GATE_INPUTS], self.smear_gate.to(x.dtype)))
-            share = self.smear_lambda.to(x.dtype) * gate * (input_ids[:, 1:, None] != BOS_ID)
+            gate = torch.sigmoid(F.linear(x[:, 1:, :GATE_INPUTS], self.smear_gate.to(x.dtype)))
+            share = self.smear_lambda.to(x.dtype) * gate
+            share = share * (input_ids[:, 1:, None] != BOS_ID) if self.smear_bos_mask else share
             x = torch.cat((x[:, :1], x[:, 1:] + share * x[:, :-1]), dim=1)
         return rms_norm(x)
 
-    def logits(self, input_ids: Tensor) -> Tensor:
+    def logits(self, input_ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+               lora: BatchedTTTLoRA | None = None) -> Tensor:
+        """(B, T) -> (B, T, V). cu_seqlens: the row's segments (document_cu_seqlens; B = 1) attend within themselves.
+        lora: its adapters join every block pass (slot: the pass's index, encoder then decoder) and the head."""
         x = x0 = self.embed(input_ids)  # (B, T, C)
+        attend = partial(attention, kernel=self.attention_kernel, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        adapters = (lambda slot: None) if lora is None else lora.at
         encoder, decoder = self.passes[self.recurrence_active]
-        skips = []
-        for i in encoder:
-            x = self.blocks[i](x, x0)
+        skips, lane1 = [], None  # with two lanes, x is lane 0
+        for slot, i in enumerate(encoder):
+            x = self.blocks[i](x, x0, attend, adapters(slot))
             skips.append(x)
         for k, i in enumerate(decoder):
+            lane1 = x if lane1 is None and i >= self.two_lanes_from else lane1
             if skips:
-                skip = self.skip_weights[k].to(x.dtype) * skips.pop()
-                gates = self.skip_gates
-                x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[k].to(x.dtype)))
-            x = self.blocks[i](x, x0)
-        x = rms_norm(x)
+                x = self.add_skip(x, k, skips.pop())
+            if lane1 is None:
+                x = self.blocks[i](x, x0, attend, adapters(len(encoder) + k))
+            else:
+                x, lane1 = self.blocks[i].two_lanes(x, lane1, x0, attend, self.parallel_post_lambdas[i],
+                                                    self.parallel_resid_lambdas[i], adapters(len(encoder) + k))
+        x = self.final_norm(x if lane1 is None else 0.5 * (x + lane1))
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head.to(x.dtype))  # (B, T, V)
+        logits = logits if lora is None else logits + lora.lm_head_lora(x)
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+    def add_skip(self, x: Tensor, k: int, skip: Tensor) -> Tensor:
+        """The k-th U-Net skip, weighted, mixed into x by a learned sigmoid gate (or added without SKIP_GATES)."""
+        skip = self.skip_weights[k].to(x.dtype) * skip
+        gates = self.skip_gates
+        return x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[k].to(x.dtype)))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+                lora: BatchedTTTLoRA | None = None) -> Tensor:
         """Cross-entropy in nats of every target token, shape (B, T)."""
-        logits = self.logits(input_ids).float()
+        logits = self.logits(input_ids, cu_seqlens, max_seqlen, lora).float()
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
     def control_tensor_names(self) -> set[str]:
-        """Vectors and gains: trained with Adam and stored in fp32 by the export."""
-        return {name for name, p in self.named_parameters()
-                if p.ndim < 2 or name.endswith(("skip_weights", "skip_gates", "resid_mix", "smear_gate"))}
+        """Vectors, gains, gates and lane weights: trained with Adam and stored in fp32 by the export."""
+        return {name for name, p in self.named_parameters() if p.ndim < 2 or name.endswith((
+            "skip_weights", "skip_gates", "resid_mix", "smear_gate", "attn_gate_proj.weight", "parallel_post_lambdas",
+            "parallel_resid_lambdas"))}
+
+
+class BatchedLinearLoRA(nn.Module):
+    """Low-rank adapters, one per row of a batch (a document in test-time training): row b maps x to x A_b^T B_b^T,
+    A (batch, rank, in), B (batch, out, rank)."""
+
+    def __init__(self, batch: int, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(batch, rank, in_features))
+        self.B = nn.Parameter(torch.empty(batch, out_features, rank))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        """A uniform in +-1/sqrt(in), B zero: the adapter starts as no change (the 1.0714 record's)."""
+        bound = 1 / math.sqrt(self.A.size(-1))
+        self.A.uniform_(-bound, bound, generator=generator)
+        self.B.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.A.mT.to(x.dtype)) @ self.B.mT.to(x.dtype)
+
+
+class BatchedTTTLoRA(nn.Module):
+    """Test-time training's adapters for `batch` documents, the 1.0714 record's: Q, K, V, O (reading the attention's
+    input) and MLP-out on every block pass of the model's current recurrence, and the head. GPT.logits(lora=...)
+    adds them; reset() draws A in the record's order: the head's, then every pass's Q, then V, K, MLP and O."""
+
+    def __init__(self, batch: int, model: GPT, rank: int):
+        super().__init__()
+        dim, vocab = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
+        kv_dim, passes = model.blocks[0].attn.c_k.out_features, sum(map(len, model.passes[model.recurrence_active]))
+        per_pass = lambda out: nn.ModuleList(BatchedLinearLoRA(batch, dim, out, rank) for _ in range(passes))  # noqa
+        self.lm_head_lora = BatchedLinearLoRA(batch, dim, vocab, rank)
+        self.q_loras, self.v_loras, self.k_loras = per_pass(dim), per_pass(kv_dim), per_pass(kv_dim)
+        self.mlp_loras, self.o_loras = per_pass(dim), per_pass(dim)
+
+    def reset(self, generator: torch.Generator | None = None) -> None:
+        for lora in self.modules():
+            if isinstance(lora, BatchedLinearLoRA):
+                lora.reset(generator)
+
+    def at(self, slot: int) -> dict[str, BatchedLinearLoRA]:
+        """The adapters of block pass `slot`, by target."""
+        return {"q": self.q_loras[slot], "k": self.k_loras[slot], "v": self.v_loras[slot], "o": self.o_loras[slot],
+                "mlp": self.mlp_loras[slot]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1443,7 +1657,7 @@ class Trainer:
     def __init__(self, settings: Settings, runtime: Runtime):
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
-        self.model = GPT(settings, runtime.compute_dtype).to(runtime.device)
+        self.model = GPT(settings, runtime.compute_dtype, runtime.attention).to(runtime.device)
         # As the record and the official baseline: in bf16 runs the token embedding (the tied head) is kept in bf16.
         self.model.tok_emb.to(runtime.compute_dtype)
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
@@ -1623,7 +1837,13 @@ def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: byte
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     log(f"device:{dev.type} name:{name} world_size:{runtime.world_size} grad_accum_steps:{runtime.grad_accum_steps} "
         f"compute_dtype:{str(runtime.compute_dtype).removeprefix('torch.')} compile:{int(runtime.compile)} "
-        f"torch:{torch.__version__} python:{platform.python_version()} host:{platform.node()}")
+        f"attention:{runtime.attention} torch:{torch.__version__} python:{platform.python_version()} "
+        f"host:{platform.node()}")
+    if dev.type == "cuda" and runtime.attention != "fa3":
+        log("attention: SDPA's FlashAttention (FlexAttention on packed rows), not the records' FlashAttention 3: on "
+            "8xH100 an estimated +12 ms a step, +19 ms with recurrence, ~500 fewer steps in 600 s, very roughly "
+            "+0.004 to +0.008 val_bpb (estimates, unmeasured); for FA3: pip install kernels, or the flash_attn_3 "
+            "wheel (README: The attention kernel)")
     log("settings:" + json.dumps({k.upper(): v for k, v in asdict(settings).items()}))
     env_prefixes = ("CUDA", "NCCL", "TORCH", "OMP", "PYTORCH", "RANK", "LOCAL_", "WORLD_", "MASTER_")
     log("environment:" + json.dumps({k: v for k, v in sorted(os.environ.items()) if k.startswith(env_prefixes)}))

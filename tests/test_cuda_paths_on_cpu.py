@@ -180,9 +180,9 @@ def test_trainer_compiles_the_model_so_that_a_graph_break_is_an_error(tiny_datas
     trainer = train_gpt.Trainer(settings, cpu_runtime(compile_model=True))
     original = train_gpt.GPT.logits
 
-    def logits_with_a_graph_break(self, input_ids):
+    def logits_with_a_graph_break(self, *args, **kwargs):
         torch._dynamo.graph_break()
-        return original(self, input_ids)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(train_gpt.GPT, "logits", logits_with_a_graph_break)
     inputs = torch.randint(0, tiny_dataset.vocab_size, (1, SEQ_LEN))

@@ -29,7 +29,13 @@ from train_gpt import Settings, SettingsError
     ({"RUN_ID": "../escape"}, "RUN_ID"),
     ({"NUM_LOOPS": "-1"}, "NUM_LOOPS"),
     ({"SKIP_GATES": "2"}, "SKIP_GATES"),
-    ({"ORTHO_INIT": "2"}, "ORTHO_INIT"),
+    ({"ORTHO_INIT": "3"}, "ORTHO_INIT"),
+    ({"ATTENTION": "flash"}, "ATTENTION"),
+    ({"SMEAR_BOS_MASK": "2"}, "SMEAR_BOS_MASK"),
+    ({"GATE_ATTN_OUT": "2"}, "GATE_ATTN_OUT"),
+    ({"PARALLEL_START_LAYER": "11", "PARALLEL_LAST_N": "0"}, "PARALLEL_START_LAYER"),  # no such block
+    ({"PARALLEL_START_LAYER": "8"}, "PARALLEL_START_LAYER"),  # with PARALLEL_LAST_N=4's one-lane parallel blocks
+    ({"PARALLEL_START_LAYER": "4", "PARALLEL_LAST_N": "0"}, "PARALLEL_START_LAYER"),  # inside RECUR_LAYERS=3,4,5
     ({"EMBED_WEIGHT_DECAY": "-0.1"}, "EMBED_WEIGHT_DECAY"),
     ({"SCALAR_WEIGHT_DECAY": "-0.1"}, "SCALAR_WEIGHT_DECAY"),
 ])

@@ -46,3 +46,16 @@ def test_every_parameter_is_trained_by_exactly_one_optimizer_with_smear_gate_and
     assert sorted(trained) == sorted(id(p) for p in model.parameters())
     scalars = optimizers[1].param_groups[0]["params"]  # AdamW with SCALAR_LR: the gate is a control tensor
     assert any(p is model.smear_gate for p in scalars) and any(p is model.smear_lambda for p in scalars)
+
+
+def test_smear_gate_without_the_bos_mask_also_smears_into_a_documents_first_token():
+    """SMEAR_BOS_MASK=0, the 1.0714 record's gate: the BOS position also adds a share of the previous token."""
+    model = perturbed_model(tiny(smear_gate=1, smear_bos_mask=0))
+    ids = torch.tensor([[train_gpt.BOS_ID, 5, 6, 7, train_gpt.BOS_ID, 20, 21]])
+    with torch.no_grad():
+        e = model.tok_emb(ids)
+        gate = torch.sigmoid((e[:, 1:, :12] * model.smear_gate[0]).sum(-1, keepdim=True))
+        expected = torch.cat((e[:, :1], e[:, 1:] + model.smear_lambda.item() * gate * e[:, :-1]), dim=1)
+        assert torch.allclose(model.embed(ids), F.rms_norm(expected, (64,)), atol=1e-6)
+        masked = perturbed_model(tiny(smear_gate=1)).embed(ids)
+    assert not torch.allclose(model.embed(ids)[:, 4], masked[:, 4])

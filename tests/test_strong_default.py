@@ -75,10 +75,10 @@ def test_baseline_preset_trains_the_same_math_as_the_original_script(tmp_path, t
 
 def test_xsa_output_is_orthogonal_to_the_tokens_own_value():
     torch.manual_seed(0)
-    y, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16)  # 4 query heads share 2 value heads
+    y, v = torch.randn(2, 7, 4, 16), torch.randn(2, 7, 2, 16)  # (batch, seq, heads, dim): 4 query heads, 2 values
     out = train_gpt.exclude_self_value(y, v)
-    own_value = v[:, [0, 0, 1, 1]]
-    assert torch.allclose((out * own_value).sum(-1), torch.zeros(2, 4, 7), atol=1e-5)
+    own_value = v[:, :, [0, 0, 1, 1]]
+    assert torch.allclose((out * own_value).sum(-1), torch.zeros(2, 7, 4), atol=1e-5)
     assert torch.allclose(y - out, own_value * ((y * own_value).sum(-1) / own_value.square().sum(-1))[..., None],
                           atol=1e-5)  # only the component along v was removed
 
