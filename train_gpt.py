@@ -72,7 +72,7 @@ class Settings:
     seed: int = 1337
     device: str = "auto"  # auto | cuda | cpu | mps
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
-    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | bf16: CUDA's dtypes and fused AdamW, on any device | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | bf16: CUDA's dtypes and fused AdamW on any device | fp32
     optimize_ddp: int = 0  # 1: dynamo splits the compiled DDP graph at the gradient buckets; 0: one graph (the record)
     # Evaluation and logging.
     val_batch_size: int = 524_288
@@ -773,7 +773,7 @@ class Evaluator:
         gradients in one flat buffer per dtype (one all-reduce each a step); one batch shape (filler rows weigh 0):
         compile_ttt's. A bf16 parameter's gradient stays bf16 (reduced, clipped, stepped), as in the record's TTT."""
         rt, seq_len, params = self.rt, self.settings.train_seq_len, optimizer.param_groups[0]["params"]
-        seq_starts = np.maximum(np.arange(end - seq_len, first - seq_len, -seq_len), 0)
+        seq_starts = np.maximum(np.arange(end - seq_len, first - seq_len, -seq_len), 0)[::-1]  # the record's order
         mine = seq_starts[rt.rank::rt.world_size]
         padded = np.resize(mine, math.ceil(len(mine) / self.ttt_rows) * self.ttt_rows)
         padded, offsets = torch.from_numpy(padded).to(rt.device), torch.arange(seq_len + 1, device=rt.device)

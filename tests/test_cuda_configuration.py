@@ -98,7 +98,8 @@ def test_build_model_keeps_the_token_embedding_alone_in_bf16():
 
 
 def ttt_split(num_scored: int = 12 * SEQ_LEN) -> train_gpt.ValidationSplit:
-    return train_gpt.ValidationSplit(np.random.default_rng(2).integers(0, VOCAB, num_scored + 1).astype(np.uint16), True)
+    tokens = np.random.default_rng(2).integers(0, VOCAB, num_scored + 1).astype(np.uint16)
+    return train_gpt.ValidationSplit(tokens, True)
 
 
 def byte_table() -> train_gpt.ByteTable:
