@@ -2,21 +2,24 @@
 (device_choices: bf16 activations, bf16 token embedding, bf16 Newton-Schulz, fused AdamW), and every model comes
 from build_model, as the Trainer's does. The default recipe runs end to end under it, on 1 and 2 processes.
 
-The paths only CUDA took, and what tests each on the CPU:
-- bf16 compute dtype, the bf16 token embedding, Muon's bf16 Newton-Schulz and update buffer, the models' bf16
-  casts (`.to(x.dtype)`): the end-to-end runs below, build_model's dtypes, TTT with a bf16 embedding (here and
-  against the record's TTT in test_record_evaluation.py).
+The paths only CUDA took (a grep of train_gpt.py for cuda, device.type, is_available, pin_memory, fused, Event,
+synchronize, tf32 and the bf16 casts), and what tests each on the CPU:
+- the choices themselves (dtype, fused AdamW, compile, pinned memory, fp32 refused on CUDA): tests below.
+- bf16 activations and the models' casts (`.to(x.dtype)`), the bf16 token embedding, Muon's bf16 Newton-Schulz and
+  update buffer: the end-to-end runs below, build_model's dtypes, TTT with a bf16 embedding (below, and against the
+  record's TTT in test_record_evaluation.py), and the record's dtypes (test_record_equivalence_model.py).
 - fused AdamW: the end-to-end runs (PRECISION=bf16 fuses on the CPU too).
-- torch.compile: test_cuda_paths_on_cpu.py (one graph, five cache entries, in fp32 and bf16) with dynamo's eager
-  backend. Inductor itself compiles the default on this CPU (COMPILE=1 PRECISION=bf16 PRESET=smoke ran end to end),
-  but its C++ builds take minutes on 2 cores, too long for the suite.
-- the events and vote of WallclockStop: test_reliability.py, with simulated events.
-- the clock started together on every rank, the process group's timeout, GPTQ without TF32, evaluation from the
-  device copy of the tokens: tests below.
-- cannot run on a CPU, so no test here: pinned memory (`pin_memory()` needs an accelerator in a CPU build of torch),
-  TF32 (CUDA matmuls only; only its switch is tested, in GPTQ), NCCL and DDP's device_ids, torch.cuda.synchronize,
-  set_device, device names and memory statistics, and the attention kernels (FlashAttention runs on CUDA only:
-  tests/test_cuda.py, on a GPU; the switches that pin it: test_cuda_paths_on_cpu.py).
+- torch.compile: test_cuda_paths_on_cpu.py (one graph; five cache entries, in fp32 and in bf16), with dynamo's
+  eager backend. Inductor compiles the default on a CPU too (PRESET=smoke PRECISION=bf16 COMPILE=1 runs end to end
+  with gcc), but its C++ builds take minutes on 2 cores: too long for the suite.
+- WallclockStop's CUDA events and its vote read from the device: test_reliability.py, with simulated events.
+- every rank's clock started together, the process group's timeout, GPTQ's rounding without TF32, evaluation from
+  the device copy of the tokens: tests below.
+- no CPU test, as a CPU cannot take these paths: pinned memory (`pin_memory()` needs an accelerator in a CPU build
+  of torch); TF32 itself (CUDA matmuls only: only its switch is tested, in GPTQ); NCCL and DDP's device_ids (the 2
+  process runs take gloo); torch.cuda's synchronize, set_device, device name and memory statistics (they report,
+  they compute nothing); the attention kernels (FlashAttention runs on CUDA only: tests/test_cuda.py on a GPU; the
+  switches that pin it: test_cuda_paths_on_cpu.py).
 """
 from __future__ import annotations
 
