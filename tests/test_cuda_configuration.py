@@ -110,8 +110,8 @@ def byte_table() -> train_gpt.ByteTable:
 
 
 def test_ttt_trains_the_model_the_trainer_builds_in_bf16(tiny_dataset):
-    """The model as Trainer builds it for CUDA (token embedding in bf16): TTT used to stop here, assigning fp32
-    gradients to the bf16 embedding (RuntimeError), after the whole training and export."""
+    """The model as Trainer builds it for CUDA (token embedding in bf16): TTT trains it. A gradient buffer of one dtype
+    cannot (torch refuses an fp32 gradient on a bf16 tensor): a crash after the whole training and export."""
     settings = tiny(vocab_size=tiny_dataset.vocab_size, data_path=tiny_dataset.data_path, train_batch_tokens=64,
                     val_batch_size=4 * SEQ_LEN, ttt_chunk_tokens=40, ttt_epochs=2)
     bf16 = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.bfloat16, False)
