@@ -28,7 +28,7 @@ import time
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 
@@ -75,6 +75,7 @@ class Settings:
     device: str = "auto"  # auto | cuda | cpu | mps
     compile: str = "auto"  # auto (on for CUDA) | 0 | 1
     attention: str = "auto"  # auto (fa3 where installed on CUDA, else sdpa) | fa3 (FlashAttention 3) | sdpa
+    precision: str = "auto"  # auto (bf16 on CUDA, else fp32) | bf16: CUDA's dtypes and fused AdamW on any device | fp32
     optimize_ddp: int = 0  # 1: dynamo splits the compiled DDP graph at the gradient buckets; 0: one graph (the record)
     # Evaluation and logging.
     val_batch_size: int = 524_288
@@ -215,7 +216,7 @@ class Settings:
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
                               ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714")),
-                              ("attention", ("auto", "fa3", "sdpa"))):
+                              ("attention", ("auto", "fa3", "sdpa")), ("precision", ("auto", "bf16", "fp32"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
@@ -326,7 +327,7 @@ def require(ok: bool, name: str, value, rule: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Runtime: device, distributed group, compute precision.
+# Runtime: device, distributed group, and every choice that depends on the device (device_choices).
 
 
 @dataclass
@@ -336,8 +337,10 @@ class Runtime:
     world_size: int
     local_rank: int
     grad_accum_steps: int
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype  # activations, Muon's Newton-Schulz, and the token embedding's storage (build_model)
     compile: bool
+    fused_adam: bool = False  # AdamW's fused kernel
+    pin_memory: bool = False  # training batches staged in page-locked host memory, copied asynchronously
     attention: str = "sdpa"  # the kernel `attention` runs: fa3 | sdpa (pick_attention)
 
     @property
@@ -372,11 +375,38 @@ def pin_flash_attention() -> None:
         getattr(torch.backends.cuda, f"enable_{other}_sdp")(False)
 
 
+def device_choices(device_type: str, settings: Settings) -> dict:
+    """Runtime's dtypes and kernels. bf16 where the hardware is built for it; fp32 on CPU, where bf16 is slow and tests
+    want exactness. PRECISION=bf16 makes CUDA's choices on any device but pinned memory (it needs CUDA), so that a CPU
+    runs the CUDA configuration (with COMPILE=1) in everything but the kernels."""
+    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device_type == "cuda")
+    return dict(compute_dtype=torch.bfloat16 if bf16 else torch.float32, fused_adam=bf16,
+                compile=settings.compile == "1" or (settings.compile == "auto" and device_type == "cuda"),
+                pin_memory=device_type == "cuda", attention=pick_attention(settings.attention, device_type))
+
+
+def pick_cpu_threads(settings: Settings, local_world_size: int) -> int:
+    """OMP_NUM_THREADS when set; else this process's share of the cores, one per 128 of model width: the small matmuls
+    of a narrow model gain less from more threads than they lose waiting on each other on a busy machine."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()  # torch's own reading of it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores // local_world_size, settings.model_dim // 128))
+
+
+# Ranks wait in a collective while rank 0 exports alone: with EXPORT_FIT_CAP=1 up to 4 formats x 5 brotli-11 trials
+# of ~60 s on the default's weights, past NCCL's default of 10 minutes.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
 def setup_runtime(settings: Settings) -> Runtime:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_type = pick_device_type(settings.device)
     device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device(device_type)
+    if device_type == "cuda" and settings.precision == "fp32":
+        raise SettingsError("PRECISION=fp32 is invalid on CUDA: its attention kernels take bf16; use PRECISION=auto")
+    torch.set_num_threads(pick_cpu_threads(settings, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if device_type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -388,13 +418,9 @@ def setup_runtime(settings: Settings) -> Runtime:
         if device_type == "mps":
             raise SettingsError("Apple MPS runs one process only; launch without torchrun or with --nproc_per_node=1")
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                device_id=device if device_type == "cuda" else None)
-    compile_model = settings.compile == "1" or (settings.compile == "auto" and device_type == "cuda")
+                                device_id=device if device_type == "cuda" else None, timeout=PROCESS_GROUP_TIMEOUT)
     torch._dynamo.config.optimize_ddp = bool(settings.optimize_ddp)
-    # bf16 matmuls where the hardware is built for them; fp32 on CPU, where bf16 is slow and tests want exactness.
-    compute_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    return Runtime(device, rank, world_size, local_rank, grad_accum_steps, compute_dtype, compile_model,
-                   pick_attention(settings.attention, device_type))
+    return Runtime(device, rank, world_size, local_rank, grad_accum_steps, **device_choices(device_type, settings))
 
 
 def pick_attention(requested: str, device_type: str) -> str:
@@ -680,7 +706,7 @@ class TrainBatchLoader:
         rows = np.stack([tokens[start:start + (length or self.seq_len) + 1] for tokens, start in sequences])
         check_token_ids(rows, self.vocab_size, f"the train shards in {os.path.dirname(self.paths[0])}")
         rows = torch.from_numpy(rows.astype(np.int64))
-        rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.device.type == "cuda" else rows
+        rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.pin_memory else rows
         return rows[:, :-1].contiguous().to(self.rt.device), rows[:, 1:].contiguous().to(self.rt.device)
 
 
@@ -836,6 +862,9 @@ class Evaluator:
                  log=lambda line: None):
         self.split, self.settings, self.rt, self.log = split, settings, runtime, log
         self.table = table.on(runtime.device)
+        # On the device once, windows gathered there (not copied per batch from pageable memory); int32: 162 MB for
+        # the 40.5M tokens of sp8192's split.
+        self.tokens = torch.from_numpy(split.tokens.astype(np.int32)).to(runtime.device)
         seq_len = settings.train_seq_len
         self.batch_seqs = settings.val_batch_size // (seq_len * runtime.world_size * runtime.grad_accum_steps)
         self.ttt_rows = min(self.batch_seqs, math.ceil(settings.ttt_chunk_tokens / seq_len / runtime.world_size))
@@ -874,16 +903,16 @@ class Evaluator:
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
         lo, hi = window_range or (0, len(ends))
         first, last = lo + (hi - lo) * rt.rank // rt.world_size, lo + (hi - lo) * (rt.rank + 1) // rt.world_size
-        positions = torch.arange(seq_len, device=rt.device)
+        positions, offsets = torch.arange(seq_len, device=rt.device), torch.arange(seq_len + 1, device=rt.device)
+        ends, new_targets = torch.from_numpy(ends).to(rt.device), torch.from_numpy(new_targets).to(rt.device)
         was_training = model.training
         model.eval()
         for start in track(range(first, last, self.batch_seqs)):
-            index = np.arange(start, start + self.batch_seqs)
-            real = np.minimum(index, last - 1)  # padding rows repeat the last window and score nothing
-            rows = (ends[real] - seq_len)[:, None] + np.arange(seq_len + 1)
-            windows = torch.from_numpy(self.split.tokens[rows].astype(np.int64)).to(rt.device, non_blocking=True)
+            index = torch.arange(start, start + self.batch_seqs, device=rt.device)
+            real = index.clamp(max=last - 1)  # padding rows repeat the last window and score nothing
+            windows = self.tokens[(ends[real] - seq_len)[:, None] + offsets].long()
             inputs, targets = windows[:, :-1], windows[:, 1:]
-            new = torch.from_numpy(np.where(index < last, new_targets[real], 0)).to(rt.device)
+            new = torch.where(index < last, new_targets[real], 0)
             scored = (positions[None, :] >= seq_len - new[:, None]).double()
             yield model(inputs, targets), self.table.target_bytes(inputs, targets), scored
         model.train(was_training)
@@ -909,23 +938,27 @@ class Evaluator:
 
     def train_on_scored(self, model: nn.Module, optimizer: torch.optim.Optimizer, first: int, end: int) -> None:
         """TTT_EPOCHS steps on sequences covering the scored targets [first, end); ranks take every world_size-th,
-        gradients in one flat buffer (one all-reduce a step); one batch shape (filler rows weigh 0): compile_ttt's."""
+        gradients in one flat buffer per dtype (one all-reduce each a step); one batch shape (filler rows weigh 0):
+        compile_ttt's. A bf16 parameter's gradient stays bf16 (reduced, clipped, stepped), as in the record's TTT."""
         rt, seq_len, params = self.rt, self.settings.train_seq_len, optimizer.param_groups[0]["params"]
-        seq_starts = np.maximum(np.arange(end - seq_len, first - seq_len, -seq_len), 0)
+        seq_starts = np.maximum(np.arange(end - seq_len, first - seq_len, -seq_len), 0)[::-1]  # the record's order
         mine = seq_starts[rt.rank::rt.world_size]
         padded = np.resize(mine, math.ceil(len(mine) / self.ttt_rows) * self.ttt_rows)
-        flat = torch.zeros(sum(p.numel() for p in params), device=rt.device)
-        for p, grad in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = grad.view_as(p)  # backward adds into the buffer in place
+        padded, offsets = torch.from_numpy(padded).to(rt.device), torch.arange(seq_len + 1, device=rt.device)
+        flats = []
+        for dtype in dict.fromkeys(p.dtype for p in params):
+            group = [p for p in params if p.dtype == dtype]
+            flats.append(torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=rt.device))
+            for p, grad in zip(group, flats[-1].split([p.numel() for p in group])):
+                p.grad = grad.view_as(p)  # backward adds into the buffer in place
         model.train()
         for _ in range(self.settings.ttt_epochs):
-            flat.zero_()
+            torch._foreach_zero_(flats)
             for b in range(0, len(padded), self.ttt_rows):
-                rows = padded[b:b + self.ttt_rows, None] + np.arange(seq_len + 1)
-                tokens = torch.from_numpy(self.split.tokens[rows].astype(np.int64)).to(rt.device)
-                weight = torch.from_numpy(np.arange(b, b + self.ttt_rows) < len(mine)).to(rt.device)
+                tokens = self.tokens[padded[b:b + self.ttt_rows, None] + offsets].long()
+                weight = torch.arange(b, b + self.ttt_rows, device=rt.device) < len(mine)
                 ((model(tokens[:, :-1], tokens[:, 1:]).sum(1) * weight).sum() / (len(seq_starts) * seq_len)).backward()
-            if rt.distributed:
+            for flat in flats if rt.distributed else ():
                 dist.all_reduce(flat)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -965,6 +998,18 @@ def quantize_rows(t: Tensor, bits: int, clip_sigmas: float) -> tuple[Tensor, Ten
     return torch.round(t32 / scale.float()[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
 
 
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """TF32 off inside (on CUDA it rounds fp32 matmul inputs to 10 mantissa bits), then as it was."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@exact_fp32_matmuls()  # the record rounds on the CPU, in exact fp32
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, clip_sigmas: float, block: int = 128) -> tuple[Tensor, Tensor]:
     """GPTQ (Frantar et al. 2022) as the 1.0810 and 1.0714 records round: per-row int<bits>, clip = clip_sigmas x the
     row's std, columns rounded by descending input energy, each one's error spread through H^-1 (H = X^T X of the
@@ -1539,12 +1584,20 @@ class BatchedTTTLoRA(nn.Module):
 # Training.
 
 
+def build_model(settings: Settings, runtime: Runtime) -> GPT:
+    """Every model of a run (and of the tests that stand for one): fp32 weights on the device, but the token embedding
+    (the tied head) stored in the compute dtype, as the record and the official baseline keep it in bf16."""
+    model = GPT(settings, runtime.compute_dtype, runtime.attention).to(runtime.device)
+    model.tok_emb.to(runtime.compute_dtype)
+    return model
+
+
 def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[torch.optim.Optimizer]:
     s, control = settings, model.control_tensor_names()
     named = dict(model.named_parameters())
     matrices = [p for n, p in named.items() if n.startswith("blocks.") and n not in control]
     scalars = [p for n, p in named.items() if n in control]
-    adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=runtime.device.type == "cuda")
+    adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=runtime.fused_adam)
     token_lr = s.tied_embed_lr if s.tie_embeddings else s.embed_lr
     groups = [([model.tok_emb.weight], token_lr, s.embed_weight_decay), (scalars, s.scalar_lr, s.scalar_weight_decay)]
     groups += [([model.lm_head.weight], s.head_lr, 0.0)] if model.lm_head is not None else []
@@ -1657,9 +1710,7 @@ class Trainer:
     def __init__(self, settings: Settings, runtime: Runtime):
         self.settings, self.rt = settings, runtime
         torch.manual_seed(settings.seed)
-        self.model = GPT(settings, runtime.compute_dtype, runtime.attention).to(runtime.device)
-        # As the record and the official baseline: in bf16 runs the token embedding (the tied head) is kept in bf16.
-        self.model.tok_emb.to(runtime.compute_dtype)
+        self.model = build_model(settings, runtime)
         # fullgraph: a graph break would be a silent slowdown; make it an error instead.
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True) if runtime.compile else self.model
         self.train_model = (DDP(self.compiled, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
@@ -1837,8 +1888,8 @@ def log_run_header(log: RunLog, settings: Settings, runtime: Runtime, code: byte
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     log(f"device:{dev.type} name:{name} world_size:{runtime.world_size} grad_accum_steps:{runtime.grad_accum_steps} "
         f"compute_dtype:{str(runtime.compute_dtype).removeprefix('torch.')} compile:{int(runtime.compile)} "
-        f"attention:{runtime.attention} torch:{torch.__version__} python:{platform.python_version()} "
-        f"host:{platform.node()}")
+        f"attention:{runtime.attention} cpu_threads:{torch.get_num_threads()} torch:{torch.__version__} "
+        f"python:{platform.python_version()} host:{platform.node()}")
     if dev.type == "cuda" and runtime.attention != "fa3":
         log("attention: SDPA's FlashAttention (FlexAttention on packed rows), not the records' FlashAttention 3: on "
             "8xH100 an estimated +12 ms a step, +19 ms with recurrence, ~500 fewer steps in 600 s, very roughly "
@@ -1893,6 +1944,8 @@ def train(settings: Settings, runtime: Runtime, log: RunLog) -> None:
 
     training_ms, validation_ms, step, stop_after = 0.0, 0.0, 0, None
     wallclock = WallclockStop(1000 * s.training_seconds, rt)
+    if rt.distributed:  # every rank's clock starts now: the schedule, the recurrence switch and the cap agree
+        dist.barrier()
     rt.sync()
     t0 = time.perf_counter()
     while True:

@@ -1,9 +1,8 @@
 """On a CUDA GPU: compiled bf16 training of both presets, evaluation equal to the CPU's, the export from CUDA
 tensors, and attention on the FlashAttention kernel. Skipped without CUDA; bench/gpu_check.py runs them on a
-GPU (`python3 -m pytest -m cuda`). Sizes follow the presets' defaults, so the tests follow them when they change."""
+GPU (`python3 -m pytest -m cuda`). Sizes follow the presets' defaults, so the tests follow them when they change.
+Every model is built as Trainer builds it (build_model: on CUDA, the token embedding in bf16)."""
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import pytest
@@ -27,14 +26,21 @@ def fresh_dynamo_caches():
     torch._dynamo.reset()
 
 
-def cuda_runtime(compile_model: bool = True) -> train_gpt.Runtime:
-    return train_gpt.Runtime(torch.device("cuda", 0), 0, 1, 0, 1, torch.bfloat16, compile_model)
+def runtime_on(device: str, precision: str = "auto") -> train_gpt.Runtime:
+    """One process's Runtime with the choices setup_runtime makes for `device` (on CUDA: bf16, fused, compiled)."""
+    choices = train_gpt.device_choices(device, Settings(precision=precision))
+    return train_gpt.Runtime(torch.device(device, 0) if device == "cuda" else torch.device(device), 0, 1, 0, 1,
+                             **choices)
 
 
-def perturbed_model(settings: Settings, scale: float = 0.02) -> train_gpt.GPT:
-    """A model whose zero-initialised projections are not zero, so every path contributes."""
+def cuda_runtime() -> train_gpt.Runtime:
+    return runtime_on("cuda")
+
+
+def perturbed_model(settings: Settings, runtime: train_gpt.Runtime, scale: float = 0.02) -> train_gpt.GPT:
+    """A model built as Trainer builds it, whose zero-initialised projections are not zero, so every path counts."""
     torch.manual_seed(0)
-    model = train_gpt.GPT(settings)
+    model = train_gpt.build_model(settings, runtime)
     for p in model.parameters():
         p.data.add_(scale * torch.randn_like(p))
     return model
@@ -64,17 +70,16 @@ def test_compiled_bf16_training_steps_of_each_preset_lower_the_loss(preset, tmp_
 
 def test_compiled_bf16_evaluation_on_cuda_equals_the_fp32_cpu_evaluation():
     settings = Settings.for_preset("strong", train_seq_len=256, val_batch_size=3 * 256)
-    cpu_model = perturbed_model(settings)
+    cpu_model = perturbed_model(settings, runtime_on("cpu"))
     cpu_model.recurrence_active = bool(settings.recur_layers)
-    cuda_model = train_gpt.GPT(settings, torch.bfloat16).cuda()
+    cuda_model = train_gpt.build_model(settings, cuda_runtime())
     cuda_model.load_state_dict(cpu_model.state_dict())
     cuda_model.recurrence_active = cpu_model.recurrence_active
     tokens = np.random.default_rng(0).integers(0, settings.vocab_size, 5 * 256 + 1).astype(np.uint16)
     split = train_gpt.ValidationSplit(tokens, True)
     table = train_gpt.ByteTable(np.random.default_rng(1).integers(1, 5, settings.vocab_size),
                                 np.zeros(settings.vocab_size, bool), np.zeros(settings.vocab_size, bool))
-    cpu = train_gpt.Evaluator(split, table, settings, train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1,
-                                                                        torch.float32, False))
+    cpu = train_gpt.Evaluator(split, table, settings, runtime_on("cpu"))
     on_cuda = train_gpt.Evaluator(split, table, settings, cuda_runtime())
     compiled = torch.compile(cuda_model, dynamic=False, fullgraph=True)
     for stride in (0, 64):  # plain and sliding windows: one batch shape, so one compiled graph for both
@@ -88,8 +93,7 @@ def test_compiled_bf16_evaluation_on_cuda_equals_the_fp32_cpu_evaluation():
 def test_compiled_evaluation_on_cuda_compiles_one_graph_per_recurrence_state():
     from torch._dynamo.utils import counters
     settings = Settings.for_preset("strong", train_seq_len=128, val_batch_size=3 * 128)
-    model = perturbed_model(settings).to(torch.device("cuda"))
-    model.compute_dtype = torch.bfloat16
+    model = perturbed_model(settings, cuda_runtime())
     tokens = np.random.default_rng(0).integers(0, settings.vocab_size, 5 * 128 + 1).astype(np.uint16)
     ones = np.ones(settings.vocab_size, np.int64)
     ev = train_gpt.Evaluator(train_gpt.ValidationSplit(tokens, True),
@@ -107,9 +111,11 @@ def test_compiled_evaluation_on_cuda_compiles_one_graph_per_recurrence_state():
 
 @pytest.mark.parametrize("export_format", sorted({Settings().export_format, "int8+zlib"}))
 def test_export_from_cuda_tensors_is_the_cpu_export_and_loads_back_on_cuda(export_format):
+    """The CUDA model against the same weights on the CPU in the CUDA configuration (PRECISION=bf16)."""
     settings = Settings.for_preset("strong", num_layers=2)  # full width: matrices big enough to be quantised
-    cpu_model = perturbed_model(settings)
-    cuda_model = copy.deepcopy(cpu_model).cuda()
+    cpu_model = perturbed_model(settings, runtime_on("cpu", precision="bf16"))
+    cuda_model = train_gpt.build_model(settings, cuda_runtime())
+    cuda_model.load_state_dict(cpu_model.state_dict())
     control = cpu_model.control_tensor_names()
     bits = int(export_format.split("+")[0].removeprefix("int"))
     def export(model):
@@ -125,7 +131,7 @@ def test_export_from_cuda_tensors_is_the_cpu_export_and_loads_back_on_cuda(expor
 def test_attention_runs_the_flash_attention_kernel():
     settings = Settings.for_preset("strong", device="cuda")
     runtime = train_gpt.setup_runtime(settings)  # pins FlashAttention
-    model = train_gpt.GPT(settings, runtime.compute_dtype).to(runtime.device)
+    model = train_gpt.build_model(settings, runtime)
     inputs = torch.randint(0, settings.vocab_size, (2, settings.train_seq_len), device=runtime.device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as profile:
@@ -150,8 +156,7 @@ def test_ttt_compiles_no_graph_after_the_warm_up_compiled_its_step():
     from torch._dynamo.utils import counters
     settings = Settings.for_preset("strong", train_seq_len=256, val_batch_size=4 * 256, ttt_chunk_tokens=512,
                                    ttt_epochs=1)
-    model = perturbed_model(settings).cuda()
-    model.compute_dtype = torch.bfloat16
+    model = perturbed_model(settings, cuda_runtime())
     model.recurrence_active = bool(settings.recur_layers)  # as after training
     tokens = np.random.default_rng(0).integers(0, settings.vocab_size, 6 * 256 + 1).astype(np.uint16)
     ones = np.ones(settings.vocab_size, np.int64)

@@ -245,7 +245,9 @@ def test_ttt_filler_rows_weigh_nothing():
     assert scores[0] == pytest.approx(scores[1], rel=1e-6)  # fp32 gradients summed in another grouping
 
 
-def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_evaluation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: as on CUDA (bf16 embedding, fused AdamW)
+def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_evaluation(tmp_path, monkeypatch,
+                                                                                         precision):
     """Under fullgraph=True dynamo keeps at most torch._dynamo.config.recompile_limit (8) graphs of GPT.forward;
     past it the run fails. Five: training with recurrence off and on, evaluation with recurrence off and on,
     TTT's training batch (compiled in warm-up). A new shape or mode would fail here first, not on 8 GPUs; and
@@ -260,7 +262,7 @@ def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_
                TOKENIZER_PATH=str(tmp_path / "bytes.json"), NUM_LAYERS="3", RECUR_LAYERS="1", MODEL_DIM="64",
                NUM_HEADS="1", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", VAL_BATCH_SIZE="1024",
                ITERATIONS="4", WARMUP_STEPS="2", VAL_LOSS_EVERY="2", MAX_WALLCLOCK_SECONDS="0", EVAL_STRIDE="16",
-               TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256", RUN_ID="entries", EXPORT_QUANT="rtn")
+               TTT_EPOCHS="1", TTT_CHUNK_TOKENS="256", RUN_ID="entries", EXPORT_QUANT="rtn", PRECISION=precision)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     threads = torch.get_num_threads()

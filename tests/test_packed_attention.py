@@ -145,13 +145,13 @@ def test_attention_setting_takes_fa3_only_where_installed(monkeypatch):
 def test_run_header_names_the_kernel_and_on_cuda_what_missing_fa3_costs(monkeypatch):
     lines = []
     log = lambda line, console=True, source=False: lines.append(line)  # noqa: E731
-    cpu = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.float32, False, "sdpa")
+    cpu = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.float32, False, attention="sdpa")
     train_gpt.log_run_header(log, Settings(), cpu, b"# code\n")
     assert " attention:sdpa " in next(line for line in lines if line.startswith("device:"))
     assert not any("FlashAttention 3" in line for line in lines)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "H100")
     lines.clear()
-    cuda = train_gpt.Runtime(torch.device("cuda", 0), 0, 1, 0, 1, torch.bfloat16, True, "sdpa")
+    cuda = train_gpt.Runtime(torch.device("cuda", 0), 0, 1, 0, 1, torch.bfloat16, True, attention="sdpa")
     train_gpt.log_run_header(log, Settings(), cuda, b"# code\n")
     assert any("not the records' FlashAttention 3" in line and "estimate" in line and "pip install kernels" in line
                for line in lines)

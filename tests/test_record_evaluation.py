@@ -117,6 +117,21 @@ def test_ttt_score_equals_the_records_with_one_step_per_epoch(at_the_default_rat
     assert kit[1][0] < kit[0][0] - 1e-3  # TTT did change the weights: the equality is not that of no-ops
 
 
+def test_ttt_score_with_a_bf16_embedding_equals_the_records(record):
+    """The model as the record's runs hold it (cast to bf16, then restore_fp32_params: the token embedding alone stays
+    bf16). The record's TTT keeps that gradient in bf16: it averages it over ranks, clips it (its norm in bf16) and
+    steps it with SGD in bf16; the kit's one bf16 gradient buffer does the same. Tolerance: relative 1e-6, as above:
+    both run the same bf16 forward and backward over the same rows in the same order. It fails when that gradient is
+    kept in fp32 (2e-5 apart) or when a batch's rows are reversed (5e-6: the bf16 gradient's rounding moves)."""
+    module, h, model = record
+    bf16_model = copy.deepcopy(model).bfloat16()
+    module.restore_fp32_params(bf16_model)
+    assert {p.dtype for p in bf16_model.parameters()} == {torch.float32, torch.bfloat16}
+    kit, theirs = scores((module, h, bf16_model), STRIDE)
+    assert kit[1] == pytest.approx(theirs[1], rel=1e-6)
+    assert kit[1][0] < kit[0][0] - 1e-3
+
+
 def test_with_a_stride_that_does_not_divide_the_window_only_the_last_targets_differ(record):
     """Stride 24 over windows of 64: 1280 targets, the record's last window scores targets 1256-1279 with 40 tokens
     of context, the kit's with 64 - 24 = 40 or more. At most 24 of 1280 targets differ, each by a few nats."""
