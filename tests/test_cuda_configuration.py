@@ -66,6 +66,8 @@ def keeps_cpu_threads():
 def test_precision_bf16_on_the_cpu_makes_cudas_choices_but_pinned_memory():
     on_cuda = train_gpt.device_choices("cuda", Settings())
     on_cpu = train_gpt.device_choices("cpu", Settings(precision="bf16", compile="1"))
+    assert on_cuda.pop("attention") == train_gpt.pick_attention("auto", "cuda")  # FA3 where installed
+    assert on_cpu.pop("attention") == "sdpa"  # the kernel is the one choice a CPU cannot share
     assert on_cuda == dict(compute_dtype=torch.bfloat16, fused_adam=True, compile=True, pin_memory=True)
     assert on_cpu == {**on_cuda, "pin_memory": False}
 

@@ -143,8 +143,13 @@ def test_attention_setting_takes_fa3_only_where_installed(monkeypatch):
 
 
 def test_run_header_names_the_kernel_and_on_cuda_what_missing_fa3_costs(monkeypatch):
-    lines = []
-    log = lambda line, console=True, source=False: lines.append(line)  # noqa: E731
+    class Lines(list):  # a RunLog's call and path
+        path = "logs/run.txt"
+
+        def __call__(self, line, console=True, source=False):
+            self.append(line)
+
+    lines = log = Lines()
     cpu = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.float32, False, attention="sdpa")
     train_gpt.log_run_header(log, Settings(), cpu, b"# code\n")
     assert " attention:sdpa " in next(line for line in lines if line.startswith("device:"))
