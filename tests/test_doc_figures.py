@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
+import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,6 @@ import make_submission  # noqa: E402
 import throughput  # noqa: E402
 
 README, DATA_README, RECORDS_README, BENCH_README = "README.md", "data/README.md", "records/README.md", "bench/README.md"
-RECORD_1_0810 = REPO.parent / "shared" / "reference" / "record_2026-04-09_sp8192_1.0810"
 SPEC = REPO.parent / "shared" / "SPEC.md"
 
 
@@ -167,7 +167,7 @@ def test_parameter_counts_are_those_of_the_kits_models():
 def test_the_fit_estimate_adds_up():
     """README's estimate of the default's artifact: the measured Gaussian-row exports scaled by the record's own
     trained/Gaussian ratio, plus the packed code, within the rounding of its "about"s."""
-    fit = " ".join(section(doc(README), "The default: the 1.0810 record, reproduced").split())
+    fit = " ".join(default_section().split())
     packed = len(train_gpt.pack_code((REPO / "train_gpt.py").read_bytes())[1])
     kit = number(found(r"\| the kit's default export of the default model \(Gaussian rows\) \| ([\d,]+) \|", fit,
                        "the kit's Gaussian-row bytes").group(1))
@@ -215,9 +215,10 @@ def test_the_defaults_depth_and_skips_are_its_models():
     s = train_gpt.Settings()
     with torch.device("meta"):
         model = train_gpt.GPT(s)
-    passes = flops.block_passes(s, recurrence=True)
     readme = " ".join(doc(README).split())
-    assert f"run three times in a row ({passes} block passes)" in readme and 1 + s.num_loops == 3
+    times, passes = found(r"run (\w+) times in a row \((\d+) block passes\)", readme, "the recurrence").groups()
+    assert (times, int(passes)) == ({2: "two", 3: "three", 4: "four"}[1 + s.num_loops],
+                                    flops.block_passes(s, recurrence=True))
     assert f"the U-Net skips are {model.skip_weights.shape[0]} sigmoid-gated ones" in readme and s.skip_gates
 
 
@@ -358,70 +359,80 @@ def test_gpu_check_limits_and_trimmed_run_are_its_constants():
 
 
 # ----------------------------------------------------------------------------------------------
-# The record the default reproduces: its logs.
+# The record the default reproduces (the folder of ../shared/reference the README names): its logs.
+
+def default_section() -> str:
+    heading = found(r"^## (The default: .*)$", doc(README), "the default's section", re.M).group(1)
+    return section(doc(README), heading)
+
+
+def default_record() -> Path:
+    name = found(r"`\.\./shared/reference/(record_[^/`]+)/`", default_section(), "the record's folder").group(1)
+    folder = REPO.parent / "shared" / "reference" / name
+    if not folder.is_dir():
+        pytest.skip(f"needs ../shared/reference/{name} (the record's files)")
+    return folder
+
 
 def record_logs() -> dict[int, str]:
-    if not RECORD_1_0810.is_dir():
-        pytest.skip("needs ../shared/reference (the record's logs)")
-    return {seed: (RECORD_1_0810 / f"train_seed{seed}.log").read_text() for seed in (42, 314, 999)}
+    """The logs of the seeds of the README's per-seed table, by seed."""
+    seeds = [int(seed) for seed in re.findall(r"^\| (\d+) \| [\d,]+ \|", default_section(), re.M)]
+    logs = {seed: default_record() / f"train_seed{seed}.log" for seed in seeds}
+    if not seeds or not all(log.is_file() for log in logs.values()):
+        pytest.skip("the record's folder has no train_seed<N>.log for each seed of the README's table")
+    return {seed: log.read_text() for seed, log in logs.items()}
 
 
 def log_value(log: str, pattern: str) -> float:
-    return float(re.search(pattern, log, re.M).group(1))
+    return float(found(pattern, log, "a line of the record's log", re.M).group(1))
 
 
 def test_the_records_per_seed_table_is_its_logs():
-    logs, text = record_logs(), doc(README)
+    logs, text = record_logs(), " ".join(default_section().split())
     for seed, log in logs.items():
-        row = found(rf"^\| {seed} \| (.*) \|$", text, f"the record's seed {seed}", re.M).group(1).split(" | ")
+        row = found(rf"^\| {seed} \| (.*) \|$", default_section(), f"the record's seed {seed}", re.M).group(1)
         steps = log_value(log, r"^stopping_early: wallclock_cap train_time: \d+ms step: (\d+)/")
         train_ms = log_value(log, r"^stopping_early: wallclock_cap train_time: (\d+)ms")
         expected = [steps, round(train_ms / steps, 1)] + [
             round(log_value(log, rf"^{name} val_loss:\S+ val_bpb:(\S+)"), 5)
             for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt")] + [
             log_value(log, r"^Serialized model quantized\+brotli: (\d+) bytes"), log_value(log, r"^Code size: (\d+)")]
-        assert [number(cell.strip("*")) for cell in row] == expected, seed
+        assert [number(cell.strip("*")) for cell in row.split(" | ")] == expected, seed
     totals = sorted(log_value(log, r"^Total submission size quantized\+brotli: (\d+)") for log in logs.values())
-    assert f"Totals with code: {totals[0]:,.0f}, {totals[1]:,.0f} and {totals[2]:,.0f} bytes" in " ".join(text.split())
+    assert f"Totals with code: {', '.join(f'{t:,.0f}' for t in totals[:-1])} and {totals[-1]:,.0f} bytes" in text
     on = sorted(log_value(log, r"^layer_loop:enabled step:(\d+)") for log in logs.values())
-    assert f"Recurrence switched on at step {on[0]:.0f}-{on[-1]:.0f}." in " ".join(text.split())
-    took = []
-    for name in ("quantized", "quantized_sliding_window", "quantized_ttt"):
+    assert f"Recurrence switched on at step {on[0]:.0f}-{on[-1]:.0f}." in text
+    quoted = found(r"Evaluation took ([\d.]+)-([\d.]+) s \(plain\), ([\d.]+)-([\d.]+) s \(sliding\) and "
+                   r"([\d.]+)-([\d.]+) s", text, "the record's evaluation times").groups()
+    for i, name in enumerate(("quantized", "quantized_sliding_window", "quantized_ttt")):
         seconds = [log_value(log, rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms") / 1000 for log in logs.values()]
-        took.append((min(seconds), max(seconds)))
-    quoted = found(r"Evaluation took ([\d.]+)-([\d.]+) s \(plain\), ([\d.]+)-([\d.]+) s \(sliding\) and ([\d.]+)-([\d.]+) s",
-                   " ".join(text.split()), "the record's evaluation times").groups()
-    for (low, high), quoted_low, quoted_high in zip(took, quoted[::2], quoted[1::2]):
-        digits = len(quoted_low.partition(".")[2])
-        assert (round(low, digits), round(high, digits)) == (float(quoted_low), float(quoted_high)), (low, high)
+        low, high = quoted[2 * i:2 * i + 2]
+        digits = len(low.partition(".")[2])
+        assert (round(min(seconds), digits), round(max(seconds), digits)) == (float(low), float(high)), name
     models = sorted(log_value(log, r"^Serialized model quantized\+brotli: (\d+)") for log in logs.values())
-    fit = " ".join(text.split())
     assert (f"The record's trained models are {models[0]:,.0f} to {models[-1]:,.0f} bytes, which leaves "
             f"{train_gpt.ARTIFACT_CAP_BYTES - models[-1]:,.0f} to {train_gpt.ARTIFACT_CAP_BYTES - models[0]:,.0f} bytes "
-            f"for code") in fit
+            f"for code") in text
 
 
-def test_the_records_evaluation_times_are_its_seed_42_log():
-    log = record_logs()[42]
+def test_the_records_evaluation_times_are_the_log_it_names():
+    text = default_section().split("**Evaluation time on 8xH100.**")[1]
+    seed = int(found(r"\(`train_seed(\d+)\.log`", text, "the log of the evaluation times").group(1))
+    log = record_logs()[seed]
     seconds = [log_value(log, rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms") / 1000
                for name in ("quantized", "quantized_sliding_window", "quantized_ttt")]
-    table = section(doc(README), "The default: the 1.0810 record, reproduced")
-    rows = [number(s) for s in re.findall(r"^\| [^|]+ \| ([\d.]+) \|$", table.split("**Evaluation time on 8xH100.**")[1],
-                                          re.M)]
+    rows = [number(s) for s in re.findall(r"^\| [^|]+ \| ([\d.]+) \|$", text, re.M)]
     assert rows[:3] == [round(s, 1) for s in seconds] and rows[3] == round(sum(seconds))
     assert tuple(gpu_check.RECORD_EVAL_S.values()) == tuple(round(s, 1) for s in seconds)
 
 
-def test_the_records_score_is_its_submission():
-    if not RECORD_1_0810.is_dir():
-        pytest.skip("needs ../shared/reference")
-    import json
-    summary = json.loads((RECORD_1_0810 / "submission.json").read_text())
-    readme = " ".join(doc(README).split())
-    assert f"val_bpb **{summary['val_bpb']:.4f}**, mean of {len(summary['seeds'])} seeds on 8xH100" in readme
-    assert f"({summary['author']}, {summary['date']};" in readme
-    shipped = (RECORD_1_0810 / "train_gpt_as_submitted.py").stat().st_size
-    assert f"ships its code as a {shipped:,}-byte lzma + base85 file" in readme
+def test_the_records_score_and_code_are_its_submission():
+    summary = json.loads((default_record() / "submission.json").read_text())
+    text = " ".join(default_section().split())
+    assert f"val_bpb **{summary['val_bpb']:.4f}**, mean of {len(summary['seeds'])} seeds on 8xH100" in text
+    assert f"({summary['author']}, {summary['date']};" in text
+    shipped = found(r"The record ships its code as a ([\d,]+)-byte lzma \+ base85 file", text, "the record's code")
+    assert number(shipped.group(1)) == (default_record() / "train_gpt_as_submitted.py").stat().st_size
 
 
 # ----------------------------------------------------------------------------------------------
