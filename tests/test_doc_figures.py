@@ -246,7 +246,8 @@ def test_flop_counts_and_mfu_are_bench_flops():
     tflops = total * per_gpu / 1e12
     peak = flops.peak_tflops("cuda", "NVIDIA H100 80GB HBM3")[0]
     bench = " ".join(doc(BENCH_README).split())
-    assert f"= {n_matmul:,}; attention 6 x 9 x 1024 x 512 = {attention:,}; total {total:,} FLOPs per token" in bench
+    shape = f"{baseline.num_layers} x {baseline.train_seq_len} x {baseline.model_dim}"
+    assert f"= {n_matmul:,}; attention 6 x {shape} = {attention:,}; total {total:,} FLOPs per token" in bench
     assert f"`matmul_params` | N_matmul of the formula below ({n_matmul:,} for the baseline)" in bench
     assert f"({total:,} for the baseline)" in bench
     assert (f"{8 * per_gpu / 1e6:.2f}M tokens/s in all, {per_gpu / 1e6:.3f}M and {tflops:.1f} TFLOP/s per GPU: "
@@ -259,6 +260,23 @@ def test_flop_counts_and_mfu_are_bench_flops():
     assert (f"For the baseline that is {total:,} FLOPs per token, so the reference {gpu_check.REFERENCE_MS_PER_STEP} "
             f"ms/step on 8xH100 ({8 * per_gpu / 1e6:.1f}M tokens/s) is {tflops:.1f} TFLOP/s per GPU: an MFU of "
             f"{tflops / peak:.3f}") in readme
+
+
+def test_newton_schulz_share_of_the_baselines_flops_is_as_quoted():
+    """Muon's quintic iteration on an m x n matrix (m <= n) multiplies three times: A = X X^T (m^2 n multiply-adds),
+    A A (m^3) and (b A + c A A) X (m^2 n); at 2 FLOPs a multiply-add, 4 m^2 n + 2 m^3 FLOPs an iteration."""
+    baseline = train_gpt.Settings.for_preset("baseline")
+    with torch.device("meta"):
+        model = train_gpt.GPT(baseline)
+    newton_schulz = 0
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") and p.ndim == 2:
+            m, n = sorted(p.shape)
+            newton_schulz += baseline.muon_backend_steps * (4 * m * m * n + 2 * m ** 3)
+    share = newton_schulz / (flops.flops_per_token(baseline) * baseline.train_batch_tokens)
+    quoted = found(r"Newton-Schulz is about ([\d.]+)% of the baseline's FLOPs per step", " ".join(doc(BENCH_README).split()),
+                   "Newton-Schulz's share").group(1)
+    assert f"{100 * share:.1f}" == quoted
 
 
 def test_challenge_figures_are_the_specs_and_the_trainers():
@@ -277,9 +295,9 @@ def test_challenge_figures_are_the_specs_and_the_trainers():
 
 
 def test_significance_defaults_are_make_submissions():
-    assert (make_submission.MIN_DELTA_NATS, make_submission.ALPHA) == (0.005, 0.01)
-    assert "(0.005 nats, p < 0.01 by default)" in " ".join(doc(README).split())
-    assert "(default 0.005 and 0.01;" in " ".join(doc(RECORDS_README).split())
+    margin, alpha = make_submission.MIN_DELTA_NATS, make_submission.ALPHA
+    assert f"({margin:g} nats, p < {alpha:g} by default)" in " ".join(doc(README).split())
+    assert f"(default {margin:g} and {alpha:g};" in " ".join(doc(RECORDS_README).split())
 
 
 # ----------------------------------------------------------------------------------------------
