@@ -109,6 +109,7 @@ class Settings:
     tie_embeddings: int = 1
     rope_base: float = 10000.0
     rope_dims: int = 16  # rotate only the first this-many dims of each head; 0: all
+    rope_rounding: str = "1.0810"  # whose rotary tables in bf16: 1.0810 (bf16 positions and angles) | 1.0714 (fp32)
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
     parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
@@ -216,6 +217,7 @@ class Settings:
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
                               ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714")),
+                              ("rope_rounding", ("1.0810", "1.0714")),
                               ("attention", ("auto", "fa3", "sdpa")), ("precision", ("auto", "bf16", "fp32"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
@@ -1245,15 +1247,19 @@ def rms_norm(x: Tensor) -> Tensor:
 class Rotary(nn.Module):
     """Rotary embedding of the first `dims` dims of each head (all when 0); the rest attend by content alone."""
 
-    def __init__(self, head_dim: int, base: float, dims: int = 0):
+    def __init__(self, head_dim: int, base: float, dims: int = 0, rounding: str = "1.0810"):
         super().__init__()
-        self.dims, self.base = min(dims, head_dim) or head_dim, base
+        self.dims, self.base, self.rounding = min(dims, head_dim) or head_dim, base, rounding
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate pairs (i, i + dims/2) of x: (batch, seq, heads, head_dim) by angles of the position in the row, also
-        in a packed row (as the 1.0714 record: within a document only the distance between positions counts)."""
+        in a packed row (as the 1.0714 record: within a document only the distance between positions counts). The
+        records keep the frequencies in their model's dtype (ROPE_ROUNDING): in bf16, 1.0810 (and the official
+        script) computes positions and angles in bf16 too (positions past 256 round), 1.0714 in fp32."""
         inv_freq = self.base ** (-torch.arange(0, self.dims, 2, device=x.device, dtype=torch.float32) / self.dims)
-        angles = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), inv_freq)[:, None]
+        angle_dtype = x.dtype if self.rounding == "1.0810" else torch.float32
+        inv_freq = inv_freq.to(x.dtype).to(angle_dtype)  # in bf16 the records' 1 / base^x to the bit (for any dims)
+        angles = torch.outer(torch.arange(x.size(1), device=x.device, dtype=angle_dtype), inv_freq)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (seq, 1, dims / 2)
         x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:]), dim=-1)
@@ -1339,7 +1345,7 @@ class CausalSelfAttention(nn.Module):
     head's output is scaled by 2 sigmoid(W x[:12]), x the attention's input, W zero-initialised (the 1.0714 record)."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 rope_dims: int = 0, exclusive: bool = False, gate: bool = False):
+                 rope_dims: int = 0, exclusive: bool = False, gate: bool = False, rope_rounding: str = "1.0810"):
         super().__init__()
         self.exclusive = exclusive
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
@@ -1349,7 +1355,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.attn_gate_proj = CastedLinear(GATE_INPUTS, num_heads, zero_init=True) if gate else None
-        self.rotary = Rotary(self.head_dim, rope_base, rope_dims)
+        self.rotary = Rotary(self.head_dim, rope_base, rope_dims, rope_rounding)
 
     def forward(self, x: Tensor, attend, lora: dict | None = None) -> Tensor:
         """x (B, T, C); attend: `attention` with the kernel and the row's segments bound; lora: this pass's adapters."""
@@ -1387,7 +1393,8 @@ class Block(nn.Module):
         super().__init__()
         s = settings
         self.attn = CausalSelfAttention(dim, s.num_heads, s.num_kv_heads, s.rope_base, s.qk_gain_init, s.rope_dims,
-                                        exclusive=layer >= s.num_layers - s.xsa_last_n, gate=bool(s.gate_attn_out))
+                                        exclusive=layer >= s.num_layers - s.xsa_last_n, gate=bool(s.gate_attn_out),
+                                        rope_rounding=s.rope_rounding)
         self.mlp = MLP(dim, s.mlp_mult, s.mlp_leaky_slope)
         self.norm_scale = 1 / math.sqrt(layer + 1) if s.ln_scale else 1.0
         self.parallel = layer >= s.num_layers - s.parallel_last_n
