@@ -109,6 +109,7 @@ class Settings:
     tie_embeddings: int = 1
     rope_base: float = 10000.0
     rope_dims: int = 16  # rotate only the first this-many dims of each head; 0: all
+    rope_rounding: str = "1.0810"  # whose rotary tables in bf16: 1.0810 (bf16 positions and angles) | 1.0714 (fp32)
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
     parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
@@ -123,6 +124,7 @@ class Settings:
     ortho_init: int = 1  # 1: orthogonal matrices (the record's init); 0: PyTorch's default; 2: as 1.0714 (its banks)
     smear_gate: int = 0  # 1: each position adds a gated share of the previous token's embedding
     smear_bos_mask: int = 1  # 1: ... never across a BOS (the later records' fix); 0: also across (the 1.0714 record)
+    smear_frozen: int = 0  # 1: no optimizer trains it: it stays the identity, its gradient still clipped (1.0714's)
     gate_attn_out: int = 0  # 1: each head's attention output x 2 sigmoid(a zero-initialised gate of its input)
     # Optimizers.
     embed_lr: float = 0.6
@@ -216,6 +218,7 @@ class Settings:
         require(s.compile in ("auto", "0", "1"), "COMPILE", s.compile, "one of auto, 0, 1")
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
                               ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714")),
+                              ("rope_rounding", ("1.0810", "1.0714")),
                               ("attention", ("auto", "fa3", "sdpa")), ("precision", ("auto", "bf16", "fp32"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
@@ -236,7 +239,7 @@ class Settings:
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
         for name in ("muon_row_norm", "ln_scale", "export_fit_cap", "export_packed_code", "overwrite", "smear_gate",
                      "tie_embeddings", "eval_sliding", "optimize_ddp", "skip_gates", "pack_documents",
-                     "grad_clip_per_rank", "warmup_keep_momentum", "smear_bos_mask", "gate_attn_out"):
+                     "grad_clip_per_rank", "warmup_keep_momentum", "smear_bos_mask", "gate_attn_out", "smear_frozen"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(s.ortho_init in (0, 1, 2), "ORTHO_INIT", s.ortho_init, "0, 1 or 2")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
@@ -305,11 +308,13 @@ PRESETS = {"strong": {}, "baseline": dict(
     train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
     warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096,
     gptq_calibration_batches=4)}
-# The 1.0714 record's logged settings that differ from the default, its model's so far: not yet a preset, it joins
-# PRESETS (as the default) once every part of its run is proven equal to the record's code. Its optimizers leave
-# out smear_gate and smear_lambda: they stay 0, so its SmearGate is the identity throughout its runs.
-RECORD_1_0714 = dict(smear_gate=1, smear_bos_mask=0, gate_attn_out=1, parallel_start_layer=8, parallel_last_n=0,
-                     ortho_init=2)
+# The 1.0714 record's logged settings that differ from the default, its model's and training's so far: not yet a
+# preset, it joins PRESETS (as the default) once every part of its run is proven equal to the record's code. Its
+# optimizers leave out smear_gate and smear_lambda (SMEAR_FROZEN): its SmearGate is the identity throughout its runs.
+RECORD_1_0714 = dict(smear_gate=1, smear_bos_mask=0, smear_frozen=1, gate_attn_out=1, parallel_start_layer=8,
+                     parallel_last_n=0, ortho_init=2, rope_rounding="1.0714", pack_documents=1, grad_clip_per_rank=1,
+                     muon_rounding="1.0714", warmup_keep_momentum=1, matrix_lr=0.026, muon_momentum=0.97,
+                     warmdown_frac=0.75, gptq_reserve_seconds=13.0)
 EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 
@@ -1245,15 +1250,19 @@ def rms_norm(x: Tensor) -> Tensor:
 class Rotary(nn.Module):
     """Rotary embedding of the first `dims` dims of each head (all when 0); the rest attend by content alone."""
 
-    def __init__(self, head_dim: int, base: float, dims: int = 0):
+    def __init__(self, head_dim: int, base: float, dims: int = 0, rounding: str = "1.0810"):
         super().__init__()
-        self.dims, self.base = min(dims, head_dim) or head_dim, base
+        self.dims, self.base, self.rounding = min(dims, head_dim) or head_dim, base, rounding
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate pairs (i, i + dims/2) of x: (batch, seq, heads, head_dim) by angles of the position in the row, also
-        in a packed row (as the 1.0714 record: within a document only the distance between positions counts)."""
+        in a packed row (as the 1.0714 record: within a document only the distance between positions counts). The
+        records keep the frequencies in their model's dtype (ROPE_ROUNDING): in bf16, 1.0810 (and the official
+        script) computes positions and angles in bf16 too (positions past 256 round), 1.0714 in fp32."""
         inv_freq = self.base ** (-torch.arange(0, self.dims, 2, device=x.device, dtype=torch.float32) / self.dims)
-        angles = torch.outer(torch.arange(x.size(1), device=x.device, dtype=torch.float32), inv_freq)[:, None]
+        angle_dtype = x.dtype if self.rounding == "1.0810" else torch.float32
+        inv_freq = inv_freq.to(x.dtype).to(angle_dtype)  # in bf16 the records' 1 / base^x to the bit (for any dims)
+        angles = torch.outer(torch.arange(x.size(1), device=x.device, dtype=angle_dtype), inv_freq)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (seq, 1, dims / 2)
         x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., self.dims:]), dim=-1)
@@ -1339,7 +1348,7 @@ class CausalSelfAttention(nn.Module):
     head's output is scaled by 2 sigmoid(W x[:12]), x the attention's input, W zero-initialised (the 1.0714 record)."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float,
-                 rope_dims: int = 0, exclusive: bool = False, gate: bool = False):
+                 rope_dims: int = 0, exclusive: bool = False, gate: bool = False, rope_rounding: str = "1.0810"):
         super().__init__()
         self.exclusive = exclusive
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
@@ -1349,7 +1358,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.attn_gate_proj = CastedLinear(GATE_INPUTS, num_heads, zero_init=True) if gate else None
-        self.rotary = Rotary(self.head_dim, rope_base, rope_dims)
+        self.rotary = Rotary(self.head_dim, rope_base, rope_dims, rope_rounding)
 
     def forward(self, x: Tensor, attend, lora: dict | None = None) -> Tensor:
         """x (B, T, C); attend: `attention` with the kernel and the row's segments bound; lora: this pass's adapters."""
@@ -1387,7 +1396,8 @@ class Block(nn.Module):
         super().__init__()
         s = settings
         self.attn = CausalSelfAttention(dim, s.num_heads, s.num_kv_heads, s.rope_base, s.qk_gain_init, s.rope_dims,
-                                        exclusive=layer >= s.num_layers - s.xsa_last_n, gate=bool(s.gate_attn_out))
+                                        exclusive=layer >= s.num_layers - s.xsa_last_n, gate=bool(s.gate_attn_out),
+                                        rope_rounding=s.rope_rounding)
         self.mlp = MLP(dim, s.mlp_mult, s.mlp_leaky_slope)
         self.norm_scale = 1 / math.sqrt(layer + 1) if s.ln_scale else 1.0
         self.parallel = layer >= s.num_layers - s.parallel_last_n
@@ -1527,6 +1537,9 @@ class GPT(nn.Module):
         logits = self.logits(input_ids, cu_seqlens, max_seqlen, lora).float()
         return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none").view_as(target_ids)
 
+    def frozen_names(self, settings: Settings) -> set[str]:  # what no optimizer trains
+        return {"smear_gate", "smear_lambda"} if settings.smear_frozen else set()
+
     def control_tensor_names(self) -> set[str]:
         """Vectors, gains, gates and lane weights: trained with Adam and stored in fp32 by the export."""
         return {name for name, p in self.named_parameters() if p.ndim < 2 or name.endswith((
@@ -1596,7 +1609,7 @@ def build_optimizers(model: GPT, settings: Settings, runtime: Runtime) -> list[t
     s, control = settings, model.control_tensor_names()
     named = dict(model.named_parameters())
     matrices = [p for n, p in named.items() if n.startswith("blocks.") and n not in control]
-    scalars = [p for n, p in named.items() if n in control]
+    scalars = [p for n, p in named.items() if n in control and n not in model.frozen_names(s)]
     adam = dict(betas=(s.beta1, s.beta2), eps=s.adam_eps, fused=runtime.fused_adam)
     token_lr = s.tied_embed_lr if s.tie_embeddings else s.embed_lr
     groups = [([model.tok_emb.weight], token_lr, s.embed_weight_decay), (scalars, s.scalar_lr, s.scalar_weight_decay)]
@@ -1680,19 +1693,27 @@ def check_finite_score(val_loss: float, val_bpb: float, what: str, settings: Set
 class RankGradients:
     """GRAD_CLIP_PER_RANK=1, the 1.0714 record's step (no DDP): each micro-batch is one of its GPUs, whose gradient
     is clipped to GRAD_CLIP_NORM by its own norm over all parameters; the step takes the mean of all LOADER_STREAMS
-    (summed in fp32 here, then over the ranks in one all-reduce; the record averages banks in a bf16 reduce-scatter)."""
+    (summed in fp32 here, then over the ranks in one all-reduce; the record averages banks in a bf16 reduce-scatter).
+    The record's optimizers zero only the gradients of what they train: each GPU's gradient of a frozen parameter
+    (SMEAR_FROZEN) is never zeroed, so it adds up over its steps (scaled by each clip) and counts in every norm."""
 
-    def __init__(self, model: nn.Module, settings: Settings, runtime: Runtime):
+    def __init__(self, model: GPT, settings: Settings, runtime: Runtime):
         self.params, self.rt = list(model.parameters()), runtime
         self.max_norm, self.count = settings.grad_clip_norm, runtime.world_size * runtime.grad_accum_steps
         self.flat = torch.zeros(sum(p.numel() for p in self.params), device=runtime.device)
         self.sums = [t.view_as(p) for t, p in zip(self.flat.split([p.numel() for p in self.params]), self.params)]
+        self.frozen = [p for n, p in model.named_parameters() if n in model.frozen_names(settings)]
+        self.carried = [[torch.zeros_like(p) for p in self.frozen] for _ in range(runtime.grad_accum_steps)]
 
-    def add(self) -> None:
-        """After a micro-batch's backward: its gradient, clipped, joins the sum; .grad is zeroed for the next."""
-        grads = [p.grad for p in self.params]
+    def add(self, micro: int) -> None:
+        """After micro-batch `micro`'s backward: its gradient, clipped, joins the sum; .grad is zeroed for the next."""
+        grads, carried = [p.grad for p in self.params], list(zip(self.frozen, self.carried[micro]))
+        for p, grad in carried:
+            p.grad += grad
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        for p, grad in carried:
+            grad.copy_(p.grad)
         torch._foreach_add_(self.sums, grads)
         torch._foreach_zero_(grads)
 
@@ -1728,8 +1749,7 @@ class Trainer:
         progress = step / s.iterations if progress is None else progress
         if s.recur_layers and progress >= s.recur_start_frac:
             self.model.recurrence_active = True
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         train_loss = torch.zeros((), device=rt.device)
         batches = self.loader.next_step()
         for micro, (inputs, targets, *documents) in enumerate(batches):  # documents: cu_seqlens, max_seqlen
@@ -1740,7 +1760,7 @@ class Trainer:
                 loss = self.train_model(inputs, targets, *documents).mean()
                 (loss if self.rank_grads else loss / rt.grad_accum_steps).backward()
             if self.rank_grads:
-                self.rank_grads.add()
+                self.rank_grads.add(micro)
             train_loss += loss.detach() / rt.grad_accum_steps
         self.all_finite &= torch.isfinite(train_loss)
         for opt in self.optimizers:
@@ -1757,6 +1777,22 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         return train_loss
+
+    def carry_kernel_warm_up(self, batches: list[tuple], looping: bool) -> None:
+        """The record's warm-up first compiles its kernels: 12 backward passes on each GPU's first row cut every
+        TRAIN_SEQ_LEN tokens (4 cu_seqlens sizes x 3), then 12 with recurrence. Its optimizers do not zero the frozen
+        parameters' gradients (RankGradients): what these passes leave there is carried into its steps."""
+        for micro, (inputs, targets, *_) in enumerate(batches):
+            segments = document_cu_seqlens(torch.zeros_like(inputs[0]), self.settings.train_seq_len)  # no documents
+            for recurrence in (False, True)[:1 + looping]:
+                self.model.recurrence_active = recurrence
+                self.model.zero_grad()
+                self.train_model(inputs, targets, *segments).mean().backward()
+                for _ in range(12):
+                    for p, grad in zip(self.rank_grads.frozen, self.rank_grads.carried[micro]):
+                        grad += p.grad
+        self.model.recurrence_active = False
+        self.model.zero_grad()
 
     def check_finite(self, step: int) -> None:
         flag = self.all_finite.clone().to(torch.int32)
@@ -1777,8 +1813,9 @@ class Trainer:
         initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in adams]
         schedule = [(0, float(2 * i >= steps)) for i in range(steps)]
         if s.warmup_keep_momentum:
-            self.loader.next_step()
-            looping = bool(s.recur_layer_ids and s.num_loops)
+            batches, looping = self.loader.next_step(), bool(s.recur_layer_ids and s.num_loops)
+            if self.rank_grads and self.rank_grads.frozen:
+                self.carry_kernel_warm_up(batches, looping)
             schedule = [(i, 0.0) for i in range(steps)] + [(i, 1.0) for i in range(steps) if looping]
         for n, (i, progress) in enumerate(schedule):
             self.step(i, 1.0, progress)

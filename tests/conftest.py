@@ -82,6 +82,16 @@ def run_trainer(env: dict, cwd, nproc: int = 1, timeout: float = 300, script: Pa
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def run_on_ranks(script_text: str, folder: Path, nproc: int = 2) -> None:
+    """A test's script, written into `folder`, run there by torchrun on `nproc` processes of one thread each."""
+    script = folder / "ranks.py"
+    script.write_text(script_text)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))},
+           "OMP_NUM_THREADS": "1"}
+    result = run_trainer(env, folder, nproc=nproc, script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def read_log(cwd, run_id: str) -> str:
     return (Path(cwd) / "logs" / f"{run_id}.txt").read_text(encoding="utf-8")
 

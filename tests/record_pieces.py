@@ -19,6 +19,10 @@ RECORD_1_0714 = REFERENCE / "record_2026-04-16_sp8192_1.0714" / "train_gpt.py"
 IMPORTS = ("import glob\nfrom concurrent.futures import ThreadPoolExecutor\nfrom pathlib import Path\n"
            "import numpy as np\nimport torch\nimport torch.distributed as dist\n")
 
+# Its Muon edited to fp32 (it hard-codes bf16), to compare with the kit's fp32 on a CPU.
+FP32_MUON = (("X = G.bfloat16()", "X = G.float()", 1), ("dtype=torch.bfloat16", "dtype=torch.float32", 4),
+             ("p.grad.bfloat16()", "p.grad.float()", 2))
+
 
 def record_pieces(names: set[str], edits: tuple = (), source: Path = RECORD_1_0714) -> SimpleNamespace:
     """The functions, classes and assignments called `names` in `source`, with `edits` ((old, new, count), ...)."""

@@ -7,7 +7,8 @@ synchronize, tf32 and the bf16 casts), and what tests each on the CPU:
 - the choices themselves (dtype, fused AdamW, compile, pinned memory, fp32 refused on CUDA): tests below.
 - bf16 activations and the models' casts (`.to(x.dtype)`), the bf16 token embedding, Muon's bf16 Newton-Schulz and
   update buffer: the end-to-end runs below, build_model's dtypes, TTT with a bf16 embedding (below, and against the
-  record's TTT in test_record_evaluation.py), and the record's dtypes (test_record_equivalence_model.py).
+  record's TTT in test_record_evaluation.py), and the record's dtypes (test_record_equivalence_model.py); the rotary
+  tables' bf16 rounding, each record's (ROPE_ROUNDING): test_rotary_rounding.py.
 - fused AdamW: the end-to-end runs (PRECISION=bf16 fuses on the CPU too).
 - torch.compile: test_cuda_paths_on_cpu.py (one graph; five cache entries, in fp32 and in bf16), with dynamo's
   eager backend. Inductor compiles the default on a CPU too (PRESET=smoke PRECISION=bf16 COMPILE=1 runs end to end

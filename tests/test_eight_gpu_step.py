@@ -5,7 +5,6 @@ semantics do not depend on the model: these tests train the kit's own small mode
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -16,8 +15,8 @@ import torch
 from torch import nn
 
 import train_gpt
-from conftest import REPO, run_trainer
-from record_pieces import record_pieces
+from conftest import REPO, run_on_ranks
+from record_pieces import FP32_MUON, record_pieces
 
 VOCAB, SEQ_LEN, ROWS = 128, 16, 2  # each of the 8 GPUs' micro-batch: 2 sequences of 16 tokens
 TINY = dict(vocab_size=VOCAB, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, rope_dims=8,
@@ -146,9 +145,6 @@ def test_without_keeping_the_warm_up_momentum_is_zeroed_in_its_dtype(monkeypatch
 # MUON_ROUNDING=1.0714: each matrix's update is the record's Muon's on a bank of such matrices.
 
 BANKS = [(4, 32, 32), (4, 16, 32), (2, 128, 32), (2, 32, 64)]  # like its qo, kv, MLP up (scale 2) and down banks
-# The record edited to fp32 (its Muon hard-codes bf16), to compare with the kit's fp32 on a CPU.
-FP32_MUON = (("X = G.bfloat16()", "X = G.float()", 1), ("dtype=torch.bfloat16", "dtype=torch.float32", 4),
-             ("p.grad.bfloat16()", "p.grad.float()", 2))
 
 
 def muon_steps(rounding: str, dtype, record) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -218,12 +214,8 @@ def test_two_processes_train_as_one(tmp_path, monkeypatch):
     """Warm-up (momentum kept) and 2 steps with each GPU's gradient clipped: both ranks hold the weights of one
     process (float rounding: the ranks' sums are added in another order), identical on both."""
     settings = dict(grad_clip_per_rank=1, warmup_keep_momentum=1, warmup_steps=1, grad_clip_norm=0.05)
-    script = tmp_path / "two_ranks.py"
-    script.write_text(TWO_RANKS.format(repo=str(REPO), tests=str(REPO / "tests"), settings=settings, out=str(tmp_path)))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))},
-           "OMP_NUM_THREADS": "1"}
-    result = run_trainer(env, tmp_path, nproc=2, script=script)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_ranks(TWO_RANKS.format(repo=str(REPO), tests=str(REPO / "tests"), settings=settings, out=str(tmp_path)),
+                 tmp_path)
     one = make_trainer(monkeypatch, **settings)
     one.warm_up_and_restore(1, lambda line: None)
     for step in range(2):
