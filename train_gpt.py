@@ -84,8 +84,15 @@ class Settings:
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
     eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
     ttt_epochs: int = 3  # score-first test-time training: epochs on each chunk once it is scored; 0: off
+    ttt_method: str = "full"  # full: SGD on all weights (the 1.0810 record) | lora: adapters per document (1.0714)
     ttt_lr: float = 0.005  # SGD (momentum 0.9) learning rate, cosine-decayed over the chunks
-    ttt_chunk_tokens: int = 32_768  # validation tokens scored, then trained on, per chunk
+    ttt_chunk_tokens: int = 32_768  # validation tokens scored, then trained on, per chunk (lora: of each document)
+    ttt_lora_rank: int = 96  # lora: the rank of each document's adapters (BatchedTTTLoRA)
+    ttt_lora_lr: float = 1e-4  # lora: their AdamW's learning rate (eps 1e-10)
+    ttt_beta1: float = 0.0  # lora: ... its betas
+    ttt_beta2: float = 0.999
+    ttt_weight_decay: float = 0.5  # lora: ... its decoupled weight decay
+    ttt_batch_size: int = 64  # lora: documents trained side by side, each with its own adapters
     eval_sliding: int = 0  # with TTT on, 1: also the separate sliding pass (TTT's own scoring already slides)
     # Schedule and batch.
     iterations: int = 20_000
@@ -219,11 +226,12 @@ class Settings:
         for name, allowed in (("export_format", EXPORT_FORMATS), ("muon_ns_coeffs", tuple(NS_COEFFS)),
                               ("export_quant", ("gptq", "rtn")), ("muon_rounding", ("1.0810", "1.0714")),
                               ("rope_rounding", ("1.0810", "1.0714")),
-                              ("attention", ("auto", "fa3", "sdpa")), ("precision", ("auto", "bf16", "fp32"))):
+                              ("attention", ("auto", "fa3", "sdpa")), ("precision", ("auto", "bf16", "fp32")),
+                              ("ttt_method", ("full", "lora"))):
             require(getattr(s, name) in allowed, name.upper(), getattr(s, name), f"one of {', '.join(allowed)}")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "val_batch_size", "vocab_size",
                      "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "muon_backend_steps",
-                     "ttt_chunk_tokens", "gptq_calibration_batches"):
+                     "ttt_chunk_tokens", "gptq_calibration_batches", "ttt_lora_rank", "ttt_batch_size"):
             require(getattr(s, name) >= 1, name.upper(), getattr(s, name), "a whole number >= 1")
         for name in ("warmdown_iters", "warmup_steps", "val_loss_every", "train_log_every", "max_val_tokens",
                      "grad_accum_steps", "max_wallclock_seconds", "muon_momentum_warmup_steps", "grad_clip_norm",
@@ -231,9 +239,10 @@ class Settings:
                      "eval_stride", "mlp_leaky_slope", "rope_dims", "xsa_last_n", "parallel_last_n",
                      "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay", "gptq_reserve_seconds",
                      "ttt_epochs", "ttt_lr", "num_loops", "loader_streams", "gptq_mlp_clip_sigmas",
-                     "gptq_attn_clip_sigmas", "parallel_start_layer"):
+                     "gptq_attn_clip_sigmas", "parallel_start_layer", "ttt_lora_lr", "ttt_weight_decay"):
             require(getattr(s, name) >= 0, name.upper(), getattr(s, name), "a number >= 0")
-        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay"):
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "beta1", "beta2", "ema_decay", "ttt_beta1",
+                     "ttt_beta2"):
             require(0 <= getattr(s, name) < 1, name.upper(), getattr(s, name), "a number in [0, 1)")
         for name in ("warmdown_frac", "recur_start_frac"):
             require(0 <= getattr(s, name) <= 1, name.upper(), getattr(s, name), "a fraction in [0, 1]")
@@ -242,6 +251,8 @@ class Settings:
                      "grad_clip_per_rank", "warmup_keep_momentum", "smear_bos_mask", "gate_attn_out", "smear_frozen"):
             require(getattr(s, name) in (0, 1), name.upper(), getattr(s, name), "0 or 1")
         require(s.ortho_init in (0, 1, 2), "ORTHO_INIT", s.ortho_init, "0, 1 or 2")
+        require(s.ttt_method != "lora" or s.ttt_chunk_tokens <= s.train_seq_len, "TTT_CHUNK_TOKENS", s.ttt_chunk_tokens,
+                f"at most TRAIN_SEQ_LEN={s.train_seq_len} with TTT_METHOD=lora (a chunk is scored in one window)")
         require(re.fullmatch(r"(\d+(,\d+)*)?", s.recur_layers.replace(" ", "")) is not None, "RECUR_LAYERS",
                 s.recur_layers, "comma-separated block indices, e.g. 4,5, or empty")
         ids = s.recur_layer_ids
@@ -315,6 +326,9 @@ RECORD_1_0714 = dict(smear_gate=1, smear_bos_mask=0, smear_frozen=1, gate_attn_o
                      parallel_last_n=0, ortho_init=2, rope_rounding="1.0714", pack_documents=1, grad_clip_per_rank=1,
                      muon_rounding="1.0714", warmup_keep_momentum=1, matrix_lr=0.026, muon_momentum=0.97,
                      warmdown_frac=0.75, gptq_reserve_seconds=13.0)
+# Its evaluation: test-time training of adapters per document (the other TTT_* settings' defaults are its values), one
+# AdamW step per chunk of 48 tokens. With PACK_DOCUMENTS=1, validation scores packed rows, documents attending alone.
+RECORD_1_0714_EVAL = dict(ttt_method="lora", ttt_epochs=1, ttt_chunk_tokens=48)
 EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 
@@ -425,6 +439,9 @@ def setup_runtime(settings: Settings) -> Runtime:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
                                 device_id=device if device_type == "cuda" else None, timeout=PROCESS_GROUP_TIMEOUT)
     torch._dynamo.config.optimize_ddp = bool(settings.optimize_ddp)
+    # Graphs of one function: recurrence off and on, training and scoring, one per cu_seqlens length of packed rows,
+    # TTT's; past the limit (8) a fullgraph compile fails.
+    torch._dynamo.config.recompile_limit = 64
     return Runtime(device, rank, world_size, local_rank, grad_accum_steps, **device_choices(device_type, settings))
 
 
@@ -626,9 +643,10 @@ def document_cu_seqlens(tokens: np.ndarray | Tensor, max_len: int, bucket: int =
     """A packed row's attention segments, as the 1.0714 record's _build_cu_seqlens cuts them: at 0, at every BOS and
     every max_len tokens into a document. Returns (cu_seqlens, the longest segment): int32 boundaries (on the row's
     device), padded with the row's length to a multiple of `bucket` entries: few shapes to compile (a compiled
-    model also compiles anew for each max_seqlen: the record trains with max_len)."""
+    model also compiles anew for each max_seqlen: the record trains with max_len). Rows (B, T): of the row they form
+    end to end, each of the B also cut at its start."""
     ids = tokens.cpu().numpy() if torch.is_tensor(tokens) else np.asarray(tokens)
-    n, starts = len(ids), np.union1d(0, np.flatnonzero(ids == BOS_ID))
+    n, starts = ids.size, np.union1d(np.arange(0, ids.size, ids.shape[-1]), np.flatnonzero(ids.ravel() == BOS_ID))
     cuts = np.concatenate([np.arange(a, b, max_len) for a, b in zip(starts, np.append(starts[1:], n))] + [[n]])
     padded = torch.from_numpy(np.pad(cuts, (0, -len(cuts) % bucket), constant_values=n).astype(np.int32))
     return padded.to(tokens.device if torch.is_tensor(tokens) else "cpu"), int(np.diff(cuts).max())
@@ -860,8 +878,53 @@ def window_ends(num_scored: int, seq_len: int, stride: int) -> np.ndarray:
     return np.minimum(np.arange(seq_len, num_scored + stride, stride), num_scored)
 
 
+def add_scored(sums: Tensor, nats: Tensor, num_bytes: Tensor, scored: Tensor) -> None:
+    """sums (nats, tokens, bytes) += those of the targets that `scored` marks."""
+    sums[0] += (nats.double() * scored).sum()
+    sums[1] += scored.sum()
+    sums[2] += (num_bytes.double() * scored).sum()
+
+
+def ttt_documents(tokens: np.ndarray) -> np.ndarray:
+    """(start, length) of each document, as the 1.0714 record's _find_docs: from its BOS (or the split's start)
+    through the next BOS, its last target; the last one to the split's end (a lone BOS there has no target)."""
+    starts = np.union1d(0, np.flatnonzero(tokens == BOS_ID))
+    lengths = np.append(starts[1:] + 1, len(tokens)) - starts
+    return np.stack((starts, lengths), 1)[lengths >= 2]
+
+
+def ttt_batches(documents: np.ndarray, size: int) -> list[np.ndarray]:
+    """The record's batches: the documents sorted by length (ties in order), `size` at a time."""
+    order = np.argsort(documents[:, 1], kind="stable")
+    return [documents[order[i:i + size]] for i in range(0, len(order), size)]
+
+
+def share_by_cost(costs: list[float], world_size: int) -> list[list[int]]:
+    """Indices for each rank, the costliest first, each to the rank with the least cost so far (the lowest on a tie):
+    deterministic, and the last rank ends within 4/3 of the best split's time (Graham 1969)."""
+    loads, shares = [0.0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = loads.index(min(loads))
+        shares[rank].append(i)
+        loads[rank] += costs[i]
+    return shares
+
+
+@contextlib.contextmanager
+def adapting(model: nn.Module):
+    """The model as test-time adapters train on it: eval mode, no weight gradients (as its graph was compiled)."""
+    training = model.training
+    model.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.train(training).requires_grad_(True)
+
+
 class Evaluator:
-    """Scores the validation split (periodic, final, round trip): plain, sliding (last `stride` targets) or TTT."""
+    """Scores the validation split (periodic, final, round trip): plain, sliding (last `stride` targets) or TTT.
+    PACK_DOCUMENTS=1: documents attend within themselves (nats), as trained; plain passes score the 1.0714 record's
+    rows of VAL_BATCH_SIZE / 8 tokens (eval_val), all of them (it leaves out each rank's last incomplete batch)."""
 
     def __init__(self, split: ValidationSplit, table: ByteTable, settings: Settings, runtime: Runtime,
                  log=lambda line: None):
@@ -873,24 +936,25 @@ class Evaluator:
         seq_len = settings.train_seq_len
         self.batch_seqs = settings.val_batch_size // (seq_len * runtime.world_size * runtime.grad_accum_steps)
         self.ttt_rows = min(self.batch_seqs, math.ceil(settings.ttt_chunk_tokens / seq_len / runtime.world_size))
+        self.packed, self.row_tokens = bool(settings.pack_documents), min(self.batch_seqs * seq_len, split.num_scored)
+        self.lora_forward = None  # TTT_METHOD=lora's, once made (adapter_forward)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, stride: int = 0, stage: str = "validation") -> tuple[float, float]:
         """(val_loss in nats per token, val_bpb) over the split; stride 0 or >= TRAIN_SEQ_LEN: plain windows."""
         progress = Progress(self.log, stage)
-        score = self.reduce(self.scored_sums(model, stride, track=progress.over))
+        rows = self.packed and not 0 < stride < self.settings.train_seq_len
+        score = self.reduce(self.scored_sums(model, stride, track=progress.over, rows=rows))
         progress.done()
         return score
 
     @torch.inference_mode()
     def scored_sums(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None,
-                    track=iter) -> Tensor:
+                    track=iter, rows: bool = False) -> Tensor:
         """(nats, tokens, bytes) scored on this rank, over all windows or the window indices [lo, hi)."""
         sums = torch.zeros(3, dtype=torch.float64, device=self.rt.device)  # nats, tokens, bytes
-        for nats, num_bytes, scored in self.scored_windows(model, stride, window_range, track):
-            sums[0] += (nats.double() * scored).sum()
-            sums[1] += scored.sum()
-            sums[2] += (num_bytes.double() * scored).sum()
+        for nats, num_bytes, scored in self.scored_windows(model, stride, window_range, track, rows):
+            add_scored(sums, nats, num_bytes, scored)
         return sums
 
     def reduce(self, sums: Tensor) -> tuple[float, float]:
@@ -900,10 +964,13 @@ class Evaluator:
         val_loss = nats / tokens
         return val_loss, val_loss / math.log(2) * tokens / num_bytes
 
-    def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None, track=iter):
+    def scored_windows(self, model: nn.Module, stride: int, window_range: tuple[int, int] | None = None, track=iter,
+                       rows: bool = False):
         """(nats, bytes, scored mask) per batch of this rank's windows (starts through `track`: Progress.over); padded
-        rows keep one compiled shape."""
-        seq_len, rt = self.settings.train_seq_len, self.rt
+        rows keep one compiled shape. rows: plain windows of row_tokens, one a batch."""
+        seq_len, batch, rt = self.settings.train_seq_len, self.batch_seqs, self.rt
+        if rows:
+            seq_len, batch, stride = self.row_tokens, 1, 0
         ends = window_ends(self.split.num_scored, seq_len, min(stride, seq_len) or seq_len)
         new_targets = np.diff(ends, prepend=ends[0] - seq_len)  # the first window scores all its targets
         lo, hi = window_range or (0, len(ends))
@@ -912,15 +979,25 @@ class Evaluator:
         ends, new_targets = torch.from_numpy(ends).to(rt.device), torch.from_numpy(new_targets).to(rt.device)
         was_training = model.training
         model.eval()
-        for start in track(range(first, last, self.batch_seqs)):
-            index = torch.arange(start, start + self.batch_seqs, device=rt.device)
+        for start in track(range(first, last, batch)):
+            index = torch.arange(start, start + batch, device=rt.device)
             real = index.clamp(max=last - 1)  # padding rows repeat the last window and score nothing
             windows = self.tokens[(ends[real] - seq_len)[:, None] + offsets].long()
             inputs, targets = windows[:, :-1], windows[:, 1:]
             new = torch.where(index < last, new_targets[real], 0)
             scored = (positions[None, :] >= seq_len - new[:, None]).double()
-            yield model(inputs, targets), self.table.target_bytes(inputs, targets), scored
+            yield self.nats(model, inputs, targets), self.table.target_bytes(inputs, targets), scored
         model.train(was_training)
+
+    def nats(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Per target. PACK_DOCUMENTS: the windows end to end as one packed row, each document in it (cut at every BOS,
+        every TRAIN_SEQ_LEN tokens and each window's start: document_cu_seqlens) attending within itself; a trained
+        SmearGate (not the 1.0714 record's: it stays 0) still mixes a window's last token into the next one's first."""
+        if not self.packed:
+            return model(inputs, targets)
+        seq_len = self.settings.train_seq_len  # max_seqlen: fixed, one compiled graph
+        cu_seqlens = document_cu_seqlens(inputs, seq_len)[0]
+        return model(inputs.reshape(1, -1), targets.reshape(1, -1), cu_seqlens, seq_len).view_as(targets)
 
     def evaluate_with_ttt(self, model: nn.Module, stride: int, stage: str = "ttt_eval") -> tuple[float, float]:
         """Legal score-first TTT: chunks of ~TTT_CHUNK_TOKENS scored tokens in order, each scored (final) before it is
@@ -970,12 +1047,83 @@ class Evaluator:
         model.eval()
 
     def compile_ttt(self, model: GPT, compiled: nn.Module) -> None:
-        """TTT's training graph (recurrence on), compiled in warm-up: forward and backward on zeros, weights kept."""
-        recurring, model.recurrence_active = model.recurrence_active, bool(self.settings.recur_layer_ids)
-        tokens = torch.zeros(self.ttt_rows, self.settings.train_seq_len + 1, dtype=torch.int64, device=self.rt.device)
-        compiled(tokens[:, :-1], tokens[:, 1:]).sum().backward()
+        """TTT's training graph (recurrence on), compiled in warm-up on made-up tokens, weights kept. full: forward and
+        backward on zeros. lora: the adapters' forward and backward on random tokens, as the record, at the narrowest
+        and the widest window (TTT_CHUNK_TOKENS, TRAIN_SEQ_LEN): one dynamic graph serves every width between; and for
+        each batch size (the adapters' shapes are static: TTT_BATCH_SIZE and the last batch's, from the split's number
+        of documents, all it reads of the split)."""
+        s, device = self.settings, self.rt.device
+        recurring, model.recurrence_active = model.recurrence_active, bool(s.recur_layer_ids)
+        if s.ttt_method == "lora":
+            forward, generator = self.adapter_forward(model), torch.Generator().manual_seed(0)
+            sizes = sorted({len(b) for b in ttt_batches(ttt_documents(self.split.tokens), s.ttt_batch_size)})
+            with adapting(model):
+                for size, width in ((size, width) for size in sizes for width in (s.ttt_chunk_tokens, s.train_seq_len)):
+                    lora = BatchedTTTLoRA(size, model, s.ttt_lora_rank).to(device)
+                    inputs, targets = (torch.randint(s.vocab_size, (size, width), generator=generator).to(device)
+                                       for _ in range(2))
+                    forward(inputs, targets, lora=lora).mean().backward()
+        else:
+            tokens = torch.zeros(self.ttt_rows, s.train_seq_len + 1, dtype=torch.int64, device=device)
+            compiled(tokens[:, :-1], tokens[:, 1:]).sum().backward()
         model.zero_grad(set_to_none=True)
         model.recurrence_active = recurring
+
+    def adapter_forward(self, model: GPT):
+        """TTT_METHOD=lora's forward, with dynamic shapes when compiled: one graph for every window width and batch
+        size (static shapes would compile each width, 43 at the record's 48 to 2048, or pad narrow windows to wide)."""
+        if self.lora_forward is None:
+            self.lora_forward = torch.compile(model, dynamic=True, fullgraph=True) if self.rt.compile else model
+        return self.lora_forward
+
+    def evaluate_with_lora_ttt(self, model: GPT, stride: int = 0, stage: str = "ttt_eval") -> tuple[float, float]:
+        """The 1.0714 record's score-first TTT, per document (ttt_documents): its chunks of TTT_CHUNK_TOKENS in order,
+        each seen after up to TRAIN_SEQ_LEN - TTT_CHUNK_TOKENS tokens of its own document and scored (final) before its
+        adapters take TTT_EPOCHS AdamW steps on it. Batches of TTT_BATCH_SIZE documents (ttt_batches) run side by side
+        with adapters drawn from SEED and the batch's index, so a batch scores the same on any rank: the ranks split
+        them by cost (tokens through the model: share_by_cost), and the score does not depend on the world size."""
+        s, rt, chunk, window = self.settings, self.rt, self.settings.ttt_chunk_tokens, self.settings.train_seq_len
+        batches = ttt_batches(ttt_documents(self.split.tokens), s.ttt_batch_size)
+        costs = [len(b) * np.minimum(np.arange(1, -(-(b[:, 1].max() - 1) // chunk) + 1) * chunk, window).sum()
+                 for b in batches]
+        forward, sums = self.adapter_forward(model), torch.zeros(3, dtype=torch.float64, device=rt.device)
+        progress = Progress(self.log, stage)
+        mine = np.random.default_rng(s.seed).permutation(share_by_cost(costs, rt.world_size)[rt.rank]).tolist()
+        with adapting(model):  # in an order drawn (any scores the same): Progress's estimate by count is then fair
+            for index in progress.over(mine):
+                sums += self.adapted_batch_sums(model, forward, batches[index], index)
+        score = self.reduce(sums)
+        progress.done()
+        return score
+
+    def adapted_batch_sums(self, model: GPT, forward, docs: np.ndarray, index: int) -> Tensor:
+        """(nats, tokens, bytes) of a batch of documents (start, length), as the record's eval_val_ttt_lora: step c
+        scores chunk c of each document in the up-to-TRAIN_SEQ_LEN tokens that end it (zeros after it, and in the rows
+        of documents done), then trains on each unfinished document's mean nats over its chunk (the last columns)."""
+        s, rt, chunk, window = self.settings, self.rt, self.settings.ttt_chunk_tokens, self.settings.train_seq_len
+        lora = BatchedTTTLoRA(len(docs), model, s.ttt_lora_rank).to(rt.device)
+        lora.reset(torch.Generator(rt.device).manual_seed(s.seed * 2**20 + index))
+        adam = torch.optim.AdamW(lora.parameters(), s.ttt_lora_lr, betas=(s.ttt_beta1, s.ttt_beta2), eps=1e-10,
+                                 weight_decay=s.ttt_weight_decay, fused=rt.fused_adam)
+        num_targets, sums = docs[:, 1] - 1, torch.zeros(3, dtype=torch.float64, device=rt.device)
+        chunks = -(-num_targets // chunk)
+        column = lambda a: torch.from_numpy(np.asarray(a)).to(rt.device)[:, None]  # noqa: E731 (one value a document)
+        for c in range(chunks.max()):
+            width, end = min((c + 1) * chunk, window), np.minimum((c + 1) * chunk, num_targets)
+            first = np.maximum(end - window, 0)  # each window's first token, in its document
+            positions = torch.arange(width + 1, device=rt.device)
+            tokens = self.tokens[(column(docs[:, 0] + first) + positions).clamp(max=self.tokens.numel() - 1)].long()
+            length = column(np.where(c < chunks, end - first, 0))
+            inputs, targets = (torch.where(positions[:-1] < length, t, 0) for t in (tokens[:, :-1], tokens[:, 1:]))
+            scored = (positions[:-1] >= column(c * chunk - first)) & (positions[:-1] < length)
+            nats = forward(inputs, targets, lora=lora)
+            add_scored(sums, nats.detach(), self.table.target_bytes(inputs, targets), scored)
+            for step in range(s.ttt_epochs if (c < chunks - 1).any() else 0):
+                nats = forward(inputs, targets, lora=lora) if step else nats
+                adam.zero_grad(set_to_none=True)
+                (nats[:, width - chunk:].mean(-1) * column(c < chunks - 1)[:, 0]).sum().backward()
+                adam.step()
+        return sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2115,18 +2263,24 @@ def export_and_rescore(trainer: Trainer, evaluator: Evaluator, code: tuple, val_
         blob = broadcast_bytes(blob, rt)
     ledger["export"] = 1000 * (time.perf_counter() - t_export)
     model.load_state_dict(decompress_model(blob))
-    stride = settings.eval_stride if 0 < settings.eval_stride < settings.train_seq_len else 0
-    ttt = settings.ttt_epochs > 0  # TTT scores by sliding windows: the separate sliding pass only with EVAL_SLIDING=1
+    s, stride = settings, settings.eval_stride if 0 < settings.eval_stride < settings.train_seq_len else 0
+    ttt, lora = s.ttt_epochs > 0, s.ttt_method == "lora"  # TTT scores as it goes: a sliding pass with EVAL_SLIDING=1
     passes = [("roundtrip", 0, "round-trip")] * (ttt or not stride) + [("sliding", stride, "sliding-window")] * bool(
-        stride and (settings.eval_sliding or not ttt)) + [("ttt", stride, "test-time-training")] * ttt
-    ttt_detail = f" epochs:{settings.ttt_epochs} lr:{settings.ttt_lr} chunk_tokens:{settings.ttt_chunk_tokens}"
+        stride and (s.eval_sliding or not ttt))
+    passes += [("ttt", s.ttt_chunk_tokens if lora else stride, "test-time-training")] * ttt  # lora: chunk by chunk
+    ttt_scorer = (evaluator.evaluate_with_lora_ttt, trainer.model) if lora else (evaluator.evaluate_with_ttt,
+                                                                                 trainer.compiled)
+    ttt_detail = (f" lora_rank:{s.ttt_lora_rank} lr:{s.ttt_lora_lr} steps:{s.ttt_epochs} docs_per_batch:"
+                  f"{s.ttt_batch_size}" if lora else f" epochs:{s.ttt_epochs} lr:{s.ttt_lr}") + \
+        f" chunk_tokens:{s.ttt_chunk_tokens}"
     for name, pass_stride, what in passes:
-        log(f"eval_pass:{name} stride:{pass_stride or settings.train_seq_len} window:{settings.train_seq_len}"
-            + ttt_detail * (name == "ttt"))
+        packed_rows = s.pack_documents and name == "roundtrip"  # the record's rows, documents cut at TRAIN_SEQ_LEN
+        log(f"eval_pass:{name} stride:{pass_stride or s.train_seq_len} window:{s.train_seq_len}"
+            + ttt_detail * (name == "ttt") + f" packed_rows:{evaluator.row_tokens}" * packed_rows)
         rt.sync()
         t_eval = time.perf_counter()
-        score = evaluator.evaluate_with_ttt if name == "ttt" else evaluator.evaluate
-        val_loss, val_bpb = score(trainer.compiled, pass_stride, stage=f"{name}_eval")
+        score, scored_model = ttt_scorer if name == "ttt" else (evaluator.evaluate, trainer.compiled)
+        val_loss, val_bpb = score(scored_model, pass_stride, stage=f"{name}_eval")
         rt.sync()
         ledger[f"{name}_eval"] = eval_ms = 1000 * (time.perf_counter() - t_eval)
         check_finite_score(val_loss, val_bpb, f"the {what} score of {unscored_path} (kept, no submission)", settings)

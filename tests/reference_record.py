@@ -132,18 +132,19 @@ def require_reference(record: str = "1.0810") -> None:
         pytest.skip(f"{RECORDS[record].source} is absent (../shared is not beside the repository)")
 
 
-def cpu_source(record: str = "1.0810") -> str:
-    """The record's source with its CPU edits applied; fails if an edit does not match as often as expected."""
+def cpu_source(record: str = "1.0810", edits: tuple = ()) -> str:
+    """The record's source with its CPU edits (and a test's own `edits`, the same form) applied; fails if an edit does
+    not match as often as expected."""
     require_reference(record)
     source = RECORDS[record].source.read_text(encoding="utf-8")
-    for old, new, count in RECORDS[record].edits:
+    for old, new, count in RECORDS[record].edits + tuple(edits):
         found = source.count(old)
         assert found == count, f"reference source changed: {old!r} occurs {found} times, expected {count}"
         source = source.replace(old, new)
     return source
 
 
-def record_copy(folder: Path, record: str = "1.0810") -> Path:
+def record_copy(folder: Path, record: str = "1.0810", edits: tuple = ()) -> Path:
     """Writes the CPU copy as folder/train_gpt.py with its stand-in modules beside it, so that `python3 train_gpt.py`
     (or torchrun) runs the record in that folder. Returns the script's path."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +152,7 @@ def record_copy(folder: Path, record: str = "1.0810") -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text, encoding="utf-8")
     script = folder / "train_gpt.py"
-    script.write_text(cpu_source(record), encoding="utf-8")
+    script.write_text(cpu_source(record, edits), encoding="utf-8")
     return script
 
 
@@ -169,13 +170,13 @@ def environment(env: dict):
                 os.environ[k] = v
 
 
-def load_record(folder: Path, env: dict | None = None, record: str = "1.0810"):
+def load_record(folder: Path, env: dict | None = None, record: str = "1.0810", edits: tuple = ()):
     """The record's CPU copy imported as a module. Its Hyperparameters class reads the environment when the module
     is executed, so `env` (e.g. {"NUM_LAYERS": "4", "MLP_MULT": "4"}) is set while it loads; RANK and WORLD_SIZE
     are unset unless `env` gives them (one process). The stand-in modules are dropped from sys.modules afterwards
     (the record keeps what it imported): later imports of triton or FlashAttention never find them."""
     import torch._dynamo  # noqa: F401  (it looks for triton when first imported: before the stub is findable)
-    script = record_copy(folder, record)
+    script = record_copy(folder, record, edits)
     name = f"record_{record.replace('.', '_')}_{abs(hash(str(folder)))}"
     cleared = {k: None for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ and k not in (env or {})}
     sys.path.insert(0, str(folder))

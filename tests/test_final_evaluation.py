@@ -19,6 +19,7 @@ from test_cuda_paths_on_cpu import cpu_runtime, perturbed_model, tiny
 
 class StubEvaluator:
     """Notes which scorer each pass calls, with which stride; each pass takes `seconds` on a fake clock."""
+    row_tokens = 64
 
     def __init__(self, clock: list, seconds: float):
         self.clock, self.seconds, self.calls = clock, seconds, []
@@ -28,6 +29,9 @@ class StubEvaluator:
 
     def evaluate_with_ttt(self, model, stride, stage="ttt_eval"):
         return self.score("evaluate_with_ttt", stride, 1.9)
+
+    def evaluate_with_lora_ttt(self, model, stride, stage="ttt_eval"):
+        return self.score("evaluate_with_lora_ttt", stride, 1.9)
 
     def score(self, scorer, stride, val_loss):
         self.calls.append((scorer, stride))
@@ -76,6 +80,15 @@ def test_each_pass_is_announced_then_ended_by_its_pair_and_the_last_pair_is_the_
     assert tail[6] == "eval_pass:ttt stride:4 window:16 epochs:3 lr:0.005 chunk_tokens:32768"
     assert tail[1] == "final_int6_brotli_roundtrip val_loss:2.0000 val_bpb:1.0000 eval_time:1000ms"
     assert tail[8] == "final_int6_brotli_roundtrip_exact val_loss:1.90000000 val_bpb:0.95000000"
+
+
+def test_lora_ttt_follows_the_round_trip_of_packed_rows_and_is_announced_with_its_settings(tmp_path, monkeypatch):
+    lines, calls = final_evaluation(tmp_path, monkeypatch, ttt_epochs=1, eval_stride=4, ttt_method="lora",
+                                    ttt_chunk_tokens=8, pack_documents=1)
+    assert calls == [("evaluate", 0), ("evaluate_with_lora_ttt", 8)]  # its chunks are its stride
+    assert [line for line in lines if line.startswith("eval_pass:")] == [
+        "eval_pass:roundtrip stride:16 window:16 packed_rows:64",
+        "eval_pass:ttt stride:8 window:16 lora_rank:96 lr:0.0001 steps:1 docs_per_batch:64 chunk_tokens:8"]
 
 
 @pytest.mark.parametrize("seconds_per_pass, warned", [(300.0, False), (300.001, True)])

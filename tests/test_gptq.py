@@ -319,6 +319,33 @@ def test_looped_layers_hessians_sum_every_pass_as_the_records_hooks(tmp_path, ti
     assert ratio == pytest.approx(3, rel=1e-3)  # each pass's input is normed: the same trace, 3 passes
 
 
+def test_1_0714_model_hessians_are_the_records(tmp_path, tiny_dataset):
+    """The 1.0714 record's collect_hessians on its own model (reduced: 11 layers of 64, loops of 3-5 on, both gates,
+    two lanes from block 8, weights perturbed): dense causal attention over each calibration sequence (no document
+    cuts), one term per block pass, the output gate inside the projection's input, the head's H from the final norm
+    of the two lanes' mean. The kit hooks the gates' 12-input projections too (their H go unused: passthrough)."""
+    from test_record_1_0714_model import REDUCED_KIT, REDUCED_RECORD, perturbed_pair
+    record = load_record(tmp_path, {k: str(v) for k, v in {**REDUCED_RECORD, "VOCAB_SIZE": 384}.items()},
+                         record="1.0714")
+    theirs, ours = perturbed_pair(record, seed=3, vocab_size=384)
+    theirs.looping_active = ours.recurrence_active = True
+    s = Settings(**{**REDUCED_KIT, "vocab_size": 384, "data_path": tiny_dataset.data_path, "train_batch_tokens": 256,
+                    "grad_accum_steps": 1, "device": "cpu", "gptq_calibration_batches": 3})
+    runtime = train_gpt.setup_runtime(s)
+    batches = iter(list(train_gpt.TrainBatchLoader(s, runtime).calibration_batches(3)))
+    expected = record.collect_hessians(theirs, SimpleNamespace(next_batch=lambda *_: next(batches)),
+                                       record.Hyperparameters(), torch.device("cpu"), 3)
+    hessians = train_gpt.collect_hessians(ours, s, runtime)
+    assert len(expected) == 11 * 6 + 1 and hessians.keys() - expected.keys() == {
+        f"blocks.{i}.attn.attn_gate_proj.weight" for i in range(11)}
+    for name, H in expected.items():
+        error = (hessians[name] - H).abs().max().item()
+        assert error <= HESSIAN_RTOL * H.abs().max().item(), (name, error)
+    ours.recurrence_active = False  # the loops count: blocks 3-5 run thrice with them
+    assert not torch.allclose(train_gpt.collect_hessians(ours, s, runtime)["blocks.4.mlp.fc.weight"],
+                              hessians["blocks.4.mlp.fc.weight"], rtol=0.1)
+
+
 # ----------------------------------------------------------------------------------------------
 # GPTQ as the 1.0714 record rounds (per-kind clips, int7 embedding), run by the record's own code beside the kit's.
 

@@ -38,6 +38,10 @@ from train_gpt import Settings, SettingsError
     ({"PARALLEL_START_LAYER": "4", "PARALLEL_LAST_N": "0"}, "PARALLEL_START_LAYER"),  # inside RECUR_LAYERS=3,4,5
     ({"EMBED_WEIGHT_DECAY": "-0.1"}, "EMBED_WEIGHT_DECAY"),
     ({"SCALAR_WEIGHT_DECAY": "-0.1"}, "SCALAR_WEIGHT_DECAY"),
+    ({"TTT_METHOD": "sgd"}, "TTT_METHOD"),
+    ({"TTT_METHOD": "lora"}, "TTT_CHUNK_TOKENS"),  # 32,768 tokens of a document in a window of TRAIN_SEQ_LEN=2048
+    ({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK"),
+    ({"TTT_BETA2": "1"}, "TTT_BETA2"),
 ])
 def test_bad_setting_is_rejected_with_its_name(env, variable):
     with pytest.raises(SettingsError, match=rf"^{variable}="):
