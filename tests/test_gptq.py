@@ -330,7 +330,8 @@ def test_1_0714_model_hessians_are_the_records(tmp_path, tiny_dataset):
     theirs, ours = perturbed_pair(record, seed=3, vocab_size=384)
     theirs.looping_active = ours.recurrence_active = True
     s = Settings(**{**REDUCED_KIT, "vocab_size": 384, "data_path": tiny_dataset.data_path, "train_batch_tokens": 256,
-                    "grad_accum_steps": 1, "device": "cpu", "gptq_calibration_batches": 3})
+                    "grad_accum_steps": 1, "device": "cpu", "gptq_calibration_batches": 3,
+                    "pack_documents": 0, "grad_clip_per_rank": 0})  # one process's calibration batches suffice here
     runtime = train_gpt.setup_runtime(s)
     batches = iter(list(train_gpt.TrainBatchLoader(s, runtime).calibration_batches(3)))
     expected = record.collect_hessians(theirs, SimpleNamespace(next_batch=lambda *_: next(batches)),

@@ -242,8 +242,8 @@ def test_a_run_with_the_1_0714_evaluation_logs_its_passes_as_records_reads_them(
     from run_log import read_run_log
     model = dict(train_gpt.RECORD_1_0714, num_layers=4, recur_layers="1", parallel_start_layer=3)
     evaluation = dict(train_gpt.RECORD_1_0714_EVAL, ttt_chunk_tokens=32, ttt_batch_size=2, ttt_lora_rank=4)
-    log = run_ok(tmp_path, tiny_dataset, "lora", PRESET="strong", ITERATIONS=6, VAL_LOSS_EVERY=3, PACK_DOCUMENTS=1,
-                 GRAD_ACCUM_STEPS=8, MAX_VAL_TOKENS=4096, PRECISION="bf16", **{k.upper(): v for k, v in {**model, **evaluation}.items()})
+    log = run_ok(tmp_path, tiny_dataset, "lora", PRESET="strong", ITERATIONS=6, VAL_LOSS_EVERY=3, GRAD_ACCUM_STEPS=8,
+                 MAX_VAL_TOKENS=4096, PRECISION="bf16", **{k.upper(): v for k, v in {**model, **evaluation}.items()})
     assert values(log, r"^eval_pass:roundtrip stride:64 window:64 packed_rows:512$")
     assert values(log, r"^eval_pass:ttt stride:32 window:64 lora_rank:4 lr:0.0001 steps:1 docs_per_batch:2 "
                        r"chunk_tokens:32$")
