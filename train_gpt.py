@@ -1,6 +1,6 @@
 """Parameter Golf trainer, from shards to a scored, compressed artifact: `torchrun --standalone --nproc_per_node=8
 train_gpt.py` on 8xH100, `python3 train_gpt.py` on one GPU, a CPU or Apple MPS. Every setting is an environment
-variable (Settings); the default is the 1.0810 record's recipe, PRESET=baseline the naive baseline. A run writes
+variable (Settings); the default is the 1.0714 record's recipe, PRESET=baseline the naive baseline. A run writes
 logs/<RUN_ID>.txt (this source, the settings, every log line) and logs/<RUN_ID>.<int6|int8>.ptz, the model whose bytes
 plus this file's (packed: pack_code) form the artifact. Sections: settings, runtime, optimizer, data, evaluation,
 export, model, training."""
@@ -64,8 +64,9 @@ class RunError(RuntimeError):
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults: the 1.0810 record's recipe (tests/test_record_*.py). Fractions are of training (training_progress)."""
-    preset: str = "strong"  # strong | baseline | smoke (PRESETS): applied before the other variables
+    """Defaults: the 1.0714 record's recipe, the settings its runs logged (tests/test_record_1_0714_*.py); PRESET=1.0810
+    the 1.0810 record's. Fractions are of training (training_progress)."""
+    preset: str = "strong"  # strong (the default) | 1.0810 | baseline | smoke (PRESETS): applied before the others
     # Data and run bookkeeping.
     data_path: str = ""  # empty: ./data/datasets/fineweb10B_sp<VOCAB_SIZE>
     tokenizer_path: str = ""  # empty: ./data/tokenizers/fineweb_<VOCAB_SIZE>_bpe.model
@@ -83,10 +84,10 @@ class Settings:
     train_log_every: int = 500
     max_val_tokens: int = 0  # 0: the full validation split; N: only a prefix (quick local runs)
     eval_stride: int = 64  # final score by sliding windows advancing this many tokens; 0: plain windows
-    ttt_epochs: int = 3  # score-first test-time training: epochs on each chunk once it is scored; 0: off
-    ttt_method: str = "full"  # full: SGD on all weights (the 1.0810 record) | lora: adapters per document (1.0714)
-    ttt_lr: float = 0.005  # SGD (momentum 0.9) learning rate, cosine-decayed over the chunks
-    ttt_chunk_tokens: int = 32_768  # validation tokens scored, then trained on, per chunk (lora: of each document)
+    ttt_epochs: int = 1  # score-first test-time training: steps (full: epochs) on each chunk once it is scored; 0: off
+    ttt_method: str = "lora"  # lora: adapters per document (the 1.0714 record) | full: SGD on all weights (1.0810)
+    ttt_lr: float = 0.005  # full: SGD (momentum 0.9) learning rate, cosine-decayed over the chunks
+    ttt_chunk_tokens: int = 48  # tokens of each document scored, then trained on, per chunk (full: of the split)
     ttt_lora_rank: int = 96  # lora: the rank of each document's adapters (BatchedTTTLoRA)
     ttt_lora_lr: float = 1e-4  # lora: their AdamW's learning rate (eps 1e-10)
     ttt_beta1: float = 0.0  # lora: ... its betas
@@ -97,12 +98,12 @@ class Settings:
     # Schedule and batch.
     iterations: int = 20_000
     warmdown_iters: int = 1200  # used when WARMDOWN_FRAC=0
-    warmdown_frac: float = 0.72  # linear LR decay to 0 over this last fraction of training
+    warmdown_frac: float = 0.75  # linear LR decay to 0 over this last fraction of training
     warmup_steps: int = 20
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     loader_streams: int = 8  # the sequences of the record's loader on this many GPUs (its 8); 0: shards in order
-    pack_documents: int = 0  # 1: each of those GPUs trains on one row of whole documents (the 1.0714 record's loader)
+    pack_documents: int = 1  # 1: each of those GPUs trains on one row of whole documents (the 1.0714 record's loader)
     grad_accum_steps: int = 0  # 0: 8 // world size, at least 1
     max_wallclock_seconds: float = 600.0
     # Model.
@@ -116,11 +117,11 @@ class Settings:
     tie_embeddings: int = 1
     rope_base: float = 10000.0
     rope_dims: int = 16  # rotate only the first this-many dims of each head; 0: all
-    rope_rounding: str = "1.0810"  # whose rotary tables in bf16: 1.0810 (bf16 positions and angles) | 1.0714 (fp32)
+    rope_rounding: str = "1.0714"  # whose rotary tables in bf16: 1.0714 (fp32 angles) | 1.0810 (bf16 positions, angles)
     ln_scale: int = 1  # 1: block i scales its normalised inputs by 1/sqrt(i+1)
     xsa_last_n: int = 11  # exclusive self-attention in the last this-many blocks
-    parallel_last_n: int = 4  # attention and MLP read the same input in the last this-many blocks
-    parallel_start_layer: int = 0  # decoder passes of blocks from this one on: two residual lanes (GPT.logits); 0: off
+    parallel_last_n: int = 0  # attention and MLP read the same input in the last this-many blocks (1.0810: 4)
+    parallel_start_layer: int = 8  # decoder passes of blocks from this one on: two residual lanes (GPT.logits); 0: off
     recur_layers: str = "3,4,5"  # contiguous block indices run again (shared weights); "": none
     num_loops: int = 2  # ... this many extra times
     recur_start_frac: float = 0.35  # ... from this fraction of training on
@@ -128,18 +129,18 @@ class Settings:
     logit_softcap: float = 30.0
     qk_gain_init: float = 5.25
     tied_embed_init_std: float = 0.005
-    ortho_init: int = 1  # 1: orthogonal matrices (the record's init); 0: PyTorch's default; 2: as 1.0714 (its banks)
-    smear_gate: int = 0  # 1: each position adds a gated share of the previous token's embedding
-    smear_bos_mask: int = 1  # 1: ... never across a BOS (the later records' fix); 0: also across (the 1.0714 record)
-    smear_frozen: int = 0  # 1: no optimizer trains it: it stays the identity, its gradient still clipped (1.0714's)
-    gate_attn_out: int = 0  # 1: each head's attention output x 2 sigmoid(a zero-initialised gate of its input)
+    ortho_init: int = 2  # 2: orthogonal block matrices, drawn as 1.0714's banks; 1: as 1.0810; 0: PyTorch's default
+    smear_gate: int = 1  # 1: each position adds a gated share of the previous token's embedding
+    smear_bos_mask: int = 0  # 1: ... never across a BOS (the later records' fix); 0: also across (the 1.0714 record)
+    smear_frozen: int = 1  # 1: no optimizer trains it: it stays the identity, its gradient still clipped (1.0714's)
+    gate_attn_out: int = 1  # 1: each head's attention output x 2 sigmoid(a zero-initialised gate of its input)
     # Optimizers.
     embed_lr: float = 0.6
     head_lr: float = 0.008
     tied_embed_lr: float = 0.03
-    matrix_lr: float = 0.022
+    matrix_lr: float = 0.026
     scalar_lr: float = 0.02
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97
     muon_backend_steps: int = 5
     muon_ns_coeffs: str = "fixed"  # fixed: one quintic | polar: per-iteration Polar Express coefficients
     muon_row_norm: int = 1  # 1: normalise each row of the update before Newton-Schulz
@@ -152,21 +153,21 @@ class Settings:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.3
-    grad_clip_per_rank: int = 0  # 1: each GPU of LOADER_STREAMS (a micro-batch) clips its own gradient, no DDP (1.0714)
-    muon_rounding: str = "1.0810"  # whose Muon arithmetic: 1.0810 | 1.0714 (bf16 momentum on CUDA; same math)
-    warmup_keep_momentum: int = 0  # 1: Muon's momentum outlives the warm-up, as the 1.0714 record's on 8 GPUs
+    grad_clip_per_rank: int = 1  # 1: each GPU of LOADER_STREAMS (a micro-batch) clips its own gradient, no DDP (1.0714)
+    muon_rounding: str = "1.0714"  # whose Muon arithmetic: 1.0714 (bf16 momentum on CUDA) | 1.0810 (fp32; same math)
+    warmup_keep_momentum: int = 1  # 1: Muon's momentum outlives the warm-up, as the 1.0714 record's on 8 GPUs
     ema_decay: float = 0.9965  # export an EMA of the weights, updated every step; 0: the raw weights
     # Export.
     export_format: str = "int6+brotli"  # <int6|int8>+<brotli|lzma|zlib>
     export_fit_cap: int = 0  # 1: while over the cap, zero a few +-1 codes (prune_to_fit), or fewer bits (FIT_CAP_STEPS)
     export_packed_code: int = 1  # 1: the fit and the Total line count this file packed (pack_code), as shipped
     export_quant: str = "gptq"  # gptq: rounding that minds the layer outputs (gptq_quantize) | rtn: plain rounding
-    export_embed_bits: int = 8  # the embedding's (the tied head's) bits; 8 without a hessian: a quantile clip
+    export_embed_bits: int = 7  # the embedding's (the tied head's) bits; 8 without a hessian: a quantile clip
     gptq_clip_sigmas: float = 12.85  # GPTQ row scale: clip = this x the row's std; larger: fewer bytes
-    gptq_mlp_clip_sigmas: float = 0.0  # ... for the MLP matrices; 0: GPTQ_CLIP_SIGMAS
-    gptq_attn_clip_sigmas: float = 0.0  # ... for the attention matrices; 0: GPTQ_CLIP_SIGMAS
-    gptq_embed_clip_sigmas: float = 20.0  # ... for the embedding
-    gptq_reserve_seconds: float = 12.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
+    gptq_mlp_clip_sigmas: float = 12.0  # ... for the MLP matrices; 0: GPTQ_CLIP_SIGMAS
+    gptq_attn_clip_sigmas: float = 13.0  # ... for the attention matrices; 0: GPTQ_CLIP_SIGMAS
+    gptq_embed_clip_sigmas: float = 15.0  # ... for the embedding
+    gptq_reserve_seconds: float = 13.0  # training stops this much before MAX_WALLCLOCK_SECONDS, for GPTQ
     gptq_calibration_batches: int = 64  # micro-batches of training sequences whose layer inputs make the hessians
 
     @classmethod
@@ -305,30 +306,28 @@ class Settings:
                 self.gptq_calibration_batches, f"at least the world size {world_size} (each rank calibrates on some)")
 
 
+# PRESET=1.0810: the 1.0810 record's recipe, the kit's default before the 1.0714 record's (tests/test_record_*.py).
+RECIPE_1_0810 = dict(smear_gate=0, smear_bos_mask=1, smear_frozen=0, gate_attn_out=0, parallel_start_layer=0,
+                     parallel_last_n=4, ortho_init=1, rope_rounding="1.0810", pack_documents=0, grad_clip_per_rank=0,
+                     muon_rounding="1.0810", warmup_keep_momentum=0, matrix_lr=0.022, muon_momentum=0.99,
+                     warmdown_frac=0.72, gptq_reserve_seconds=12.0, ttt_method="full", ttt_epochs=3,
+                     ttt_chunk_tokens=32_768, export_embed_bits=8, gptq_mlp_clip_sigmas=0.0, gptq_attn_clip_sigmas=0.0,
+                     gptq_embed_clip_sigmas=20.0)
 # PRESET=baseline: the naive baseline of SPEC.md, every technique off. PRESET=smoke: every stage in seconds on a CPU.
-PRESETS = {"strong": {}, "baseline": dict(
-    vocab_size=1024, eval_stride=0, ttt_epochs=0, val_loss_every=1000, train_log_every=200, warmdown_frac=0.0,
-    train_batch_tokens=524_288, train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0, rope_dims=0,
-    ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="", skip_gates=0, ortho_init=0, qk_gain_init=1.5,
-    tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95, muon_row_norm=0, muon_weight_decay=0.0,
-    embed_weight_decay=0.0, scalar_weight_decay=0.0, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
-    grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn", loader_streams=0),
+PRESETS = {"strong": {}, "1.0810": RECIPE_1_0810, "baseline": dict(
+    RECIPE_1_0810, vocab_size=1024, eval_stride=0, ttt_epochs=0, val_loss_every=1000, train_log_every=200,
+    warmdown_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024, num_layers=9, mlp_mult=2, mlp_leaky_slope=0.0,
+    rope_dims=0, ln_scale=0, xsa_last_n=0, parallel_last_n=0, recur_layers="", skip_gates=0, ortho_init=0,
+    qk_gain_init=1.5, tied_embed_lr=0.05, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95, muon_row_norm=0,
+    muon_weight_decay=0.0, embed_weight_decay=0.0, scalar_weight_decay=0.0, muon_momentum_warmup_start=0.85,
+    muon_momentum_warmup_steps=500, grad_clip_norm=0.0, ema_decay=0.0, export_format="int8+zlib", export_quant="rtn",
+    loader_streams=0),
     "smoke": dict(  # on what data/build_smoke_dataset.py writes
     data_path="./data/smoke/datasets/fineweb10B_smoke", tokenizer_path="./data/smoke/tokenizers/fineweb_512_bpe.model",
     vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2, recur_layers="1",
-    train_seq_len=128, train_batch_tokens=2048, grad_accum_steps=1, iterations=60, max_wallclock_seconds=0,
-    warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_epochs=1, ttt_chunk_tokens=4096,
-    gptq_calibration_batches=4)}
-# The 1.0714 record's logged settings that differ from the default, its model's and training's so far: not yet a
-# preset, it joins PRESETS (as the default) once every part of its run is proven equal to the record's code. Its
-# optimizers leave out smear_gate and smear_lambda (SMEAR_FROZEN): its SmearGate is the identity throughout its runs.
-RECORD_1_0714 = dict(smear_gate=1, smear_bos_mask=0, smear_frozen=1, gate_attn_out=1, parallel_start_layer=8,
-                     parallel_last_n=0, ortho_init=2, rope_rounding="1.0714", pack_documents=1, grad_clip_per_rank=1,
-                     muon_rounding="1.0714", warmup_keep_momentum=1, matrix_lr=0.026, muon_momentum=0.97,
-                     warmdown_frac=0.75, gptq_reserve_seconds=13.0)
-# Its evaluation: test-time training of adapters per document (the other TTT_* settings' defaults are its values), one
-# AdamW step per chunk of 48 tokens. With PACK_DOCUMENTS=1, validation scores packed rows, documents attending alone.
-RECORD_1_0714_EVAL = dict(ttt_method="lora", ttt_epochs=1, ttt_chunk_tokens=48)
+    parallel_start_layer=1, train_seq_len=128, train_batch_tokens=2048, iterations=60, max_wallclock_seconds=0,
+    warmup_steps=2, val_batch_size=16384, train_log_every=10, ema_decay=0.9, ttt_chunk_tokens=128,
+    ttt_lora_rank=8, gptq_calibration_batches=4)}
 EXPORT_FORMATS = tuple(f"int{bits}+{compressor}" for bits in (6, 8) for compressor in ("brotli", "lzma", "zlib"))
 
 

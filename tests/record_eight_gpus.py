@@ -1,12 +1,19 @@
-"""The 1.0714 record's own training loop as its 8-GPU run, on the CPU: `train_model` of its source (reference_record's
-CPU copy) in 8 gloo processes started by torchrun, each with its real DocumentPackingLoader and the sharded Muon path
-of its Muon (the record's, edited to fp32: record_pieces.FP32_MUON), no DDP, as on 8 GPUs. What a test cannot run
-as is, it replaces: the clock ticks 1 s per step (each rank reads one batch a step), so that the LR warm-down and
-the looping switch fall where the test wants them; the evaluation returns 0. Rank 0 saves the initial weights, the
-weights before the EMA (when it logs `ema:applying`) and after, under the kit's names, and each step's learning
-rates, Muon momentum and looping flag.
+"""The 1.0714 record's own code as its 8-GPU run, on the CPU: its source (reference_record's CPU copy) in 8 gloo
+processes started by torchrun, each with its real DocumentPackingLoader and the sharded Muon path of its Muon (the
+record's, edited to fp32: record_pieces.FP32_MUON), no DDP, as on 8 GPUs.
 
-`run_record_training(folder, env)` runs it from a test; this file is also each rank's script.
+`run_record_training(folder, env)`: its `train_model` alone. What a test cannot run as is, it replaces: the clock
+ticks 1 s per step (each rank reads one batch a step), so that the LR warm-down and the looping switch fall where the
+test wants them; the evaluation returns 0. Rank 0 saves the initial weights, the weights before the EMA (when it logs
+`ema:applying`) and after, under the kit's names, and each step's learning rates, Muon momentum and looping flag.
+
+`run_record_end_to_end(folder, env)`: its whole `train_and_eval` (training, GPTQ, export, the round trip, LoRA TTT);
+returns rank 0's log. Its edits, each checked against the source: the training loss it logs is the mean of the 8
+GPUs' (MEAN_LOSS; it logs rank 0's own), and each TTT batch's adapters are drawn as the kit draws them
+(test_lora_ttt.record_edits). Its code-size count runs pyminify, which the kit does not install: it counts the plain
+source instead (the model bytes, which the tests compare, do not depend on it).
+
+This file is also each rank's script.
 """
 from __future__ import annotations
 
@@ -18,17 +25,55 @@ from types import SimpleNamespace
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]  # train_gpt, which the edits' helpers import (the run's folder is its cwd)
 
-def run_record_training(folder: Path, env: dict, nproc: int = 8, timeout: float = 600) -> SimpleNamespace:
-    """The record's Hyperparameters from `env` (its variable names); its outputs as saved by rank 0."""
+
+# The record logs rank 0's own training loss, the kit the mean over the 8 GPUs: the record's, edited to log the mean.
+MEAN_LOSS = (("        train_loss /= h.grad_accum_steps\n", "        train_loss /= h.grad_accum_steps\n"
+              "        dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)\n", 1),)
+
+
+def launch(folder: Path, mode: str, env: dict, nproc: int, timeout: float) -> subprocess.CompletedProcess:
+    """This file as the record's `nproc` GPUs (torchrun, gloo, one thread each), with its Hyperparameters from `env`."""
     folder.mkdir(parents=True, exist_ok=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                             __file__, str(folder)], env={**clean, **{k: str(v) for k, v in env.items()},
-                                                           "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=timeout)
+                             __file__, str(folder), mode], env={**clean, **{k: str(v) for k, v in env.items()},
+                                                                 "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=timeout, cwd=folder)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def run_record_training(folder: Path, env: dict, nproc: int = 8, timeout: float = 600) -> SimpleNamespace:
+    """The record's Hyperparameters from `env` (its variable names); its outputs as saved by rank 0."""
+    result = launch(folder, "train", env, nproc, timeout)
     return SimpleNamespace(**torch.load(folder / "record_run.pt"), log=result.stdout)
+
+
+def run_record_end_to_end(folder: Path, env: dict, nproc: int = 8, timeout: float = 600) -> str:
+    """Rank 0's log of the record's whole run; its files (model, artifact, log) go into `folder`."""
+    launch(folder, "end_to_end", {**env, "ARTIFACT_DIR": folder, "RUN_ID": "record"}, nproc, timeout)
+    return (folder / "record.txt").read_text(encoding="utf-8")
+
+
+def end_to_end_as_rank(folder: Path) -> None:
+    import torch.distributed as dist
+
+    from record_pieces import FP32_MUON, record_pieces
+    from reference_record import load_record
+    from test_lora_ttt import record_edits
+
+    rank = int(os.environ["RANK"])
+    ranks = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    record = load_record(folder / f"rank{rank}", ranks, record="1.0714", edits=MEAN_LOSS + record_edits(folder))
+    record.Muon = record_pieces({"zeropower_via_newtonschulz5", "Muon"}, FP32_MUON).Muon
+    record._compressed_code_size = lambda code: (len(code.encode("utf-8")),) * 2  # not pyminify: the plain source
+    h = record.Hyperparameters()
+    record.set_logging_hparams(h)  # as its main(): rank 0 writes the log
+    dist.init_process_group("gloo")
+    record.train_and_eval(h, torch.device("cpu"))
+    dist.destroy_process_group()
 
 
 def train_as_rank(folder: Path) -> None:
@@ -83,4 +128,4 @@ def train_as_rank(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    train_as_rank(Path(sys.argv[1]))
+    (train_as_rank if sys.argv[2] == "train" else end_to_end_as_rank)(Path(sys.argv[1]))

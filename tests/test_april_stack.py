@@ -1,5 +1,5 @@
-"""The April records' stack (issue 12): the 8192 vocabulary by default, SmearGate with the BOS fix, legal
-score-first test-time training (TTT), and the ladder's settings."""
+"""The 1.0810 record's stack (PRESET=1.0810): the 8192 vocabulary, its settings, and its legal score-first test-time
+training (TTT_METHOD=full) over the whole split."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +32,8 @@ def test_baseline_preset_keeps_the_1024_vocabulary_and_its_files_with_every_apri
     assert (s.smear_gate, s.ttt_epochs) == (0, 0)
 
 
-def test_the_1_0810_records_settings_are_the_default():
-    s = Settings()
+def test_the_1_0810_records_settings_are_its_preset():
+    s = Settings.for_preset("1.0810")
     assert (s.recur_layer_ids, s.num_loops, s.recur_start_frac, s.qk_gain_init, s.mlp_mult) == \
         ([3, 4, 5], 2, 0.35, 5.25, 4)
     assert (s.matrix_lr, s.muon_momentum, s.muon_momentum_warmup_start, s.muon_momentum_warmup_steps) == \
@@ -162,7 +162,7 @@ def test_ttt_lowers_the_score_of_a_trained_tiny_model(tiny_dataset):
 def test_ttt_run_logs_both_scores_and_two_ranks_agree_with_one(tmp_path, tiny_dataset):
     """The last final exact line is the TTT score (records/ reads the last), the one before it the score
     without; two processes share each chunk and reach the same scores as one."""
-    env = dict(PRESET="strong", NUM_LAYERS=3, RECUR_LAYERS="1", ITERATIONS=8, VAL_LOSS_EVERY=0, EVAL_STRIDE=16,
+    env = dict(PRESET="1.0810", NUM_LAYERS=3, RECUR_LAYERS="1", ITERATIONS=8, VAL_LOSS_EVERY=0, EVAL_STRIDE=16,
                TTT_CHUNK_TOKENS=1024, MAX_VAL_TOKENS=64 * 40)
     finals = []
     for run_id, nproc, accum in (("ttt1", 1, 2), ("ttt2", 2, 1)):

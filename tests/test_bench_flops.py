@@ -61,8 +61,8 @@ def test_matmul_params_plus_control_tensors_are_all_of_the_tied_models_parameter
 
 
 def test_an_untied_models_embedding_is_the_only_parameter_outside_matmuls_and_controls():
-    small = Settings(num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3, vocab_size=300,
-                     tie_embeddings=0, recur_layers="")
+    small = Settings.for_preset("1.0810", num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=3, vocab_size=300,
+                                tie_embeddings=0, recur_layers="")
     model = GPT(small)
     # Matmuls: 3 x (64x64 x 2 + 64x32 x 2 + 64x192 x 2) + head 300 x 64 = 3 x 36,864 + 19,200 = 129,792.
     assert matmul_params(small) == 129_792

@@ -49,7 +49,7 @@ def runtime(device: str = "cpu", world_size: int = 1, **settings) -> train_gpt.R
 
 
 def tiny(**overrides) -> Settings:
-    return Settings.for_preset("strong", **{**dict(vocab_size=VOCAB, num_layers=4, model_dim=64, num_heads=4,
+    return Settings.for_preset("1.0810", **{**dict(vocab_size=VOCAB, num_layers=4, model_dim=64, num_heads=4,
                                                    num_kv_heads=2, recur_layers="1,2", train_seq_len=SEQ_LEN),
                                             **overrides})
 
@@ -156,11 +156,11 @@ def test_ttt_reduces_each_dtypes_gradients_in_one_all_reduce_per_step(monkeypatc
 
 
 def default_recipe_env(dataset, run_id: str) -> dict:
-    """The default preset (whatever it is) at a tiny width, seq and batch, on the tiny dataset; depth and techniques
-    as the default has them. 6 steps (recurrence switches on by its fraction), 4 TTT chunks of 256 tokens."""
-    env = trainer_env(dataset, RUN_ID=run_id, PRECISION="bf16", ITERATIONS=6, GRAD_ACCUM_STEPS=1, VAL_LOSS_EVERY=0,
-                      TRAIN_LOG_EVERY=3, MAX_VAL_TOKENS=1024, EVAL_STRIDE=32, TTT_CHUNK_TOKENS=256,
-                      GPTQ_CALIBRATION_BATCHES=2)
+    """The default preset (whatever it is) at a tiny width, seq and batch, on the tiny dataset; depth, techniques,
+    accumulation and evaluation as the default has them. 6 steps (recurrence switches on by its fraction), 1,024
+    validation tokens."""
+    env = trainer_env(dataset, RUN_ID=run_id, PRECISION="bf16", ITERATIONS=6, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=3,
+                      MAX_VAL_TOKENS=1024, GPTQ_CALIBRATION_BATCHES=2)
     for name in ("PRESET", "NUM_LAYERS"):
         env.pop(name)
     return env

@@ -23,7 +23,9 @@ def cpu_runtime(compile_model: bool = False) -> train_gpt.Runtime:
 
 
 def tiny(**overrides) -> Settings:
-    return Settings.for_preset("strong", **{**dict(vocab_size=VOCAB, num_layers=4, model_dim=64, num_heads=4,
+    """PRESET=1.0810's plain windows and TTT over the whole split (the default's packed rows and LoRA TTT:
+    tests/test_packed_attention.py and tests/test_lora_ttt.py)."""
+    return Settings.for_preset("1.0810", **{**dict(vocab_size=VOCAB, num_layers=4, model_dim=64, num_heads=4,
                                                    num_kv_heads=2, recur_layers="1,2", train_seq_len=SEQ_LEN),
                                             **overrides})
 
@@ -146,7 +148,7 @@ def fresh_dynamo_caches():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("preset", ["strong", "baseline"])
+@pytest.mark.parametrize("preset", ["1.0810", "baseline"])
 def test_model_traces_as_one_graph_for_training_and_evaluation(preset):
     settings = dataclasses.replace(tiny(), **train_gpt.PRESETS[preset]) if preset == "baseline" else tiny()
     settings = dataclasses.replace(settings, train_seq_len=SEQ_LEN)
@@ -258,7 +260,7 @@ def test_a_compiled_run_uses_five_graph_cache_entries_all_made_before_the_final_
     write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, 256, 50_000).astype(np.uint16))
     write_shard(tmp_path / "fineweb_val_000000.bin", np.r_[1, rng.integers(4, 256, 12 * 64)].astype(np.uint16))
     (tmp_path / "bytes.json").write_text('{"vocab_size": 256, "byte_offset": 4}')  # ids 0-3 special, as byte260's
-    env = dict(PRESET="strong", DEVICE="cpu", COMPILE="1", VOCAB_SIZE="256", DATA_PATH=str(tmp_path),
+    env = dict(PRESET="1.0810", DEVICE="cpu", COMPILE="1", VOCAB_SIZE="256", DATA_PATH=str(tmp_path),
                TOKENIZER_PATH=str(tmp_path / "bytes.json"), NUM_LAYERS="3", RECUR_LAYERS="1", MODEL_DIM="64",
                NUM_HEADS="1", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="512", VAL_BATCH_SIZE="1024",
                ITERATIONS="4", WARMUP_STEPS="2", VAL_LOSS_EVERY="2", MAX_WALLCLOCK_SECONDS="0", EVAL_STRIDE="16",

@@ -46,7 +46,7 @@ class FixedLoader:
 
 def make_trainer(monkeypatch, world_size: int = 1, rank: int = 0, dtype=torch.float32, **overrides):
     monkeypatch.setattr(train_gpt, "TrainBatchLoader", FixedLoader)
-    settings = train_gpt.Settings(**{**TINY, **overrides})
+    settings = train_gpt.Settings.for_preset("1.0810", **{**TINY, **overrides})  # each test turns on what it is about
     runtime = train_gpt.Runtime(torch.device("cpu"), rank, world_size, 0, 8 // world_size, dtype, False)
     return train_gpt.Trainer(settings, runtime)
 

@@ -1,5 +1,6 @@
-"""The artifact's compression: the 1.0810 record's byte shuffle + brotli-11 by default, every format told apart by
-its own header (old lzma and zlib artifacts still load), and the record's bytes for the same weights."""
+"""The artifact's compression: the records' byte shuffle + brotli-11 by default (1.0810's, which 1.0714 keeps), every
+format told apart by its own header (old lzma and zlib artifacts still load), and the record's bytes for the same
+weights (PRESET=1.0810's model)."""
 from __future__ import annotations
 
 import io
@@ -25,10 +26,10 @@ def test_a_run_without_the_brotli_package_is_a_settings_error(monkeypatch):
 
 
 def packed_model(**settings) -> dict:
-    """A perturbed model whose embedding (600 x 128) is rounded to int8, the rest kept in fp16."""
+    """A perturbed model (PRESET=1.0810's) whose embedding (600 x 128) is rounded to int8, the rest kept in fp16."""
     torch.manual_seed(0)
-    model = train_gpt.GPT(Settings(**{**dict(vocab_size=600, num_layers=1, model_dim=128, num_heads=4,
-                                             num_kv_heads=2), **settings}))
+    model = train_gpt.GPT(Settings.for_preset("1.0810", **{**dict(vocab_size=600, num_layers=1, model_dim=128, num_heads=4,
+                                                              num_kv_heads=2), **settings}))
     for p in model.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     return train_gpt.quantize_state_dict(model.state_dict(), set(), 6)

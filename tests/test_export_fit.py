@@ -44,7 +44,7 @@ class Matrices(nn.Module):
         return set()
 
 
-SETTINGS = Settings.for_preset("strong", export_format="int6+lzma", export_quant="rtn", export_fit_cap=1,
+SETTINGS = Settings.for_preset("1.0810", export_format="int6+lzma", export_quant="rtn", export_fit_cap=1,
                                 gptq_clip_sigmas=3.0)  # rtn: plain rounding at 3 row stds
 
 

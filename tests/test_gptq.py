@@ -53,7 +53,7 @@ def test_gptq_with_uncorrelated_inputs_is_plain_rounding():
 def test_calibration_sees_the_output_head_input_as_the_model_computes_it(tiny_dataset):
     """The tied embedding's hessian comes from the final hidden states: its logits must be the model's. H is the
     mean over the calibration batches of X^T X, as the record's."""
-    s = Settings.for_preset("strong", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
+    s = Settings.for_preset("1.0810", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
                             **{**SMALL, "recur_layers": "1", "gptq_calibration_batches": 3})
     runtime = train_gpt.setup_runtime(s)
     torch.manual_seed(0)
@@ -89,18 +89,19 @@ def test_gptq_time_is_reserved_inside_the_wallclock_cap():
 
 def test_gptq_calibrates_and_reserves_time_as_the_record_by_default():
     s = Settings.from_env({})
-    assert (s.gptq_calibration_batches, s.gptq_reserve_seconds) == (64, 12.0)
+    assert (s.gptq_calibration_batches, s.gptq_reserve_seconds) == (64, 13.0)  # the 1.0714 record's (1.0810: 12)
     with pytest.raises(train_gpt.SettingsError, match="^GPTQ_CALIBRATION_BATCHES=0 is invalid"):
         Settings.from_env({"GPTQ_CALIBRATION_BATCHES": "0"})
 
 
-def test_per_kind_clips_and_embedding_bits_default_to_one_clip_and_int8():
-    """GPTQ_MLP_CLIP_SIGMAS and GPTQ_ATTN_CLIP_SIGMAS at 0 follow GPTQ_CLIP_SIGMAS, and the embedding keeps 8 bits:
-    the export computes what it computed before they existed."""
-    assert Settings().gptq_clips == {".mlp.": 12.85, ".attn.": 12.85, "": 12.85} and Settings().export_embed_bits == 8
-    assert Settings.from_env({"GPTQ_CLIP_SIGMAS": "3"}).gptq_clips == {".mlp.": 3.0, ".attn.": 3.0, "": 3.0}
-    assert Settings.from_env({"GPTQ_MLP_CLIP_SIGMAS": "12", "GPTQ_ATTN_CLIP_SIGMAS": "13"}).gptq_clips == {
-        ".mlp.": 12.0, ".attn.": 13.0, "": 12.85}
+def test_per_kind_clips_at_0_follow_one_clip_as_the_1_0810_preset_with_its_int8_embedding():
+    """GPTQ_MLP_CLIP_SIGMAS and GPTQ_ATTN_CLIP_SIGMAS at 0 follow GPTQ_CLIP_SIGMAS: PRESET=1.0810 clips every matrix
+    alike and keeps the embedding in 8 bits, as the export did before they existed; the default clips by kind."""
+    s = Settings.for_preset("1.0810")
+    assert s.gptq_clips == {".mlp.": 12.85, ".attn.": 12.85, "": 12.85} and s.export_embed_bits == 8
+    assert Settings.from_env({"PRESET": "1.0810", "GPTQ_CLIP_SIGMAS": "3"}).gptq_clips == {
+        ".mlp.": 3.0, ".attn.": 3.0, "": 3.0}
+    assert Settings.from_env({}).gptq_clips == {".mlp.": 12.0, ".attn.": 13.0, "": 12.85}
     assert [train_gpt.clip_sigmas_of(name, {".mlp.": 1, ".attn.": 2, "": 3}) for name in (
         "blocks.0.mlp.proj.weight", "blocks.0.attn.proj.weight", "lm_head.weight")] == [1, 2, 3]
 
@@ -122,7 +123,7 @@ def test_export_quant_names_a_known_rounding():
 
 
 def trained_model(dataset, seed: int, steps: int = 30):
-    s = Settings.for_preset("strong", data_path=dataset.data_path, tokenizer_path=dataset.tokenizer_path,
+    s = Settings.for_preset("1.0810", data_path=dataset.data_path, tokenizer_path=dataset.tokenizer_path,
                             vocab_size=dataset.vocab_size, seed=seed, iterations=steps, ema_decay=0.9,
                             max_val_tokens=4096, **{**SMALL, "train_batch_tokens": 1024})
     runtime = train_gpt.setup_runtime(s)
@@ -171,7 +172,8 @@ def test_gptq_artifact_does_not_depend_on_the_validation_tokens(tmp_path, tiny_d
     artifacts = []
     for run_id, data_path in (("clean", tiny_dataset.data_path), ("poisoned", poisoned)):
         env = trainer_env(tiny_dataset, RUN_ID=run_id, DATA_PATH=data_path, PRESET="strong", MODEL_DIM=256,
-                          RECUR_LAYERS="1", ITERATIONS=4, VAL_LOSS_EVERY=2, MAX_VAL_TOKENS=1024, EVAL_STRIDE=0)
+                          RECUR_LAYERS="1", PARALLEL_START_LAYER=1, ITERATIONS=4, VAL_LOSS_EVERY=2, MAX_VAL_TOKENS=1024,
+                          TTT_EPOCHS=0)
         result = run_trainer(env, tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "gptq: " in read_log(tmp_path, run_id)
@@ -186,9 +188,10 @@ def test_two_ranks_export_the_same_gptq_artifact_as_one(tmp_path, tiny_dataset):
     with the same H as one process that saw all of them. Two ranks train the same math up to float rounding, so a few
     weights may round the other way (40 of 1.0M seen); rank 0 rounding with its own half-batch H: 14%."""
     artifacts = []
-    for run_id, nproc, accum in (("one", 1, 2), ("two", 2, 1)):
+    for run_id, nproc, accum in (("one", 1, 8), ("two", 2, 4)):
         env = trainer_env(tiny_dataset, RUN_ID=run_id, PRESET="strong", MODEL_DIM=256, RECUR_LAYERS="1", ITERATIONS=4,
-                          VAL_LOSS_EVERY=0, MAX_VAL_TOKENS=1024, EVAL_STRIDE=0, GRAD_ACCUM_STEPS=accum)
+                          PARALLEL_START_LAYER=1, VAL_LOSS_EVERY=0, MAX_VAL_TOKENS=1024, TTT_EPOCHS=0,
+                          GRAD_ACCUM_STEPS=accum)
         result = run_trainer(env, tmp_path, nproc=nproc)
         assert result.returncode == 0, result.stderr[-3000:]
         artifacts.append(train_gpt.decompress_model((tmp_path / "logs" / f"{run_id}.int6.ptz").read_bytes()))
@@ -215,7 +218,7 @@ def correlated_inputs_hessian(dim: int) -> torch.Tensor:
 
 def test_gptq_export_over_the_cap_steps_down_bits(monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_CAP_BYTES", 1)  # every plan overflows: the last one is taken
-    settings = Settings.for_preset("strong", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
+    settings = Settings.for_preset("1.0810", **{**SMALL, "vocab_size": 512, "model_dim": 384,  # c_q: 147k weights
                                                 "export_format": "int6+lzma", "export_fit_cap": 1})  # lzma: faster
     model = gaussian_rows_model(settings)
     hessians = {name: correlated_inputs_hessian(p.shape[1]) for name, p in model.state_dict().items() if p.ndim == 2}
@@ -252,10 +255,10 @@ def test_gptq_gives_the_records_codes_and_scales_from_the_same_weights_and_hessi
         assert torch.equal(q[:, [3, 50]], torch.zeros(rows, 2, dtype=torch.int8))
 
 
-def test_default_export_quantizes_a_state_dict_as_the_records(record):
-    """The record's gptq_mixed_quantize on the same state dict and hessians: the default export has the same codes
+def test_1_0810_export_quantizes_a_state_dict_as_the_records(record):
+    """The record's gptq_mixed_quantize on the same state dict and hessians: PRESET=1.0810's export has the same codes
     and scales, and every float tensor of at most 65,536 values (control tensors too) in fp16."""
-    s = Settings(vocab_size=1024, num_layers=1, model_dim=320, num_heads=4, num_kv_heads=2, recur_layers="")
+    s = Settings.for_preset("1.0810", vocab_size=1024, num_layers=1, model_dim=320, num_heads=4, num_kv_heads=2, recur_layers="")
     torch.manual_seed(0)
     model = train_gpt.GPT(s)
     for p in model.parameters():
@@ -293,7 +296,7 @@ def test_looped_layers_hessians_sum_every_pass_as_the_records_hooks(tmp_path, ti
     per call; the embedding's H is the final norm's output. Same weights, same calibration batches (the record's
     loader is fed the kit's: the loaders' equality is proven elsewhere)."""
     record = load_record(tmp_path, {k: str(v) for k, v in LOOPED_RECORD.items()})
-    s = Settings.for_preset("strong", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
+    s = Settings.for_preset("1.0810", data_path=tiny_dataset.data_path, vocab_size=tiny_dataset.vocab_size,
                             **LOOPED_KIT)
     runtime = train_gpt.setup_runtime(s)
     torch.manual_seed(0)
@@ -356,9 +359,6 @@ RECORD_1_0714 = REPO.parent / "shared" / "reference" / "record_2026-04-16_sp8192
 # 256 x 512 embedding are above it; the logged run's gates (SMEAR_GATE=1, GATE_ATTN_OUT=1) add their small tensors.
 REDUCED_1_0714 = dict(VOCAB_SIZE=256, NUM_LAYERS=1, MODEL_DIM=512, EMBEDDING_DIM=512, NUM_HEADS=8, NUM_KV_HEADS=2,
                       MLP_MULT=1, NUM_LOOPS=0, SMEAR_GATE=1, GATE_ATTN_OUT=1)
-# The record's export settings, as its three runs logged them, in the kit's names.
-EXPORT_1_0714 = dict(export_embed_bits=7, gptq_clip_sigmas=12.85, gptq_mlp_clip_sigmas=12.0,
-                     gptq_attn_clip_sigmas=13.0, gptq_embed_clip_sigmas=15.0)
 
 
 def import_record_1_0714(env: dict):
@@ -403,7 +403,7 @@ def record_1_0714_export():
     hessians = {name: correlated_inputs_hessian(t.shape[1]) for name, t in state.items() if t.numel() > 65536}
     hessians["blocks.0.mlp.proj.weight"][5], hessians["blocks.0.mlp.proj.weight"][:, 5] = 0, 0
     result, meta = record.gptq_mixed_quantize(state, hessians, h)
-    s = Settings(**EXPORT_1_0714, export_format="int6+zlib")  # zlib: the fastest; the compressor leaves codes alone
+    s = Settings(export_format="int6+zlib")  # the default's export; zlib: the fastest; the compressor leaves codes alone
     blob = train_gpt.export_artifact(SimpleNamespace(state_dict=lambda: state), s, 0, print, hessians)
     return SimpleNamespace(record=record, h=h, state=state, hessians=hessians, result=result, meta=meta, blob=blob)
 
@@ -415,8 +415,11 @@ def test_record_1_0714_export_settings_are_its_runs_logged_ones(record_1_0714_ex
         for name in ("matrix_bits", "embed_bits", "matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas",
                      "embed_clip_sigmas", "compressor"):
             assert str(getattr(h, name)) == logged[name], (log.name, name)
+    s = Settings()  # the default: the kit's names for them
     assert (h.matrix_bits, h.embed_bits, h.matrix_clip_sigmas, h.mlp_clip_sigmas, h.attn_clip_sigmas,
-            h.embed_clip_sigmas) == (6, 7, 12.85, 12.0, 13.0, 15.0) == (6, *EXPORT_1_0714.values())
+            h.embed_clip_sigmas) == (6, 7, 12.85, 12.0, 13.0, 15.0) == (
+        s.export_bits, s.export_embed_bits, s.gptq_clip_sigmas, s.gptq_mlp_clip_sigmas, s.gptq_attn_clip_sigmas,
+        s.gptq_embed_clip_sigmas)
 
 
 def test_1_0714_export_gives_the_records_codes_scales_and_fp16_tensors(record_1_0714_export):
@@ -457,7 +460,7 @@ def test_1_0714_export_loads_back_to_the_records_dequantized_weights(record_1_07
                                                    (dict(gptq_embed_clip_sigmas=20.0), "tok_emb.weight")])
 def test_1_0714_codes_differ_when_one_export_setting_is_changed_back(record_1_0714_export, changed_back, differs):
     ref = record_1_0714_export
-    s = Settings(**{**EXPORT_1_0714, **changed_back})
+    s = Settings(**changed_back)
     packed = train_gpt.quantize_state_dict({differs: ref.state[differs]}, set(), 6, None,
                                            (ref.hessians, s.gptq_clips, s.gptq_embed_clip_sigmas), s.export_embed_bits)
     assert not torch.equal(packed["int8"][differs], ref.result[differs + ".q"])

@@ -25,9 +25,9 @@ def test_help_lists_every_setting_with_its_default_meaning_and_preset_values(tmp
     lines = help_of(REPO / "train_gpt.py", tmp_path)
     for name, default in SETTINGS:
         assert any(line.split()[:2] == [name, default] for line in lines), name
-    assert any(line.split()[:2] == ["TTT_EPOCHS", "3"] and line.endswith(
-        "score-first test-time training: epochs on each chunk once it is scored; 0: off [baseline: 0, smoke: 1]")
-        for line in lines)
+    assert any(line.split()[:2] == ["TTT_EPOCHS", "1"] and line.endswith(
+        "score-first test-time training: steps (full: epochs) on each chunk once it is scored; 0: off [1.0810: 3, "
+        "baseline: 0]") for line in lines)
     assert any(line.startswith("VOCAB_SIZE") and line.endswith(" [baseline: 1024, smoke: 512]") for line in lines)
     assert not any("meanings are in the readable" in line for line in lines)
 

@@ -110,20 +110,6 @@ def one_process(record):
     return SimpleNamespace(kit=kit_score(record, cpu_runtime()), record=record_score(record))
 
 
-def test_record_1_0714_eval_settings_are_its_runs_logged_ones():
-    from test_record_1_0714_model import logged_hyperparameters
-    logged, s = logged_hyperparameters(), Settings(**train_gpt.RECORD_1_0714_EVAL)
-    assert Settings.from_env({k.upper(): str(v) for k, v in train_gpt.RECORD_1_0714_EVAL.items()}) == s
-    assert (s.ttt_method, s.ttt_epochs) == ("lora", int(logged["ttt_grad_steps"])) and logged["ttt_enabled"] == "True"
-    assert (s.ttt_lora_rank, s.ttt_lora_lr, s.ttt_chunk_tokens, s.ttt_batch_size, s.ttt_beta1, s.ttt_beta2,
-            s.ttt_weight_decay) == (96, 1e-4, 48, 64, 0.0, 0.999, 0.5) == tuple(float(logged[k]) for k in (
-                "ttt_lora_rank", "ttt_lora_lr", "ttt_chunk_size", "ttt_batch_size", "ttt_beta1", "ttt_beta2",
-                "ttt_weight_decay"))
-    assert int(logged["ttt_eval_seq_len"]) == int(logged["eval_seq_len"]) == s.train_seq_len  # each chunk's window
-    assert (logged["ttt_optimizer"], logged["ttt_k_lora"], logged["ttt_mlp_lora"], logged["ttt_o_lora"],
-            logged["val_doc_fraction"], logged["ttt_eval_batches"]) == ("adam", "True", "True", "True", "1.0", "")
-
-
 def test_documents_and_batches_are_the_records(record):
     """Cut at every BOS, each through the next BOS (its last target); sorted by length, ties in order, 3 a batch."""
     split, _ = split_and_table()
@@ -234,16 +220,15 @@ def test_warm_up_compiles_every_graph_the_ttt_pass_runs(monkeypatch):
 
 
 def test_a_run_with_the_1_0714_evaluation_logs_its_passes_as_records_reads_them(tmp_path, tiny_dataset):
-    """train_gpt.py with the 1.0714 record's model, packed documents and its evaluation (RECORD_1_0714_EVAL), tiny, in
+    """train_gpt.py with the default (the 1.0714 record's model, packed documents and evaluation), tiny, in
     PRECISION=bf16 (CUDA's configuration on the CPU): periodic validation and the round trip on packed rows, then the
     LoRA TTT pass, each announced and scored, and records/ reads the TTT pass's score."""
     from test_train_end_to_end import run_ok, values
     sys.path.insert(0, str(REPO / "records"))
     from run_log import read_run_log
-    model = dict(train_gpt.RECORD_1_0714, num_layers=4, recur_layers="1", parallel_start_layer=3)
-    evaluation = dict(train_gpt.RECORD_1_0714_EVAL, ttt_chunk_tokens=32, ttt_batch_size=2, ttt_lora_rank=4)
     log = run_ok(tmp_path, tiny_dataset, "lora", PRESET="strong", ITERATIONS=6, VAL_LOSS_EVERY=3, GRAD_ACCUM_STEPS=8,
-                 MAX_VAL_TOKENS=4096, PRECISION="bf16", **{k.upper(): v for k, v in {**model, **evaluation}.items()})
+                 MAX_VAL_TOKENS=4096, PRECISION="bf16", NUM_LAYERS=4, RECUR_LAYERS="1", PARALLEL_START_LAYER=3,
+                 TTT_CHUNK_TOKENS=32, TTT_BATCH_SIZE=2, TTT_LORA_RANK=4)
     assert values(log, r"^eval_pass:roundtrip stride:64 window:64 packed_rows:512$")
     assert values(log, r"^eval_pass:ttt stride:32 window:64 lora_rank:4 lr:0.0001 steps:1 docs_per_batch:2 "
                        r"chunk_tokens:32$")

@@ -167,7 +167,7 @@ def test_model_traces_as_one_graph_on_packed_rows_and_with_adapters(packed):
     """fullgraph (a graph break is an error), as the trainer compiles: the traced forward (the dense-mask path on a
     CPU) and its gradients equal the uncompiled model's (per-segment SDPA); with TTT's adapters on dense rows."""
     torch._dynamo.reset()
-    settings = Settings(**{**SMALL, **train_gpt.RECORD_1_0714, "parallel_start_layer": 3})
+    settings = Settings(**{**SMALL, "parallel_start_layer": 3})
     torch.manual_seed(0)
     model = train_gpt.GPT(settings)
     with torch.no_grad():

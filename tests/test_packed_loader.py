@@ -144,7 +144,7 @@ def test_the_training_step_gives_the_model_each_rows_cu_seqlens(tmp_path, monkey
     monkeypatch.setattr(train_gpt.GPT, "forward", lambda model, inputs, targets, *documents:
                         calls.append((inputs, *documents)) or forward(model, inputs, targets))
     settings = packed_settings(tmp_path, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
-                               recur_layers="", device="cpu")
+                               recur_layers="", parallel_start_layer=0, device="cpu")
     train_gpt.Trainer(settings, cpu_runtime(0, 1, 8)).step(0, 1.0)
     rows = train_gpt.TrainBatchLoader(settings, cpu_runtime(0, 1, 8)).next_step()
     assert len(calls) == 8

@@ -89,7 +89,8 @@ def test_on_a_terminal_rank_0_draws_a_bar_and_the_lines_go_to_the_log_file(tmp_p
 # A tiny run with every stage: GPTQ, the round trip, then test-time training.
 
 def every_stage_env(dataset, run_id: str, **overrides) -> dict:
-    return trainer_env(dataset, **{**dict(PRESET="strong", RECUR_LAYERS="1", RUN_ID=run_id, ITERATIONS=6,
+    """PRESET=1.0810 (TTT in chunks of the split; the default's LoRA TTT logs batches: tests/test_lora_ttt.py)."""
+    return trainer_env(dataset, **{**dict(PRESET="1.0810", RECUR_LAYERS="1", RUN_ID=run_id, ITERATIONS=6,
                                           VAL_LOSS_EVERY=3, MAX_VAL_TOKENS=16384, EVAL_STRIDE=32, TTT_EPOCHS=1,
                                           TTT_CHUNK_TOKENS=1024, GPTQ_CALIBRATION_BATCHES=12), **overrides})
 

@@ -1,4 +1,4 @@
-"""The 1.0714 record's model (RECORD_1_0714 on the kit's GPT), checked against the record's own code run on the CPU
+"""The 1.0714 record's model (the kit's default GPT), checked against the record's own code run on the CPU
 (tests/reference_record.py): the same tensors, the same initial weights for a seed, the same logits on packed rows of
 documents (variable-length attention), and the same per-token losses with test-time LoRA adapters."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import train_gpt
 from reference_record import (RECORDS, kit_state_dict_1_0714, load_record, record_state_dict_1_0714,
                               require_reference)
 from test_record_equivalence_model import assert_close_relative, one_thread  # noqa: F401
-from train_gpt import RECORD_1_0714, Settings
+from train_gpt import Settings
 
 # What the record's runs set beyond its source's defaults (its logs' Hyperparameters block; test below).
 LOGGED = dict(QK_GAIN_INIT=5.25, SMEAR_GATE=1, SMEAR_GATE_WIDTH=12, GATE_ATTN_OUT=1, GATE_ATTN_SRC="proj",
@@ -21,7 +21,7 @@ LOGGED = dict(QK_GAIN_INIT=5.25, SMEAR_GATE=1, SMEAR_GATE_WIDTH=12, GATE_ATTN_OU
 # with 2 KV heads and a 32-token TRAIN_SEQ_LEN (the longest segment of a packed row).
 REDUCED_RECORD = dict(LOGGED, VOCAB_SIZE=128, MODEL_DIM=64, EMBEDDING_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2,
                       ROPE_DIMS=8, TRAIN_SEQ_LEN=32)
-REDUCED_KIT = dict(RECORD_1_0714, vocab_size=128, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+REDUCED_KIT = dict(vocab_size=128, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
                    train_seq_len=32)
 # Float rounding only: both compute in fp32 on the CPU, the same operations up to their order (rotary frequencies
 # computed as base^-x against 1 / base^x, per-head broadcasting, segment outputs gathered differently).
@@ -65,40 +65,77 @@ def record_cu_seqlens(record, ids: torch.Tensor, max_len: int = 32):
     return record._build_cu_seqlens(bos, ids.size(1), ids.device, max_len, 64)
 
 
-def logged_hyperparameters() -> dict[str, str]:
+def logged_hyperparameters(seed: int = 42) -> dict[str, str]:
     require_reference("1.0714")
-    log = (RECORDS["1.0714"].source.parent / "train_seed42.log").read_text(encoding="utf-8")
+    log = (RECORDS["1.0714"].source.parent / f"train_seed{seed}.log").read_text(encoding="utf-8")
     return dict(re.findall(r"^  (\w+): (.*)$", log.split("Hyperparameters:")[1].split("train_shards")[0], re.M))
 
 
-def test_record_settings_are_the_logged_models():
-    """RECORD_1_0714 on the kit's defaults is the model the record's runs logged, setting by setting."""
-    logged, s = logged_hyperparameters(), Settings(**RECORD_1_0714)
-    assert Settings.from_env({k.upper(): str(v) for k, v in RECORD_1_0714.items()}) == s  # valid as variables
-    assert {k: logged[k] for k in ("smear_gate_enabled", "gate_attn_out", "gate_attn_src", "gate_width",
-                                   "smear_gate_width", "parallel_final_lane", "gate_mlp_out", "rope_yarn")} == \
-        dict(smear_gate_enabled="True", gate_attn_out="True", gate_attn_src="proj", gate_width="12",
-             smear_gate_width="12", parallel_final_lane="mean", gate_mlp_out="False", rope_yarn="False")
-    assert (s.smear_gate, s.gate_attn_out, s.smear_bos_mask, train_gpt.GATE_INPUTS) == (1, 1, 0, 12)
-    assert float(logged["qk_gain_init"]) == s.qk_gain_init and int(logged["parallel_start_layer"]) == \
-        s.parallel_start_layer
-    same = dict(num_layers="num_layers", model_dim="model_dim", embedding_dim="model_dim", num_heads="num_heads",
-                num_kv_heads="num_kv_heads", vocab_size="vocab_size", xsa_last_n="xsa_last_n", rope_dims="rope_dims",
-                rope_base="rope_base", num_loops="num_loops", logit_softcap="logit_softcap",
-                tied_embed_init_std="tied_embed_init_std", train_seq_len="train_seq_len", mlp_mult="mlp_mult",
-                ln_scale="ln_scale", skip_gates_enabled="skip_gates", tie_embeddings="tie_embeddings",
-                enable_looping_at="recur_start_frac")
-    for theirs, ours in same.items():
-        raw = logged[theirs]
-        assert (float(raw == "True") if raw in ("True", "False") else float(raw)) == float(getattr(s, ours)), theirs
-    assert s.recur_layer_ids == list(range(int(logged["loop_start"]), int(logged["loop_end"]) + 1))
-    assert (s.parallel_last_n, s.mlp_leaky_slope) == (0, 0.5)  # the record's blocks are sequential before lane 8
+# Every line of the Hyperparameters block of the record's logs, against the kit's default: a setting of the same name,
+# or of another (RENAMED), a value the kit derives from its settings (DERIVED), what the kit always does (FIXED), or
+# nothing the run depends on (NOT_SETTINGS).
+SAME_NAME = ("adam_eps", "beta1", "beta2", "ema_decay", "embed_lr", "eval_stride", "gate_attn_out",
+             "gptq_calibration_batches", "gptq_reserve_seconds", "grad_clip_norm", "head_lr", "iterations", "ln_scale",
+             "logit_softcap", "matrix_lr", "max_wallclock_seconds", "mlp_mult", "model_dim", "muon_backend_steps",
+             "muon_momentum", "muon_momentum_warmup_start", "muon_momentum_warmup_steps", "num_heads", "num_kv_heads",
+             "num_layers", "num_loops", "parallel_start_layer", "qk_gain_init", "rope_base", "rope_dims", "scalar_lr",
+             "tie_embeddings", "tied_embed_init_std", "tied_embed_lr", "train_batch_tokens", "train_log_every",
+             "train_seq_len", "ttt_batch_size", "ttt_beta1", "ttt_beta2", "ttt_lora_lr", "ttt_lora_rank",
+             "ttt_weight_decay", "val_loss_every", "vocab_size", "warmdown_frac", "warmup_steps", "xsa_last_n")
+RENAMED = dict(adam_wd="scalar_weight_decay", embed_wd="embed_weight_decay", muon_wd="muon_weight_decay",
+               muon_row_normalize="muon_row_norm", skip_gates_enabled="skip_gates", smear_gate_enabled="smear_gate",
+               enable_looping_at="recur_start_frac", embedding_dim="model_dim", eval_seq_len="train_seq_len",
+               ttt_eval_seq_len="train_seq_len", ttt_chunk_size="ttt_chunk_tokens", ttt_grad_steps="ttt_epochs",
+               val_batch_tokens="val_batch_size", embed_bits="export_embed_bits", matrix_clip_sigmas="gptq_clip_sigmas",
+               mlp_clip_sigmas="gptq_mlp_clip_sigmas", attn_clip_sigmas="gptq_attn_clip_sigmas",
+               embed_clip_sigmas="gptq_embed_clip_sigmas", sliding_window_enabled="eval_sliding")
+DERIVED = dict(loop_start=lambda s: s.recur_layer_ids[0], loop_end=lambda s: s.recur_layer_ids[-1],
+               ttt_enabled=lambda s: s.ttt_epochs > 0 and s.ttt_method == "lora", matrix_bits=lambda s: s.export_bits,
+               compressor=lambda s: s.export_format.split("+")[1],
+               world_size=lambda s: s.loader_streams,  # its 8 GPUs: the kit's micro-batches, whatever its world size
+               gate_width=lambda s: train_gpt.GATE_INPUTS, smear_gate_width=lambda s: train_gpt.GATE_INPUTS,
+               ttt_optimizer=lambda s: {"lora": "adam"}[s.ttt_method])
+FIXED = dict(distributed="True", grad_accum_steps="1",  # its 8 GPUs (world_size) of one micro-batch each
+             gate_attn_src="proj",  # the attention gate reads the block's normalised attention input
+             gate_mlp_out="False", rope_yarn="False",  # the kit has neither
+             parallel_final_lane="mean",  # GPT.logits: the two lanes' mean
+             ttt_k_lora="True", ttt_mlp_lora="True", ttt_o_lora="True",  # BatchedTTTLoRA: Q, K, V, O, MLP-out, head
+             min_lr="0.0",  # lr_multiplier: the warm-down ends at 0
+             val_doc_fraction="1.0", ttt_eval_batches="")  # TTT scores every document, in every batch
+NOT_SETTINGS = ("artifact_dir", "data_dir", "datasets_dir", "eval_only_path", "is_main_process", "local_rank",
+                "logfile", "model_path", "quantized_model_path", "rank", "run_id", "tokenizer_path", "train_files",
+                "val_files", "ttt_output_dir",  # paths, names and the process's rank
+                "seed",  # each run's own: 42, 1337 and 0 (the kit's default, 1337, is one of them)
+                "muon_beta2",  # read by no code of the record
+                "rope_train_seq_len")  # read only with rope_yarn
+
+
+def as_value(raw: str):
+    return raw if raw in ("", "proj", "mean", "adam", "brotli") else float(raw == "True") if raw in (
+        "True", "False") else float(raw)
+
+
+@pytest.mark.parametrize("seed", [42, 1337, 0])
+def test_the_default_is_every_setting_the_records_runs_logged(seed):
+    """Each line of the record's run's Hyperparameters block, one by one, against Settings() (the default)."""
+    logged, s = logged_hyperparameters(seed), Settings()
+    assert Settings.from_env({}) == s and s.preset == "strong"
+    accounted = [*SAME_NAME, *RENAMED, *DERIVED, *FIXED, *NOT_SETTINGS]
+    assert sorted(accounted) == sorted(logged) and len(set(accounted)) == len(accounted)
+    expected = {**{k: getattr(s, k) for k in SAME_NAME}, **{k: getattr(s, v) for k, v in RENAMED.items()},
+                **{k: f(s) for k, f in DERIVED.items()}}
+    wrong = {k: (logged[k], v) for k, v in expected.items() if as_value(logged[k]) != as_value(str(v))}
+    assert not wrong, f"the record logged / the kit's default: {wrong}"
+    assert {k: logged[k] for k in FIXED} == FIXED
+    assert (s.smear_bos_mask, s.smear_frozen, s.parallel_last_n, s.mlp_leaky_slope) == (0, 1, 0, 0.5)  # its code's
+    assert (s.pack_documents, s.grad_clip_per_rank, s.warmup_keep_momentum, s.ortho_init) == (1, 1, 1, 2)
+    assert (s.muon_rounding, s.rope_rounding, s.muon_ns_coeffs, s.export_quant) == ("1.0714", "1.0714", "fixed", "gptq")
 
 
 def test_full_size_model_has_the_records_35945671_parameters_in_the_same_tensors(tmp_path):
     record = load_record(tmp_path, {k: str(v) for k, v in LOGGED.items()}, record="1.0714")
     with torch.device("meta"):  # full size, shapes only
-        theirs, ours = record.GPT(record.Hyperparameters()), train_gpt.GPT(Settings(**RECORD_1_0714))
+        theirs, ours = record.GPT(record.Hyperparameters()), train_gpt.GPT(Settings())
     assert sum(p.numel() for p in ours.parameters()) == 35_945_671  # the record's logs: model_params:35945671
     unbanked = kit_state_dict_1_0714(record, {n: torch.empty(t.shape) for n, t in theirs.state_dict().items()})
     theirs_shapes = {n: t.shape for n, t in unbanked.items()}

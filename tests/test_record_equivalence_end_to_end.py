@@ -1,5 +1,5 @@
-"""End to end: the 1.0810 record's own script and the kit's default, run at reduced size on the same data and seed,
-log the same training losses, the same final scores and the same model bytes (issue 15, section 2.7).
+"""End to end: the 1.0810 record's own script and the kit's PRESET=1.0810, run at reduced size on the same data and
+seed, log the same training losses, the same final scores and the same model bytes.
 
 Both run as one process. The record then takes grad_accum 8 // world_size = 8 and one shuffled stream over all
 train shards (PCG64(0)), which is its 1-GPU run; the kit matches it with one loader stream. The data is real
@@ -48,7 +48,7 @@ RECORD_ENV = {
 }
 # The same run in the kit's settings.
 KIT_ENV = {
-    "SEED": SEED, "ITERATIONS": ITERATIONS, "WARMUP_STEPS": 0, "MAX_WALLCLOCK_SECONDS": 0, "TRAIN_LOG_EVERY": 1,
+    "PRESET": "1.0810", "SEED": SEED, "ITERATIONS": ITERATIONS, "WARMUP_STEPS": 0, "MAX_WALLCLOCK_SECONDS": 0, "TRAIN_LOG_EVERY": 1,
     "VAL_LOSS_EVERY": 0, "TRAIN_SEQ_LEN": SEQ_LEN, "TRAIN_BATCH_TOKENS": 8 * 2 * SEQ_LEN,
     "VAL_BATCH_SIZE": 8 * 8 * SEQ_LEN, "VOCAB_SIZE": 1024, "NUM_LAYERS": 4, "MODEL_DIM": 128, "NUM_HEADS": 4,
     "NUM_KV_HEADS": 2, "MLP_MULT": 5, "XSA_LAST_N": 4, "PARALLEL_LAST_N": 2, "RECUR_LAYERS": "1,2",
@@ -58,31 +58,36 @@ KIT_ENV = {
 }
 
 
-def fineweb_documents() -> list[np.ndarray]:
-    """The FineWeb sample (documents run together there) cut into 2,000-character pieces, tokenized by sp1024."""
+def fineweb_documents(piece_chars: int = 2000) -> list[np.ndarray]:
+    """The FineWeb sample (documents run together there) cut into pieces of `piece_chars` characters, tokenized by
+    sp1024."""
     import sentencepiece as spm
     text = FINEWEB_TEXT.read_text(encoding="utf-8")[:240_000]
     sp = spm.SentencePieceProcessor(model_file=str(SP1024))
-    return [np.array(ids) for ids in sp.encode([text[i:i + 2000] for i in range(0, len(text), 2000)])]
+    return [np.array(ids) for ids in sp.encode([text[i:i + piece_chars] for i in range(0, len(text), piece_chars)])]
 
 
-@pytest.fixture(scope="module")
-def record_layout_data(tmp_path_factory) -> Path:
+def write_record_layout(root: Path, piece_chars: int = 2000) -> Path:
     """DATA_DIR in the record's layout: datasets/fineweb10B_sp1024/fineweb_{train,val}_*.bin and
-    tokenizers/fineweb_1024_bpe.model (a link to the shared file); the val split is exactly VAL_TOKENS + 1 tokens."""
+    tokenizers/fineweb_1024_bpe.model (a link to the shared file); the val split is exactly VAL_TOKENS + 1 tokens, each
+    document a BOS and a piece of the sample."""
     require_reference()
     if not FINEWEB_TEXT.exists() or not SP1024.exists():
         pytest.skip("../shared/data (FineWeb sample, sp1024 tokenizer) is absent")
-    root = tmp_path_factory.mktemp("record_data")
     shards, tokenizers = root / "datasets" / "fineweb10B_sp1024", root / "tokenizers"
     shards.mkdir(parents=True)
     tokenizers.mkdir()
     (tokenizers / "fineweb_1024_bpe.model").symlink_to(SP1024)
-    stream = np.concatenate([np.concatenate(([1], ids)) for ids in fineweb_documents()]).astype(np.uint16)
+    stream = np.concatenate([np.concatenate(([1], ids)) for ids in fineweb_documents(piece_chars)]).astype(np.uint16)
     write_shard(shards / "fineweb_val_000000.bin", stream[:VAL_TOKENS + 1])
     for i, part in enumerate(np.array_split(stream[VAL_TOKENS + 1:], TRAIN_SHARDS)):
         write_shard(shards / f"fineweb_train_{i:06d}.bin", part)
     return root
+
+
+@pytest.fixture(scope="module")
+def record_layout_data(tmp_path_factory) -> Path:
+    return write_record_layout(tmp_path_factory.mktemp("record_data"))
 
 
 def start(script: Path, env: dict, cwd: Path) -> subprocess.Popen:

@@ -1,5 +1,5 @@
-"""The default model is the 1.0810 record's (issue 15, 2.1 and 2.2): the same tensors, the same initial weights
-for the same seed, and the same logits from the same weights, checked against the record's own code on the CPU."""
+"""PRESET=1.0810's model is the 1.0810 record's: the same tensors, the same initial weights for the same seed, and the
+same logits from the same weights, checked against the record's own code on the CPU."""
 from __future__ import annotations
 
 import pytest
@@ -34,7 +34,7 @@ def record(tmp_path_factory):
 
 
 def kit_model(**overrides) -> train_gpt.GPT:
-    return train_gpt.GPT(Settings(**{**REDUCED_KIT, **overrides}))
+    return train_gpt.GPT(Settings.for_preset("1.0810", **{**REDUCED_KIT, **overrides}))
 
 
 def perturbed_record_model(record, seed: int = 0):
@@ -54,16 +54,16 @@ def assert_close_relative(ours: torch.Tensor, theirs: torch.Tensor, rtol: float)
     assert error <= rtol * theirs.abs().max().item(), f"max difference {error:.3g}, scale {theirs.abs().max():.3g}"
 
 
-def test_default_model_has_the_records_35944536_parameters_in_tensors_of_the_same_names_and_shapes(tmp_path):
+def test_model_has_the_records_35944536_parameters_in_tensors_of_the_same_names_and_shapes(tmp_path):
     record = load_record(tmp_path, {"QK_GAIN_INIT": "5.25"})
     with torch.device("meta"):  # full size, shapes only: no memory, no init work
-        theirs, ours = record.GPT(record.Hyperparameters()), train_gpt.GPT(Settings())
+        theirs, ours = record.GPT(record.Hyperparameters()), train_gpt.GPT(Settings.for_preset("1.0810"))
     assert sum(p.numel() for p in ours.parameters()) == 35_944_536  # the record's logs: model_params:35944536
     assert {n: p.shape for n, p in ours.named_parameters()} == {n: p.shape for n, p in theirs.named_parameters()}
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]  # same order
 
 
-def test_default_model_starts_from_the_records_initial_weights_for_the_same_seed(record):
+def test_model_starts_from_the_records_initial_weights_for_the_same_seed(record):
     """Exactly: the same random draws in the same order (default inits while building, then the embedding's
     normal(0, 0.005) and the orthogonal matrices; zero output projections), here at width 64 (11 layers)."""
     torch.manual_seed(3)
@@ -119,7 +119,7 @@ def test_tensors_differ_when_one_setting_is_changed_back(record, changed_back):
 
 @pytest.mark.parametrize("changed_back", [dict(parallel_last_n=3), dict(xsa_last_n=10), dict(rope_dims=16)])
 def test_logits_differ_when_one_setting_is_changed_back(record, changed_back):
-    """The equivalence is a property of the defaults: each of these changes breaks it."""
+    """The equivalence is a property of the preset: each of these changes breaks it."""
     theirs = perturbed_record_model(record)
     ours = kit_model(**changed_back)
     ours.load_state_dict(theirs.state_dict())
@@ -137,6 +137,6 @@ def test_bf16_runs_keep_the_same_tensors_in_bf16_as_the_record(record, monkeypat
     record.restore_fp32_params(theirs)
     monkeypatch.setattr(train_gpt, "TrainBatchLoader", lambda *args: None)  # no data needed to build the model
     runtime = train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, 1, torch.bfloat16, False)
-    ours = train_gpt.Trainer(Settings(**REDUCED_KIT), runtime).model
+    ours = train_gpt.Trainer(Settings.for_preset("1.0810", **REDUCED_KIT), runtime).model
     assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
     assert ours.tok_emb.weight.dtype == torch.bfloat16

@@ -1,4 +1,4 @@
-"""The default optimizers, schedules and EMA are the 1.0810 record's (issue 15, 2.4): from the same weights and
+"""PRESET=1.0810's optimizers, schedules and EMA are the 1.0810 record's: from the same weights and
 batches, 20 steps of the kit's Trainer give the weights of the record's own training loop, on the CPU."""
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def kit_run(initial: dict, monkeypatch, **overrides) -> SimpleNamespace:
     """The kit's Trainer from the same weights on the same batches, driven as train() drives it."""
     steps = iter(batches())
     monkeypatch.setattr(train_gpt, "TrainBatchLoader", lambda *a: SimpleNamespace(next_step=lambda: next(steps)))
-    settings = Settings(**{**SMALL_KIT, **{k.lower(): v for k, v in CLOCK.items()}, **overrides})
+    settings = Settings.for_preset("1.0810", **{**SMALL_KIT, **{k.lower(): v for k, v in CLOCK.items()}, **overrides})
     trainer = train_gpt.Trainer(settings, train_gpt.Runtime(torch.device("cpu"), 0, 1, 0, ACCUM, torch.float32, False))
     trainer.model.load_state_dict(initial)
     trainer.ema = train_gpt.WeightEMA(trainer.model, settings.ema_decay)  # from these weights, as after warm-up

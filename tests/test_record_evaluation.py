@@ -87,7 +87,7 @@ def scores(record, stride: int, num_scored: int = NUM_SCORED):
         has_leading_space_lut=torch.from_numpy(table.has_leading_space),
         is_boundary_token_lut=torch.from_numpy(table.is_boundary)))
     device = torch.device("cpu")
-    ours = (train_gpt.Settings.for_preset("strong", vocab_size=VOCAB, train_seq_len=SEQ_LEN, eval_stride=stride,
+    ours = (train_gpt.Settings.for_preset("1.0810", vocab_size=VOCAB, train_seq_len=SEQ_LEN, eval_stride=stride,
                                           val_batch_size=32 * SEQ_LEN, ttt_chunk_tokens=CHUNK, ttt_epochs=h.ttt_epochs,
                                           ttt_lr=h.ttt_lr))
     evaluator = train_gpt.Evaluator(train_gpt.ValidationSplit(tokens.astype(np.uint16), True), table, ours,

@@ -34,12 +34,12 @@ from train_gpt import Settings, SettingsError
     ({"SMEAR_BOS_MASK": "2"}, "SMEAR_BOS_MASK"),
     ({"GATE_ATTN_OUT": "2"}, "GATE_ATTN_OUT"),
     ({"PARALLEL_START_LAYER": "11", "PARALLEL_LAST_N": "0"}, "PARALLEL_START_LAYER"),  # no such block
-    ({"PARALLEL_START_LAYER": "8"}, "PARALLEL_START_LAYER"),  # with PARALLEL_LAST_N=4's one-lane parallel blocks
+    ({"PARALLEL_LAST_N": "4"}, "PARALLEL_START_LAYER"),  # 8 with PARALLEL_LAST_N=4's one-lane parallel blocks
     ({"PARALLEL_START_LAYER": "4", "PARALLEL_LAST_N": "0"}, "PARALLEL_START_LAYER"),  # inside RECUR_LAYERS=3,4,5
     ({"EMBED_WEIGHT_DECAY": "-0.1"}, "EMBED_WEIGHT_DECAY"),
     ({"SCALAR_WEIGHT_DECAY": "-0.1"}, "SCALAR_WEIGHT_DECAY"),
     ({"TTT_METHOD": "sgd"}, "TTT_METHOD"),
-    ({"TTT_METHOD": "lora"}, "TTT_CHUNK_TOKENS"),  # 32,768 tokens of a document in a window of TRAIN_SEQ_LEN=2048
+    ({"TTT_CHUNK_TOKENS": "4096"}, "TTT_CHUNK_TOKENS"),  # tokens of a document in a window of TRAIN_SEQ_LEN=2048
     ({"TTT_LORA_RANK": "0"}, "TTT_LORA_RANK"),
     ({"TTT_BETA2": "1"}, "TTT_BETA2"),
 ])
@@ -49,7 +49,7 @@ def test_bad_setting_is_rejected_with_its_name(env, variable):
 
 
 def test_batch_that_does_not_split_into_sequences_and_ranks_is_rejected():
-    settings = Settings.from_env({"TRAIN_BATCH_TOKENS": str(516 * 1024), "TRAIN_SEQ_LEN": "1024"})
+    settings = Settings.from_env({"PRESET": "1.0810", "TRAIN_BATCH_TOKENS": str(516 * 1024), "TRAIN_SEQ_LEN": "1024"})
     settings.check_batch_layout(world_size=4, grad_accum_steps=1)  # 516 sequences split over 4 ranks
     with pytest.raises(SettingsError, match=r"TRAIN_BATCH_TOKENS=528384 .* 1024 x 8 x 1 = 8192"):
         settings.check_batch_layout(world_size=8, grad_accum_steps=1)

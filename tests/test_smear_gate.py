@@ -1,5 +1,6 @@
-"""SmearGate (off by default; the input-dependent gate of the records after 1.0810): position t adds
-lambda x sigmoid(gate . e_t[:12]) x e_{t-1} to its embedding e_t, with lambda 0 at init, never across a BOS."""
+"""SmearGate (the input-dependent gate of the records after 1.0810; on in the default as the 1.0714 record's, frozen and
+across a BOS), here on the 1.0810 recipe: position t adds lambda x sigmoid(gate . e_t[:12]) x e_{t-1} to its
+embedding e_t, with lambda 0 at init, never across a BOS with SMEAR_BOS_MASK=1."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,11 @@
-"""The strong default: each technique's defining property, the presets, and the default artifact's size."""
+"""The techniques of the 1.0810 record's recipe (PRESET=1.0810, tiny), each by its defining property, and the
+presets."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +19,7 @@ from train_gpt import Settings
 ORIGINAL_COMMIT = "20b470574e63b5fb92cf16ab85392385c01699ad"  # train_gpt.py before the strong default
 
 
-def tiny(preset: str = "strong", **overrides) -> Settings:
+def tiny(preset: str = "1.0810", **overrides) -> Settings:
     return Settings.for_preset(preset, **{**dict(vocab_size=96, num_layers=4, model_dim=64, num_heads=4,
                                                  num_kv_heads=2, recur_layers="1,2"), **overrides})
 
@@ -55,11 +59,29 @@ def test_strong_is_the_default_and_variables_override_either_preset():
         (11, 4, 2048, "int6+brotli")
     assert Settings.for_preset("baseline") == Settings.from_env({"PRESET": "baseline"})
     assert Settings.from_env({"PRESET": "baseline", "EMA_DECAY": "0.9"}).ema_decay == 0.9
-    assert Settings.from_env({"PRESET": "strong", "NUM_LAYERS": "7", "RECUR_LAYERS": "3"}).num_layers == 7
+    assert Settings.from_env({"PRESET": "strong", "NUM_LAYERS": "9", "RECUR_LAYERS": "3"}).num_layers == 9
     with pytest.raises(train_gpt.SettingsError, match="^PRESET="):
         Settings.from_env({"PRESET": "fast"})
     with pytest.raises(train_gpt.SettingsError, match="^RECUR_LAYERS="):
         Settings.from_env({"RECUR_LAYERS": "4,6"})
+
+
+DEFAULT_BEFORE_1_0714 = "6429374"  # the last commit whose default (PRESET=strong) was the 1.0810 record's recipe
+
+
+@pytest.mark.parametrize("old, new", [("strong", "1.0810"), ("baseline", "baseline"), ("strong", "strong")])
+def test_1_0810_preset_and_baseline_are_the_settings_of_before_the_1_0714_default(tmp_path, old, new):
+    """Every setting, from the script of that commit (git history): PRESET=1.0810 is the default it had, PRESET=baseline
+    the same; the default now differs (the 1.0714 record's recipe)."""
+    spec = importlib.util.spec_from_file_location("before", script_at_commit(DEFAULT_BEFORE_1_0714, tmp_path / "b.py"))
+    module = sys.modules["before"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["before"]
+    before = {k: v for k, v in dataclasses.asdict(module.Settings.for_preset(old)).items() if k != "preset"}
+    now = {k: v for k, v in dataclasses.asdict(Settings.for_preset(new)).items() if k != "preset"}
+    assert (before == now) == (new != "strong"), {k: (v, now[k]) for k, v in before.items() if v != now[k]}
 
 
 def test_baseline_preset_trains_the_same_math_as_the_original_script(tmp_path, tiny_dataset):

@@ -1,5 +1,5 @@
-"""The trainer's shard reader, training batches (the 1.0810 record's loader, or the official one) and validation
-isolation."""
+"""The trainer's shard reader, training batches (PRESET=1.0810: the 1.0810 record's loader; or the official one) and
+validation isolation."""
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +71,8 @@ def make_split_data(folder, train_range=(10, 200), val_range=(300, 400), train_t
 @pytest.mark.parametrize("streams", [8, 0])
 def test_training_batches_never_contain_validation_tokens(tmp_path, streams):
     make_split_data(tmp_path)
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=16, train_batch_tokens=256,
-                                  loader_streams=streams)
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=str(tmp_path), vocab_size=512, train_seq_len=16,
+                                             train_batch_tokens=256, loader_streams=streams)
     loader = train_gpt.TrainBatchLoader(settings, cpu_runtime())
     seen = torch.cat([torch.cat((x.flatten(), y.flatten())) for _ in range(40) for x, y in loader.next_step()])
     assert seen.numel() > 2 * 5000  # the stream wrapped around the training shards at least once
@@ -93,8 +93,8 @@ def global_sequences(settings, world_size, grad_accum_steps, steps=3):
 @pytest.mark.parametrize("streams", [8, 2, 0])
 def test_every_world_size_and_accumulation_trains_on_the_same_sequences(tmp_path, streams):
     make_split_data(tmp_path)
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=128,
-                                  loader_streams=streams)
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=str(tmp_path), vocab_size=512, train_seq_len=8,
+                                             train_batch_tokens=128, loader_streams=streams)
     reference = global_sequences(settings, 1, 1)
     assert len(reference) == 3 * 16
     for world_size, accum in [(1, 8), (2, 4), (4, 2), (8, 1), (16, 1)]:
@@ -138,8 +138,9 @@ def record_batches(record, folder, rank: int, world_size: int, steps: int, accum
 
 
 def kit_loader(folder, rank: int, world_size: int, accum: int, streams: int = 8):
-    settings = train_gpt.Settings(data_path=str(folder), vocab_size=4096, train_seq_len=SEQ_LEN,
-                                  train_batch_tokens=8 * RANK_SEQS * SEQ_LEN, loader_streams=streams)
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=str(folder), vocab_size=4096,
+                                             train_seq_len=SEQ_LEN, train_batch_tokens=8 * RANK_SEQS * SEQ_LEN,
+                                             loader_streams=streams)
     return train_gpt.TrainBatchLoader(settings, cpu_runtime(rank, world_size, accum))
 
 
@@ -194,7 +195,8 @@ def test_gptq_calibration_reads_the_records_rank_zero_batches_shared_over_the_ra
 
 def test_token_ids_beyond_the_vocabulary_are_rejected_when_read(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.full(100, 600))
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=4, train_batch_tokens=16)
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=str(tmp_path), vocab_size=512, train_seq_len=4,
+                                             train_batch_tokens=16)
     with pytest.raises(ValueError, match=rf"the train shards in {tmp_path}: token id 600 >= VOCAB_SIZE=512"):
         train_gpt.TrainBatchLoader(settings, cpu_runtime()).next_step()
 
@@ -208,7 +210,8 @@ def test_the_default_is_the_records_eight_gpu_loader_and_the_baseline_the_offici
 
 def test_shards_without_one_sequence_are_an_error_at_start(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5))
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=16)
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=str(tmp_path), vocab_size=512, train_seq_len=8,
+                                             train_batch_tokens=16)
     with pytest.raises(ValueError, match=r"fineweb_train_000000.bin, which hold no TRAIN_SEQ_LEN \+ 1 = 9 tokens"):
         train_gpt.TrainBatchLoader(settings, cpu_runtime())
 
@@ -220,8 +223,8 @@ def test_shards_without_one_sequence_are_an_error_at_start(tmp_path):
 def test_short_shards_name_the_loader_streams_that_work_with_them(tmp_path, lengths, streams, working):
     for i, n in enumerate(lengths):
         write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(2, 2 + n))
-    settings = train_gpt.Settings(data_path=str(tmp_path), vocab_size=512, train_seq_len=8, train_batch_tokens=16,
-                                  loader_streams=streams)
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=str(tmp_path), vocab_size=512, train_seq_len=8,
+                                             train_batch_tokens=16, loader_streams=streams)
     with pytest.raises(ValueError, match=r"^loader stream 1 of \d reads only the train shards .*fineweb_train_000001.bin, "
                                          r"which hold no TRAIN_SEQ_LEN \+ 1 = 9 tokens .*: set "
                                          rf"LOADER_STREAMS={working} \(each works with these shards\)") as refused:

@@ -138,22 +138,24 @@ def test_missing_data_stops_with_the_download_command(tmp_path, tiny_dataset):
     assert "error: no val shards match" in result.stderr and "data/cached_challenge_fineweb.py" in result.stderr
 
 
-def test_strong_default_tiny_run_exports_int6_brotli_scored_by_sliding_windows(tmp_path, tiny_dataset):
+def test_default_tiny_run_exports_int6_brotli_and_is_scored_by_lora_ttt(tmp_path, tiny_dataset):
     sys.path.insert(0, str(REPO / "records"))
     from run_log import read_run_log
-    log = run_ok(tmp_path, tiny_dataset, "strong", PRESET="strong", NUM_LAYERS=3, RECUR_LAYERS="1", ITERATIONS=12,
-                 VAL_LOSS_EVERY=0, EVAL_STRIDE=16, EMA_DECAY=0.9)
+    log = run_ok(tmp_path, tiny_dataset, "default", PRESET="strong", NUM_LAYERS=3, RECUR_LAYERS="1",
+                 PARALLEL_START_LAYER=2, ITERATIONS=12, VAL_LOSS_EVERY=0, EMA_DECAY=0.9, MAX_VAL_TOKENS=8192)
     assert values(log, r"^recurrence:on layers:1 step:5$")  # 5 / 12 >= RECUR_START_FRAC=0.35 > 4 / 12
     assert values(log, r"^ema:applied decay:0.9$")
-    assert values(log, r"^eval_pass:ttt stride:16 window:64 epochs:3 ")  # TTT scores by sliding windows
-    assert values(log, r"^train_shards:2 pattern:.* loader_streams:2 \(one per shard, fewer than LOADER_STREAMS\)$")
+    assert values(log, r"^train_data: packed documents; the shards repeat after \d+ steps$")
+    assert values(log, r"^eval_pass:roundtrip stride:64 window:64 packed_rows:512$")  # VAL_BATCH_SIZE / 8
+    assert values(log, r"^eval_pass:ttt stride:48 window:64 lora_rank:96 ")  # the score: documents' chunks of 48
     (model_bytes,) = values(log, r"^Serialized model int6\+brotli: (\d+) bytes")
     (total,) = values(log, r"^Total submission size int6\+brotli: (\d+) bytes$")
-    assert int(model_bytes) == (tmp_path / "logs" / "strong.int6.ptz").stat().st_size
+    assert int(model_bytes) == (tmp_path / "logs" / "default.int6.ptz").stat().st_size
     ((code_bytes, packed_bytes),) = values(log, r"^Code size: (\d+) bytes packed:(\d+) ")
     assert int(code_bytes) == (REPO / "train_gpt.py").stat().st_size
     assert int(total) == int(model_bytes) + int(packed_bytes)  # EXPORT_PACKED_CODE=1: the code as shipped
-    assert values(log, r"^final_int6_brotli_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms$")
-    run = read_run_log(tmp_path / "logs" / "strong.txt")  # the records/ tools read it as any other format
-    assert (run.export_format_id, run.artifact_bytes) == ("int6_brotli", int(total))
+    assert values(log, r"^final_int6_brotli_roundtrip val_loss:\d+\.\d{4} val_bpb:\d+\.\d{4} eval_time:\d+ms "
+                       r"val_scope:prefix$")
+    run = read_run_log(tmp_path / "logs" / "default.txt")  # the records/ tools read it as any other format
+    assert (run.export_format_id, run.artifact_bytes, run.score_pass) == ("int6_brotli", int(total), "ttt")
     assert 0 < run.val_bpb < 10

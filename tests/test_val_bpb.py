@@ -87,47 +87,71 @@ def per_token_nats(model: train_gpt.GPT, tokens: np.ndarray, seq_len: int) -> np
     return -log_probs.gather(-1, y[..., None]).squeeze(-1).flatten().numpy()
 
 
-def assert_val_bpb_matches_independent_computation(tmp_path, sp_model: str, vocab_size: int, docs: list[str]):
-    seq_len = 32
+def per_document_nats(model: train_gpt.GPT, tokens: np.ndarray, seq_len: int, row: int) -> np.ndarray:
+    """The same for packed rows of `row` tokens (PACK_DOCUMENTS=1): each piece of a document (cut at every BOS, every
+    seq_len tokens into it, and at the row's start) run through the model alone, as its own sequence."""
+    nats = []
+    for start in range(0, tokens.size - 1, row):
+        x, y = tokens[start:start + row], tokens[start + 1:start + row + 1]
+        doc_starts = [i for i in range(row) if i == 0 or x[i] == train_gpt.BOS_ID] + [row]
+        cuts = [c for a, b in zip(doc_starts, doc_starts[1:]) for c in range(a, b, seq_len)] + [row]
+        for a, b in zip(cuts, cuts[1:]):
+            nats.append(per_token_nats(model, np.append(x[a:b], y[b - 1]), b - a))
+    return np.concatenate(nats)
+
+
+def assert_val_bpb_matches_independent_computation(tmp_path, sp_model: str, vocab_size: int, docs: list[str],
+                                                   preset: str):
+    """PRESET=1.0810: plain windows of TRAIN_SEQ_LEN; the default: packed rows of VAL_BATCH_SIZE / 8 tokens."""
+    seq_len, batch = 32, 7 * 32
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     docs_ids = sp.encode(docs)
     stream_len = sum(len(ids) + 1 for ids in docs_ids)
-    padding = (-(stream_len - 1)) % seq_len  # trailing BOS tokens (zero bytes) make the split whole sequences
+    padding = (-(stream_len - 1)) % batch  # trailing BOS tokens (zero bytes) make the split whole batches
     write_split_shards(tmp_path, "val", [np.array(ids) for ids in docs_ids] + [np.array([], dtype=int)] * padding, 1)
-    settings = train_gpt.Settings(data_path=str(tmp_path), tokenizer_path=sp_model, vocab_size=vocab_size,
-                                  train_seq_len=seq_len, val_batch_size=7 * seq_len, num_layers=2, model_dim=32,
-                                  num_heads=2, num_kv_heads=1)
+    settings = train_gpt.Settings.for_preset(preset, data_path=str(tmp_path), tokenizer_path=sp_model,
+                                             vocab_size=vocab_size, train_seq_len=seq_len, val_batch_size=batch,
+                                             num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, recur_layers="",
+                                             parallel_start_layer=0)
     split = train_gpt.load_validation_split(settings)
     assert split.is_full and split.num_scored == stream_len + padding - 1
     torch.manual_seed(0)
     model = train_gpt.GPT(settings)
     for p in model.parameters():  # a model that predicts something other than uniform
         p.data.add_(0.05 * torch.randn_like(p))
+    if settings.smear_frozen:  # the default's SmearGate stays the identity (across a BOS it would mix documents)
+        model.smear_lambda.data.zero_()
     evaluator = train_gpt.Evaluator(split, train_gpt.build_byte_table(sp_model, vocab_size), settings, cpu_runtime())
     val_loss, val_bpb = evaluator.evaluate(model)
 
-    nats = per_token_nats(model, split.tokens, seq_len)
+    packed = settings.pack_documents  # the pieces alone: rotary angles of other positions, equal to float rounding
+    nats = per_document_nats(model, split.tokens, seq_len, batch) if packed else per_token_nats(model, split.tokens,
+                                                                                               seq_len)
     total_bytes = sum(decoded_utf8_bytes(sp, ids) for ids in docs_ids)
-    assert val_loss == pytest.approx(nats.mean(), rel=1e-9)
-    assert val_bpb == pytest.approx(nats.sum() / math.log(2) / total_bytes, rel=1e-9)
+    assert nats.size == split.num_scored
+    assert val_loss == pytest.approx(nats.mean(), rel=1e-6 if packed else 1e-9)
+    assert val_bpb == pytest.approx(nats.sum() / math.log(2) / total_bytes, rel=1e-6 if packed else 1e-9)
 
 
 @needs_shared
+@pytest.mark.parametrize("preset", ["strong", "1.0810"])
 @pytest.mark.parametrize("vocab_size", [1024, 8192])
-def test_val_bpb_equals_bits_over_decoded_bytes_on_fineweb_with_a_published_tokenizer(tmp_path, vocab_size):
+def test_val_bpb_equals_bits_over_decoded_bytes_on_fineweb_with_a_published_tokenizer(tmp_path, vocab_size, preset):
     model = SHARED_DATA / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
-    assert_val_bpb_matches_independent_computation(tmp_path, str(model), vocab_size, fineweb_documents()[:120])
+    assert_val_bpb_matches_independent_computation(tmp_path, str(model), vocab_size, fineweb_documents()[:120], preset)
 
 
-def test_val_bpb_equals_bits_over_decoded_bytes_with_a_tokenizer_trained_here(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("preset", ["strong", "1.0810"])
+def test_val_bpb_equals_bits_over_decoded_bytes_with_a_tokenizer_trained_here(tmp_path, tiny_dataset, preset):
     assert_val_bpb_matches_independent_computation(tmp_path, tiny_dataset.tokenizer_path, tiny_dataset.vocab_size,
-                                                   tiny_dataset.docs[:60])
+                                                   tiny_dataset.docs[:60], preset)
 
 
 def test_evaluation_does_not_depend_on_batch_size(tmp_path, tiny_dataset):
-    settings = train_gpt.Settings(data_path=tiny_dataset.data_path, tokenizer_path=tiny_dataset.tokenizer_path,
-                                  vocab_size=tiny_dataset.vocab_size, train_seq_len=64, num_layers=1, model_dim=32,
-                                  num_heads=2, num_kv_heads=2)
+    """Plain windows (PRESET=1.0810); packed rows are the record's rows of VAL_BATCH_SIZE / 8 tokens, by design."""
+    settings = train_gpt.Settings.for_preset("1.0810", data_path=tiny_dataset.data_path, tokenizer_path=tiny_dataset.tokenizer_path,
+                                             vocab_size=tiny_dataset.vocab_size, train_seq_len=64, num_layers=1,
+                                             model_dim=32, num_heads=2, num_kv_heads=2)
     split = train_gpt.load_validation_split(settings)
     table = train_gpt.build_byte_table(tiny_dataset.tokenizer_path, tiny_dataset.vocab_size)
     torch.manual_seed(0)
