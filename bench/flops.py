@@ -13,13 +13,18 @@ multiply and one add per entry) and 4*m*n backward (the gradient of the input an
 so 6 FLOPs per parameter. N_matmul is, per block, c_q (d x d), c_k and c_v (d x kv each, kv =
 NUM_KV_HEADS x head_dim), proj (d x d), mlp.fc and mlp.proj (d x MLP_MULT*d each), plus the output
 head (VOCAB_SIZE x d). The embedding lookup is a gather, not a matmul: with tied embeddings the head
-matmul uses the embedding matrix and counts once; untied, the embedding does not count.
+matmul uses the embedding matrix and counts once; untied, the embedding does not count. The gates are
+matmuls too, small ones: GATE_ATTN_OUT's per block (its first 12 input channels -> one gate per head) and
+SMEAR_GATE's once (12 -> 1), 17 x 96 + 12 = 1,644 parameters of the default's 17 block passes. The two residual
+lanes of PARALLEL_START_LAYER add none: they mix the same attention and MLP outputs element-wise.
 
 Causal attention, 6 * L * T * d. Per layer and per token, each query head (head_dim wide) takes a dot
 product with T keys (QK^T: 2 * T * head_dim) and a weighted sum of T values (AV: 2 * T * head_dim);
 over all heads that is 4 * T * d forward with full attention. Causal attention sees on average
 (T + 1) / 2 ~ T / 2 keys, halving it to 2 * T * d; backward costs twice forward (both operands of each
-product get a gradient), so forward + backward is 3 * 2 * T * d = 6 * T * d. Grouped-query attention
+product get a gradient), so forward + backward is 3 * 2 * T * d = 6 * T * d. With PACK_DOCUMENTS=1 a token
+attends only within its document (cut every T tokens): 6 * T * d is then the count for documents of T tokens
+or more, an upper bound for shorter ones. Grouped-query attention
 shares K and V between heads, but every query head still does its own products, so the width here is
 d, not the KV width. (nanoGPT's estimate_mfu and PaLM count 12 * L * T * d, without the causal half:
 the same speed reads as a higher MFU there.)
@@ -31,6 +36,8 @@ per step, not per token: about 0.3% of the baseline's model FLOPs at 524,288 tok
 from __future__ import annotations
 
 import re
+
+from train_gpt import GATE_INPUTS
 
 # Dense bf16 tensor-core peak per device, TFLOP/s (vendor data sheets), keyed by a pattern on the
 # lower-cased torch.cuda.get_device_name(). The H100 SXM reports itself as "NVIDIA H100 80GB HBM3".
@@ -54,7 +61,9 @@ def matmul_params(settings, recurrence: bool = False) -> int:
     kv_dim = s.num_kv_heads * head_dim
     attention = s.model_dim * s.model_dim + 2 * s.model_dim * kv_dim + s.model_dim * s.model_dim
     mlp = 2 * s.model_dim * (s.mlp_mult * s.model_dim)
-    return block_passes(s, recurrence) * (attention + mlp) + s.vocab_size * s.model_dim
+    attention_gate = GATE_INPUTS * s.num_heads if s.gate_attn_out else 0
+    smear_gate = GATE_INPUTS if s.smear_gate else 0
+    return block_passes(s, recurrence) * (attention + mlp + attention_gate) + smear_gate + s.vocab_size * s.model_dim
 
 
 def attention_flops_per_token(settings, recurrence: bool = False) -> int:

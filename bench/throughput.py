@@ -6,8 +6,11 @@
 
 Every trainer setting is read as train_gpt.py reads it (Settings.from_env, setup_runtime), and the
 trainer's own Trainer.step is timed: BENCH_STEPS steps (default 20) after BENCH_WARMUP_STEPS untimed
-ones (default 5: compilation and allocator warm-up). The tokens are synthetic: uniform random ids,
-written as shards of the challenge format into a temporary folder that the real loader reads.
+ones (default 5: compilation and allocator warm-up). The tokens are synthetic: uniform random ids after a
+BOS, written as shards of the challenge format into a temporary folder that the real loader reads. With
+PACK_DOCUMENTS=1 attention stays within documents (BOS to BOS, cut every TRAIN_SEQ_LEN tokens): random ids put a
+BOS about every VOCAB_SIZE tokens, so most windows here span the full TRAIN_SEQ_LEN; shorter real documents attend
+over less.
 DATA_PATH is ignored, nothing is validated, exported or logged to disk. Rank 0 prints one JSON line
 on stdout; bench/README.md explains every field and bench/flops.py the FLOP count behind MFU.
 """
@@ -62,8 +65,10 @@ class BenchKnobs:
 
 
 def write_synthetic_shard(folder: Path, vocab_size: int, num_tokens: int, seed: int) -> None:
-    """Uniform random ids as one training shard; every rank writes the same one (same seed)."""
+    """Uniform random ids as one training shard that starts with a document, as the challenge's do; every rank writes
+    the same one (same seed)."""
     tokens = np.random.default_rng(seed).integers(0, vocab_size, size=num_tokens, dtype=np.uint16)
+    tokens[0] = train_gpt.BOS_ID
     write_shard(folder / "fineweb_train_000000.bin", tokens)
 
 
@@ -121,8 +126,10 @@ def measure(settings: train_gpt.Settings, runtime: train_gpt.Runtime, knobs: Ben
             token_folder: Path) -> dict:
     """Build the trainer on synthetic shards, time its steps, and describe the result as one dict."""
     s, rt = settings, runtime
-    # Enough tokens that the timed steps never re-read the shard, up to one full shard as on real data.
-    num_tokens = min((knobs.warmup_steps + knobs.steps) * (s.train_batch_tokens + 1), SHARD_TOKENS)
+    # Enough tokens that the timed steps never re-read the shard, up to one full shard as on real data. A step reads
+    # at most TRAIN_BATCH_TOKENS + LOADER_STREAMS: PACK_DOCUMENTS=1 reads LOADER_STREAMS rows of one token more.
+    step_tokens = s.train_batch_tokens + max(1, s.loader_streams)
+    num_tokens = min((knobs.warmup_steps + knobs.steps) * step_tokens, SHARD_TOKENS)
     write_synthetic_shard(token_folder, s.vocab_size, num_tokens, s.seed)
     s = dataclasses.replace(s, data_path=str(token_folder))
     trainer = train_gpt.Trainer(s, rt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from torch import nn
 
 from bench.flops import (attention_flops_per_token, flops_per_token, matmul_params, model_flops_utilisation,
                          peak_tflops)
@@ -104,7 +105,26 @@ def test_bench_peak_tflops_overrides_the_table_and_serves_cpus():
 
 def test_depth_recurrence_counts_the_rerun_blocks_each_time_they_run():
     strong = Settings()  # 11 x 512, MLP 4x, seq 2048, vocab 8192, RECUR_LAYERS=3,4,5 run 1 + NUM_LOOPS=2 times
-    block = 512 * 512 * 2 + 512 * 256 * 2 + 512 * 2048 * 2  # 2,883,584
-    assert matmul_params(strong) == 11 * block + 8192 * 512
-    assert matmul_params(strong, recurrence=True) == 17 * block + 8192 * 512  # the record's 17 virtual layers
+    block = 512 * 512 * 2 + 512 * 256 * 2 + 512 * 2048 * 2 + 12 * 8  # 2,883,584 + the attention output gate
+    assert matmul_params(strong) == 11 * block + 12 + 8192 * 512  # + SmearGate's 12 -> 1
+    assert matmul_params(strong, recurrence=True) == 17 * block + 12 + 8192 * 512  # the record's 17 virtual layers
     assert attention_flops_per_token(strong, recurrence=True) == 6 * 17 * 2048 * 512
+
+
+def test_the_defaults_gates_are_matmuls_and_its_two_lanes_add_none():
+    strong = Settings()  # GATE_ATTN_OUT=1: 12 channels -> 8 heads per block; SMEAR_GATE=1: 12 -> 1 once
+    plain = 11 * (512 * 512 * 2 + 512 * 256 * 2 + 512 * 2048 * 2) + 8192 * 512  # 31,719,424 + 4,194,304
+    assert matmul_params(dataclasses.replace(strong, gate_attn_out=0, smear_gate=0)) == plain == 35_913_728
+    assert matmul_params(strong) == plain + 11 * 96 + 12 == 35_914_796
+    assert matmul_params(dataclasses.replace(strong, parallel_start_layer=0)) == matmul_params(strong)
+
+
+def test_matmul_params_are_every_weight_the_default_models_matmuls_use():
+    """A small model of the default's structure (gates, SmearGate, two lanes from its last block, depth recurrence):
+    its linear layers, SmearGate's weight and the tied embedding, counted from the model itself."""
+    small = Settings.for_preset("strong", num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                                vocab_size=300, recur_layers="1", parallel_start_layer=2, xsa_last_n=3)
+    model = GPT(small)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert model.parallel_post_lambdas is not None and model.smear_gate is not None
+    assert matmul_params(small) == linear + model.smear_gate.numel() + model.tok_emb.weight.numel()

@@ -78,13 +78,18 @@ def test_reports_the_trainers_settings_and_layout(one_process):
 
 
 def test_late_progress_times_the_depth_recurrence_phase_and_counts_its_flops(tmp_path):
+    """The default's structure at 2 blocks, as the smoke preset shrinks it: two lanes from block 1 (the default's 8
+    needs NUM_LAYERS > 8), block 1 looped, attention output gates, SmearGate, packed documents."""
     report = only_json_line(run_bench(tmp_path, nproc=1, cwd=REPO, PRESET="strong", RECUR_LAYERS="1",
-                                      BENCH_PROGRESS="0.6", TRAIN_SEQ_LEN="64", TRAIN_BATCH_TOKENS="1024"))
+                                      PARALLEL_START_LAYER="1", BENCH_PROGRESS="0.6"))
     assert report["depth_recurrence"] is True
     # Block 1 runs 1 + NUM_LOOPS = 3 times: 4 block passes of 64x64 x 2 + 64x32 x 2 + 64x128 x 2 (MLP_MULT=2)
-    # = 28,672 each.
-    assert report["matmul_params"] == 4 * 28_672 + 512 * 64
-    assert report["flops_per_token"] == 6 * (4 * 28_672 + 512 * 64) + 6 * 4 * 64 * 64
+    # = 28,672 each, + its attention output gate 12 x 4 heads; SmearGate 12 -> 1 once.
+    assert report["matmul_params"] == 4 * (28_672 + 48) + 12 + 512 * 64
+    assert report["flops_per_token"] == 6 * (4 * (28_672 + 48) + 12 + 512 * 64) + 6 * 4 * 64 * 64
+    # All parameters: the embedding 32,768; 2 blocks of 28,672 + 48 + q_gain 4 + scales and resid_mix 4 x 64;
+    # 2 skips (weights and gates, 4 x 64); the two lanes' lambdas 2 x 2 x 2 + 2 x 2; SmearGate 12 + 1.
+    assert report["model_params"] == 32_768 + 2 * (28_672 + 48 + 4 + 256) + 256 + 12 + 13 == 91_009
 
 
 def test_step_times_are_positive_and_ordered(one_process):

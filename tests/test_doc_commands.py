@@ -89,6 +89,11 @@ GROUPED = {  # command -> (the run command it repeats with other values, which v
         "torchrun --standalone --nproc_per_node=1 train_gpt.py", "8 processes, one per GPU of the challenge's 8"),
     "PRESET=baseline torchrun --standalone --nproc_per_node=8 train_gpt.py": (
         "torchrun --standalone --nproc_per_node=1 train_gpt.py", "the baseline preset, 8 processes"),
+    "PRESET=1.0810 torchrun --standalone --nproc_per_node=8 train_gpt.py": (
+        "torchrun --standalone --nproc_per_node=1 train_gpt.py", "the 1.0810 preset, 8 processes"),
+    "TTT_EPOCHS=0 VAL_LOSS_EVERY=0 RUN_ID=try1 torchrun --standalone --nproc_per_node=1 train_gpt.py": (
+        "torchrun --standalone --nproc_per_node=1 train_gpt.py", "no test-time training, validation only at the end, "
+                                                                 "a name"),
     "DATA_PATH=/big/disk/export/datasets/fineweb10B_sp1024 TOKENIZER_PATH=/big/disk/export/tokenizers/"
     "fineweb_1024_bpe.model VOCAB_SIZE=1024 torchrun --standalone --nproc_per_node=8 train_gpt.py": (
         "torchrun --standalone --nproc_per_node=1 train_gpt.py", "another export's paths, 8 processes"),
@@ -126,7 +131,8 @@ LISTED = {  # command -> why it does not run here
                     "(test_ci_runs_the_readmes_test_command); pip needs the network"),
     "torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR --master_port=29500 "
     "train_gpt.py": "needs two machines",
-    "torchrun --nproc_per_node=8": "a phrase of the text (how the record's script was checked by hand), not a command",
+    "python3 -m venv --system-site-packages .venv": "makes a Python environment that sees the system's packages (a "
+                                                    "pod's torch); pip then needs the network",
     "python3 bench/gpu_check.py --session --out DIR --data DATA": GPU,
     "python3 bench/gpu_check.py --out DIR --data DATA": GPU,
     "python3 bench/gpu_check.py --session": GPU,
@@ -346,20 +352,22 @@ def test_smoke_commands_run(clone, tmp_path):
 
 @pytest.fixture(scope="module")
 def hub_exports(tmp_path_factory) -> dict:
-    """The two repos the downloader reads by default, each a small export of real FineWeb text with a published
-    tokenizer, sp8192 and sp1024, of more training shards (of 250 tokens) than the downloader's default 80."""
+    """The two repos the downloader reads by default, each an export of the FineWeb sample (a document a line) with a
+    published tokenizer, sp8192 and sp1024, of more training shards than the downloader's default 80 (sp8192: 91).
+    Shards of 3,000 tokens: the first holds a step of the reduced recipe's packed documents, LOADER_STREAMS x
+    (TRAIN_BATCH_TOKENS / LOADER_STREAMS + 1) = 8 x (2,048 / 8 + 1) = 2,056 tokens from its first BOS."""
     if not SHARED_DATA.is_dir():
         pytest.skip("needs ../shared/data (FineWeb text and the published tokenizers)")
     from download_hf_docs_and_tokenize import TokenizerSpec, build_export
     root = tmp_path_factory.mktemp("hub")
     text = (SHARED_DATA / "fineweb_sample" / "fineweb_edu_sample10BT_prefix_1Mchars.txt").read_text(encoding="utf-8")
     docs = root / "docs_selected.jsonl"
-    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()[:400]), encoding="utf-8")
+    docs.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()), encoding="utf-8")
     repos = {}
     for repo_id, vocab in (("kevclark/parameter-golf", 8192), ("willdepueoai/parameter-golf", 1024)):
         spec = TokenizerSpec(f"sp_bpe_{vocab}", f"sp{vocab}", vocab,
                              reuse_model_path=SHARED_DATA / "tokenizers" / f"fineweb_{vocab}_bpe.model")
-        build_export(docs, root / repo_id / "datasets", [spec], num_val_docs=20, shard_tokens=250)
+        build_export(docs, root / repo_id / "datasets", [spec], num_val_docs=20, shard_tokens=3_000)
         repos[repo_id] = root / repo_id
     return repos
 

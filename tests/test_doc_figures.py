@@ -164,29 +164,6 @@ def test_parameter_counts_are_those_of_the_kits_models():
     assert round(4 * parameters(models["the default"]) / 1e6) == int(one_gpu_copy.group(1))
 
 
-def test_the_fit_estimate_adds_up():
-    """README's estimate of the default's artifact: the measured Gaussian-row exports scaled by the record's own
-    trained/Gaussian ratio, plus the packed code, within the rounding of its "about"s."""
-    fit = " ".join(default_section().split())
-    packed = len(train_gpt.pack_code((REPO / "train_gpt.py").read_bytes())[1])
-    kit = number(found(r"\| the kit's default export of the default model \(Gaussian rows\) \| ([\d,]+) \|", fit,
-                       "the kit's Gaussian-row bytes").group(1))
-    record = number(found(r"\| the record's own export of the record's model \(Gaussian rows, the same method\) \| "
-                          r"([\d,]+) \|", fit, "the record's Gaussian-row bytes").group(1))
-    trained = [number(n) for n in found(r"\| the record's own export of its trained models \(its three logs\) \| "
-                                        r"([\d,]+) to ([\d,]+) \|", fit, "the record's model bytes").groups()]
-    overstate = number(found(r"Gaussian rows overstate trained weights by about ([\d.]+)%", fit, "the ratio").group(1))
-    assert abs(100 * (record / trained[0] - 1) - overstate) < 0.05
-    low, high = [number(n) for n in found(r"would be about ([\d,]+)-([\d,]+) bytes", fit, "the estimate").groups()]
-    assert abs(low - kit * trained[0] / record) < 1000 and abs(high - kit * trained[1] / record) < 1000
-    total = number(found(r"plus the packed `train_gpt\.py` \(about [\d,]+ bytes\): about ([\d,]+)\.", fit,
-                         "the total").group(1))
-    assert abs(total - ((low + high) / 2 + packed)) < 1000
-    margin = number(found(r"Does the default fit 16,000,000 bytes\?\*\* By about ([\d,]+) bytes, estimated", fit,
-                          "the margin").group(1))
-    assert abs(margin - (train_gpt.ARTIFACT_CAP_BYTES - total)) < 1000
-
-
 def test_the_packed_code_test_figure_is_its_constant():
     from test_pack_code import RECORD_LARGEST_MODEL_BYTES
     assert f"fits beside the 1.0714 record's largest model, {RECORD_LARGEST_MODEL_BYTES:,} bytes" in \
@@ -379,23 +356,26 @@ def test_gpu_check_limits_and_trimmed_run_are_its_constants():
 # ----------------------------------------------------------------------------------------------
 # The record the default reproduces (the folder of ../shared/reference the README names): its logs.
 
+DEFAULT, PRESET_1_0810 = "The default: the 1.0714 record, reproduced", "PRESET=1.0810: the 1.0810 record"
+
+
 def default_section() -> str:
-    heading = found(r"^## (The default: .*)$", doc(README), "the default's section", re.M).group(1)
-    return section(doc(README), heading)
+    return section(doc(README), DEFAULT)
 
 
-def default_record() -> Path:
-    name = found(r"`\.\./shared/reference/(record_[^/`]+)/`", default_section(), "the record's folder").group(1)
+def record_folder(heading: str) -> Path:
+    """The folder of ../shared/reference that the section names first."""
+    name = found(r"`\.\./shared/reference/(record_[^/`]+)/`", section(doc(README), heading), "the record's folder").group(1)
     folder = REPO.parent / "shared" / "reference" / name
     if not folder.is_dir():
         pytest.skip(f"needs ../shared/reference/{name} (the record's files)")
     return folder
 
 
-def record_logs() -> dict[int, str]:
-    """The logs of the seeds of the README's per-seed table, by seed."""
-    seeds = [int(seed) for seed in re.findall(r"^\| (\d+) \| [\d,]+ \|", default_section(), re.M)]
-    logs = {seed: default_record() / f"train_seed{seed}.log" for seed in seeds}
+def record_logs(heading: str) -> dict[int, str]:
+    """The logs of the seeds of the section's per-seed table, by seed."""
+    seeds = [int(seed) for seed in re.findall(r"^\| (\d+) \| [\d,]+ \|", section(doc(README), heading), re.M)]
+    logs = {seed: record_folder(heading) / f"train_seed{seed}.log" for seed in seeds}
     if not seeds or not all(log.is_file() for log in logs.values()):
         pytest.skip("the record's folder has no train_seed<N>.log for each seed of the README's table")
     return {seed: log.read_text() for seed, log in logs.items()}
@@ -405,52 +385,108 @@ def log_value(log: str, pattern: str) -> float:
     return float(found(pattern, log, "a line of the record's log", re.M).group(1))
 
 
-def test_the_records_per_seed_table_is_its_logs():
-    logs, text = record_logs(), " ".join(default_section().split())
+def score(name: str):
+    return lambda log: round(log_value(log, rf"^{name} val_loss:\S+ val_bpb:(\S+)"), 5)
+
+
+def eval_seconds(log: str, name: str) -> float:
+    return log_value(log, rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms") / 1000
+
+
+MODEL_BYTES = r"^Serialized model (?:quantized\+brotli|int6\+brotli): (\d+) bytes"
+# Each record's per-seed table, column by column from its logs; then the passes whose evaluation times it quotes.
+SEED_TABLES = {
+    DEFAULT: ([score("diagnostic pre-quantization post-ema"), score("diagnostic quantized"),
+               score("quantized_ttt_lora"), lambda log: log_value(log, MODEL_BYTES),
+               lambda log: log_value(log, r"^Code size \(compressed\): (\d+)")],
+              r"Evaluation took ([\d.]+)-([\d.]+) s \(packed rows\) and ([\d.]+)-([\d.]+) s \(TTT\)",
+              ("diagnostic quantized", "quantized_ttt_lora")),
+    PRESET_1_0810: ([score(name) for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window",
+                                              "quantized_ttt")] + [lambda log: log_value(log, MODEL_BYTES),
+                                                                   lambda log: log_value(log, r"^Code size: (\d+)")],
+                    r"Evaluation took ([\d.]+)-([\d.]+) s \(plain\), ([\d.]+)-([\d.]+) s \(sliding\) and "
+                    r"([\d.]+)-([\d.]+) s \(TTT\)", ("quantized", "quantized_sliding_window", "quantized_ttt")),
+}
+
+
+@pytest.mark.parametrize("heading", SEED_TABLES)
+def test_the_records_per_seed_table_is_its_logs(heading):
+    logs, text = record_logs(heading), " ".join(section(doc(README), heading).split())
+    columns, times, passes = SEED_TABLES[heading]
     for seed, log in logs.items():
-        row = found(rf"^\| {seed} \| (.*) \|$", default_section(), f"the record's seed {seed}", re.M).group(1)
+        row = found(rf"^\| {seed} \| (.*) \|$", section(doc(README), heading), f"the record's seed {seed}", re.M).group(1)
         steps = log_value(log, r"^stopping_early: wallclock_cap train_time: \d+ms step: (\d+)/")
         train_ms = log_value(log, r"^stopping_early: wallclock_cap train_time: (\d+)ms")
-        expected = [steps, round(train_ms / steps, 1)] + [
-            round(log_value(log, rf"^{name} val_loss:\S+ val_bpb:(\S+)"), 5)
-            for name in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt")] + [
-            log_value(log, r"^Serialized model quantized\+brotli: (\d+) bytes"), log_value(log, r"^Code size: (\d+)")]
+        expected = [steps, round(train_ms / steps, 1)] + [column(log) for column in columns]
         assert [number(cell.strip("*")) for cell in row.split(" | ")] == expected, seed
+    quoted = found(times, text, "the record's evaluation times").groups()
+    for i, name in enumerate(passes):
+        seconds = [eval_seconds(log, name) for log in logs.values()]
+        low, high = quoted[2 * i:2 * i + 2]
+        digits = len(low.partition(".")[2])
+        assert (round(min(seconds), digits), round(max(seconds), digits)) == (float(low), float(high)), name
+
+
+def test_the_default_records_totals_switch_and_room_for_code_are_its_logs():
+    logs, text = record_logs(DEFAULT), " ".join(default_section().split())
     totals = sorted(log_value(log, r"^Total submission size quantized\+brotli: (\d+)") for log in logs.values())
     assert f"Totals with code: {', '.join(f'{t:,.0f}' for t in totals[:-1])} and {totals[-1]:,.0f} bytes" in text
     on = sorted(log_value(log, r"^layer_loop:enabled step:(\d+)") for log in logs.values())
     assert f"Recurrence switched on at step {on[0]:.0f}-{on[-1]:.0f}." in text
-    quoted = found(r"Evaluation took ([\d.]+)-([\d.]+) s \(plain\), ([\d.]+)-([\d.]+) s \(sliding\) and "
-                   r"([\d.]+)-([\d.]+) s", text, "the record's evaluation times").groups()
-    for i, name in enumerate(("quantized", "quantized_sliding_window", "quantized_ttt")):
-        seconds = [log_value(log, rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms") / 1000 for log in logs.values()]
-        low, high = quoted[2 * i:2 * i + 2]
-        digits = len(low.partition(".")[2])
-        assert (round(min(seconds), digits), round(max(seconds), digits)) == (float(low), float(high)), name
-    models = sorted(log_value(log, r"^Serialized model quantized\+brotli: (\d+)") for log in logs.values())
+    models = sorted(log_value(log, MODEL_BYTES) for log in logs.values())
     assert (f"The record's trained models are {models[0]:,.0f} to {models[-1]:,.0f} bytes, which leaves "
             f"{train_gpt.ARTIFACT_CAP_BYTES - models[-1]:,.0f} to {train_gpt.ARTIFACT_CAP_BYTES - models[0]:,.0f} bytes "
             f"for code") in text
+    from test_pack_code import RECORD_LARGEST_MODEL_BYTES
+    assert models[-1] == RECORD_LARGEST_MODEL_BYTES
+    warm_up = sorted(log_value(log, r"^ttt_lora:compile warmup done \(([\d.]+)s\)") for log in logs.values())
+    assert f"compiled for {warm_up[0]:.0f}-{warm_up[-1]:.0f} s before its timer started" in text
+    plain = (record_folder(DEFAULT) / "train_gpt.py").stat().st_size
+    assert plain == log_value(logs[42], r"^Code size \(uncompressed\): (\d+)")
+    assert f"The record ships its readable source ({plain:,} bytes)" in text
+
+
+def test_the_1_0810_presets_room_for_code_is_its_logs():
+    logs, text = record_logs(PRESET_1_0810), " ".join(section(doc(README), PRESET_1_0810).split())
+    models = sorted(log_value(log, MODEL_BYTES) for log in logs.values())
+    assert (f"the record's models leave {train_gpt.ARTIFACT_CAP_BYTES - models[-1]:,.0f} to "
+            f"{train_gpt.ARTIFACT_CAP_BYTES - models[0]:,.0f} bytes for code") in text
+
+
+def test_the_fit_adds_up():
+    """The default's artifact: the record's largest trained model plus the packed code, and the two exports of the
+    same Gaussian-row weights, within the rounding of the README's "about"s."""
+    fit = " ".join(default_section().split())
+    packed = len(train_gpt.pack_code((REPO / "train_gpt.py").read_bytes())[1])
+    largest = number(found(r"The record's trained models are [\d,]+ to ([\d,]+) bytes", fit, "the largest").group(1))
+    total, margin = (number(n) for n in found(r"beside the largest, the artifact is about ([\d,]+) bytes: about "
+                                               r"([\d,]+) under the cap", fit, "the total").groups())
+    assert abs(total - (largest + packed)) < 500 and abs(margin - (train_gpt.ARTIFACT_CAP_BYTES - total)) < 500
+    kit, record, seconds_kit, seconds_record, smaller = found(
+        r"machine: ([\d,]+) and ([\d,]+) bytes, in (\d+) s and (\d+) s, mostly brotli-11: the kit's is ([\d,]+) bytes "
+        r"smaller", fit, "the two exports").groups()
+    assert number(record) - number(kit) == number(smaller)
+    worse = number(found(r"Gaussian rows compress ([\d.]+)% worse than the record's trained weights", fit,
+                         "the ratio").group(1))
+    models = [log_value(log, MODEL_BYTES) for log in record_logs(DEFAULT).values()]
+    assert all(abs(100 * (number(record) / m - 1) - worse) < 0.05 for m in models)
 
 
 def test_the_records_evaluation_times_are_the_log_it_names():
     text = default_section().split("**Evaluation time on 8xH100.**")[1]
     seed = int(found(r"\(`train_seed(\d+)\.log`", text, "the log of the evaluation times").group(1))
-    log = record_logs()[seed]
-    seconds = [log_value(log, rf"^{name} val_loss:\S+ val_bpb:\S+ eval_time:(\d+)ms") / 1000
-               for name in ("quantized", "quantized_sliding_window", "quantized_ttt")]
+    log = record_logs(DEFAULT)[seed]
+    seconds = [eval_seconds(log, name) for name in ("diagnostic quantized", "quantized_ttt_lora")]
     rows = [number(s) for s in re.findall(r"^\| [^|]+ \| ([\d.]+) \|$", text, re.M)]
-    assert rows[:3] == [round(s, 1) for s in seconds] and rows[3] == round(sum(seconds))
-    assert tuple(gpu_check.RECORD_EVAL_S.values()) == tuple(round(s, 1) for s in seconds)
+    assert rows[:2] == [round(s, 1) for s in seconds] and rows[2] == round(sum(seconds))
 
 
-def test_the_records_score_and_code_are_its_submission():
-    summary = json.loads((default_record() / "submission.json").read_text())
-    text = " ".join(default_section().split())
+@pytest.mark.parametrize("heading", SEED_TABLES)
+def test_the_records_score_and_author_are_its_submission(heading):
+    summary = json.loads((record_folder(heading) / "submission.json").read_text())
+    text = " ".join(section(doc(README), heading).split())
     assert f"val_bpb **{summary['val_bpb']:.4f}**, mean of {len(summary['seeds'])} seeds on 8xH100" in text
     assert f"({summary['author']}, {summary['date']};" in text
-    shipped = found(r"The record ships its code as a ([\d,]+)-byte lzma \+ base85 file", text, "the record's code")
-    assert number(shipped.group(1)) == (default_record() / "train_gpt_as_submitted.py").stat().st_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,10 +494,8 @@ def test_the_records_score_and_code_are_its_submission():
 
 MEASURED = [  # (doc, text in the passage, the command that measures it, whether it names a machine, and a date)
     (README, "s of wall time for both commands", "python3 bench/smoke_time.py", True, False),  # measured before release
-    (README, "`python3 bench/model_bytes.py` measures the first", "python3 bench/model_bytes.py", True, True),
-    (README, "**End to end on CPU**", "tests/test_record_equivalence_end_to_end.py", True, True),
-    (README, "The record's 8-GPU run, checked by hand", "torchrun --nproc_per_node=8", True, True),
-    (README, "The measured differences in this table", "tests/test_record_equivalence_", True, True),
+    (README, "**Does the default fit 16,000,000 bytes?**", "python3 bench/model_bytes.py --record", True, True),
+    (README, "**End to end on CPU**", "tests/test_record_1_0714_end_to_end.py", True, True),
     (README, "a split keeps >= 99.5% of its", "tests/test_tokenizer_match.py", True, True),
     (README, "`kernels` 0.19.1", "pip install kernels", True, True),
     (DATA_README, "SentencePiece encodes about", "SentencePieceProcessor.encode", True, True),

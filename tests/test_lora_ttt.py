@@ -236,3 +236,48 @@ def test_a_run_with_the_1_0714_evaluation_logs_its_passes_as_records_reads_them(
     (ttt_bpb,) = values(log, r"^final_int6_brotli_roundtrip_exact val_loss:\S+ val_bpb:(\S+) val_scope:prefix$")[-1:]
     run = read_run_log(tmp_path / "logs" / "lora.txt")
     assert run.score_pass == "ttt" and run.val_bpb == float(ttt_bpb)
+
+
+def scored_targets(split: train_gpt.ValidationSplit, table, monkeypatch) -> list[tuple[Tensor, Tensor]]:
+    """The kit's LoRA TTT on `split` (a model of 1,024 tokens, drawn from seed 0): for each scoring forward, in order,
+    the targets it scored and their nats (the entries add_scored adds)."""
+    settings = Settings(**{**REDUCED_KIT, **TTT, "vocab_size": 1024})
+    torch.manual_seed(0)
+    model = train_gpt.GPT(settings)
+    model.recurrence_active = True
+    calls, add_scored = [], train_gpt.add_scored
+    evaluator = train_gpt.Evaluator(split, table, settings, cpu_runtime())
+    forward = evaluator.adapter_forward(model)
+    evaluator.lora_forward = lambda inputs, targets, lora: calls.append([targets]) or forward(inputs, targets, lora=lora)
+    monkeypatch.setattr(train_gpt, "add_scored", lambda sums, nats, num_bytes, scored: (
+        calls[-1].extend((nats.clone(), scored.clone())), add_scored(sums, nats, num_bytes, scored)))
+    evaluator.evaluate_with_lora_ttt(model)
+    return [(targets[scored], nats[scored]) for targets, nats, scored in calls if scored.any()]
+
+
+def test_lora_ttt_scores_each_token_once_before_training_on_it_and_each_document_alone(monkeypatch):
+    """Token g of the split is the number g + 2 (BOS, 1, starts each document), so a scored target says where it is.
+    Every target is scored once. Then the tokens of the last document after its position 50 are changed: no score of a
+    target up to there changes, although TTT trains that document's adapters on the changed tokens (chunks of 8
+    after it), and no score of any other document changes, although they share its batch: each chunk is scored
+    before its document's adapters train on it, and each document's adapters see only its own tokens."""
+    lengths = np.array((14, 2, 61, 9, 33, 5, 90, 40, 7, 120))  # the last one the longest: in the last batch
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    tokens = np.arange(lengths.sum()) + 2
+    tokens[starts] = train_gpt.BOS_ID
+    table = train_gpt.ByteTable(np.ones(1024, np.int64), np.zeros(1024, bool), np.zeros(1024, bool))
+    base = scored_targets(train_gpt.ValidationSplit(tokens.astype(np.uint16), True), table, monkeypatch)
+    positions = torch.cat([t for t, _ in base])
+    assert sorted(positions[positions != train_gpt.BOS_ID].tolist()) == sorted(set(tokens.tolist()) - {1})
+    assert (positions == train_gpt.BOS_ID).sum() == len(lengths) - 1  # each document's last target: the next BOS
+
+    t = starts[-1] + 50
+    changed = tokens.copy()
+    changed[t + 1:] = np.random.default_rng(0).integers(2, 1024, changed.size - t - 1)
+    after = scored_targets(train_gpt.ValidationSplit(changed.astype(np.uint16), True), table, monkeypatch)
+    assert [len(n) for _, n in after] == [len(n) for _, n in base]
+    nats, nats_after = torch.cat([n for _, n in base]), torch.cat([n for _, n in after])
+    inside = positions - 2 > t  # the changed targets (the BOS targets end other documents)
+    assert inside.sum() == lengths[-1] - 51
+    assert torch.equal(nats[~inside], nats_after[~inside])
+    assert not torch.allclose(nats[inside], nats_after[inside])
