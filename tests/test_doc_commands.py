@@ -126,6 +126,8 @@ LISTED = {  # command -> why it does not run here
     **dict.fromkeys(["python3 -m venv .venv", ". .venv/bin/activate", "pip install -r requirements.txt"],
                     "makes the Python environment the tests run in; pip needs the network (CI makes a fresh one "
                     "the same way: .ci/run)"),
+    "python3 -m pytest -q -n 2 tests/test_record_1_0714_*.py tests/test_packed_*.py tests/test_eight_gpu_step.py "
+    "tests/test_lora_ttt.py": "a part of the test suite, which CI runs whole",
     **dict.fromkeys(["pip install pytest pytest-xdist", "python3 -m pytest -q -n auto"],
                     "the test suite itself, which CI runs with this very line "
                     "(test_ci_runs_the_readmes_test_command); pip needs the network"),

@@ -496,6 +496,7 @@ MEASURED = [  # (doc, text in the passage, the command that measures it, whether
     (README, "s of wall time for both commands", "python3 bench/smoke_time.py", True, False),  # measured before release
     (README, "**Does the default fit 16,000,000 bytes?**", "python3 bench/model_bytes.py --record", True, True),
     (README, "**End to end on CPU**", "tests/test_record_1_0714_end_to_end.py", True, True),
+    (README, "**The cost of these proofs on a CPU.**", "python3 -m pytest -q -n 2", True, True),
     (README, "a split keeps >= 99.5% of its", "tests/test_tokenizer_match.py", True, True),
     (README, "`kernels` 0.19.1", "pip install kernels", True, True),
     (DATA_README, "SentencePiece encodes about", "SentencePieceProcessor.encode", True, True),

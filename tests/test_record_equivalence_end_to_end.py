@@ -8,7 +8,7 @@ is reduced so that every stage runs in seconds on a CPU, yet each one does real 
 embedding are above the record's 65,536-weight passthrough threshold, so GPTQ quantizes them (int6 and int8);
 depth recurrence switches on at 35% of training; sliding windows and test-time training run over several chunks.
 
-Tolerances: losses relative 1e-3 for the first 20 steps, scores within 0.005 bpb (issue 15), model bytes within 2%.
+Tolerances: losses relative 1e-3 for the first 20 steps, scores within 0.005 bpb, model bytes within 2%.
 Both scripts run fp32 on the CPU (tests/reference_record.py), so the expected difference is float summation order,
 and for the bytes the containers the two pickle their tensors in. (Both score the same sliding windows: the record
 trims the split to whole sequences, so with a stride that divides the sequence its last window is full length too.)
@@ -181,7 +181,7 @@ def test_kit_final_scores_are_the_record_scores(record_log, kit_log):
 
 
 def test_kit_model_bytes_are_the_record_model_bytes(record_log, kit_log):
-    """The same GPTQ codes (up to float order) and the same byte shuffle + brotli-11. Within 2%, not issue 15's 0.5%
+    """The same GPTQ codes (up to float order) and the same byte shuffle + brotli-11. Within 2%, not 0.5%
     for identical weights: at this size one fp16 ulp changed anywhere moves brotli-11's output by up to 1.3% (9 KB
     of 700 KB, measured); lzma instead of brotli is +5.7%."""
     record, kit = record_model_bytes(record_log), kit_model_bytes(kit_log)

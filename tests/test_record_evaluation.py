@@ -4,7 +4,7 @@ eval_val_ttt (../shared/reference, loaded on the CPU by tests/reference_record.p
 Both score one model, the record's own GPT at a reduced size (4 layers of 64, 3-layer loop on, as the record
 evaluates) with perturbed weights, in fp32; the kit's Evaluator sees it through a wrapper giving per-token nats,
 as the kit's GPT does. So this tests the evaluation alone: windows, byte counts, chunks, TTT's data, schedule,
-SGD and clipping. The model's own equivalence is tested with the model (issue 15).
+SGD and clipping. The model's own equivalence is tested with the model (test_record_equivalence_model.py).
 
 Differences found in the record's code, and the choice made:
 - Last windows. The record's windows start at multiples of the stride; where one would pass the split's end it

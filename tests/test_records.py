@@ -497,7 +497,7 @@ def test_compare_refuses_a_group_with_mixed_splits(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# Issue 16: no score of a failed or cut-off run, of mixed settings, or over the budget with GPTQ.
+# No score of a failed or cut-off run, of mixed settings, or over the budget with GPTQ.
 
 import run_log  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Issue 9: nothing an earlier run left is lost, no non-finite score goes out, every failure ends in one
+"""Nothing an earlier run left is lost, no non-finite score goes out, every failure ends in one
 `error:` line (also in the run's log), and the wall-clock stop lands inside the cap on a device that lags."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Two runs never share a RUN_ID at once (issue 16, item 8): the run holding a name keeps an flock on
+"""Two runs never share a RUN_ID at once: the run holding a name keeps an flock on
 logs/<RUN_ID>.lock until its process ends, however it ends; a second run on that name, OVERWRITE=1 or not,
 stops at once with one `error:` line and touches nothing. A killed run's lock goes with its process."""
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_muon_momentum_warms_up_linearly():
     assert [train_gpt.muon_momentum(k, s) for k in (0, 250, 500, 900)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
 
 
-# Empty means what a setting's help says it means (issue 16, item 7): a text setting set empty is empty.
+# Empty means what a setting's help says it means: a text setting set empty is empty.
 
 @pytest.mark.parametrize("preset", ["strong", "baseline"])
 def test_empty_recur_layers_turns_recurrence_off_in_every_preset(preset):

@@ -1,4 +1,4 @@
-"""The validation split is checked against TOKENIZER_PATH at start-up, before any training (issue 16, items 5, 6):
+"""The validation split is checked against TOKENIZER_PATH at start-up, before any training:
 a split that counts zero bytes, or shards made with another tokenizer, stop the run with one `error:` line.
 
 The threshold (95% kept) was measured on ../shared/data with `PYTHONPATH=.:data python3 tests/test_tokenizer_match.py
