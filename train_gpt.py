@@ -898,6 +898,12 @@ def ttt_batches(documents: np.ndarray, size: int) -> list[np.ndarray]:
     return [documents[order[i:i + size]] for i in range(0, len(order), size)]
 
 
+def ttt_batch_costs(batches: list[np.ndarray], chunk: int, window: int) -> list[int]:
+    """Tokens through the model of each batch: its documents x the widths of its longest document's chunk steps."""
+    return [len(b) * int(np.minimum(np.arange(1, -(-(b[:, 1].max() - 1) // chunk) + 1) * chunk, window).sum())
+            for b in batches]
+
+
 def share_by_cost(costs: list[float], world_size: int) -> list[list[int]]:
     """Indices for each rank, the costliest first, each to the rank with the least cost so far (the lowest on a tie):
     deterministic, and the last rank ends within 4/3 of the best split's time (Graham 1969)."""
@@ -1083,8 +1089,7 @@ class Evaluator:
         them by cost (tokens through the model: share_by_cost), and the score does not depend on the world size."""
         s, rt, chunk, window = self.settings, self.rt, self.settings.ttt_chunk_tokens, self.settings.train_seq_len
         batches = ttt_batches(ttt_documents(self.split.tokens), s.ttt_batch_size)
-        costs = [len(b) * np.minimum(np.arange(1, -(-(b[:, 1].max() - 1) // chunk) + 1) * chunk, window).sum()
-                 for b in batches]
+        costs = ttt_batch_costs(batches, chunk, window)
         forward, sums = self.adapter_forward(model), torch.zeros(3, dtype=torch.float64, device=rt.device)
         progress = Progress(self.log, stage)
         mine = np.random.default_rng(s.seed).permutation(share_by_cost(costs, rt.world_size)[rt.rank]).tolist()

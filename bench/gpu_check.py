@@ -5,9 +5,9 @@
     python3 bench/gpu_check.py --out DIR --dry-run [--session]   # the same on the CPU at toy sizes (CI)
 
 DATA holds the tokenizer the settings name (*.model) and, optionally, FineWeb text (*.txt, one document a line).
---session runs environment, timed_run (a cold start of the default, trimmed to fit: 40 s of training, TTT chunks
-of one rank's share) and the three CUDA tests that matter most, and projects the figures to 8xH100
-(bench/README.md).
+--session runs environment, timed_run (a cold start of the default, trimmed to fit: 30 s of training cap, GPTQ on
+one rank's share, a zlib export) and the three CUDA tests that matter most. The figures of every timed run are
+projected to 8xH100 (estimates; bench/README.md says from what).
 
 Steps, in order; each runs in child processes under a hard time limit, and a failure (or a timeout) is
 recorded in the report while the next step still runs:
@@ -18,9 +18,10 @@ recorded in the report while the next step still runs:
                recurrence switches on), full size, against the reference: 43.54 ms/step on 8xH100 for
                524,288 tokens = 1.505M tokens/s per GPU; one GPU with 8 accumulation steps does the same
                work per GPU without the all-reduce, so it is the fair single-GPU comparison
-  timed_run    train_gpt.py (one process, no launcher) of the strong default under MAX_WALLCLOCK_SECONDS on
-               shards made here (the sample text from --data re-tokenized with the tokenizer the settings name,
-               else random tokens: the score means nothing), through the export and every evaluation pass
+  timed_run    train_gpt.py (one process, no launcher) of the default under MAX_WALLCLOCK_SECONDS on shards made
+               here (the sample text from --data re-tokenized with the tokenizer the settings name, else random
+               tokens: the score means nothing; validation documents whose lengths stand for the full split's),
+               through the export and every evaluation pass
   multi_rank   not run: two processes cannot share one GPU under NCCL; the report says so
 Every setting comes from the environment as train_gpt.py reads it (Settings.from_env), so the check follows
 the defaults when they change. Each child writes its output to DIR/<step>_output.txt as it runs; the report is
@@ -46,6 +47,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -72,12 +74,13 @@ THROUGHPUT_RUNS = (("baseline", "baseline", 0.0), ("strong", "", 0.0), ("strong_
 REFERENCE_MS_PER_STEP, REFERENCE_TOKENS_PER_STEP, REFERENCE_GPUS = 43.54, 524_288, 8
 REFERENCE_TOKENS_PER_S_PER_GPU = REFERENCE_TOKENS_PER_STEP / (REFERENCE_MS_PER_STEP / 1000) / REFERENCE_GPUS
 
-# Toy sizes for --dry-run: every code path of the strong default (recurrence, sliding eval, export) on a CPU.
-# Heads of 64 as in the default model, and just enough blocks for the default RECUR_LAYERS.
+# Toy sizes for --dry-run: every code path of the default (recurrence, the parallel lanes, packed documents, LoRA TTT,
+# the export) on a CPU. Heads of 64 as in the default model, and just enough blocks (dry_run_blocks); small adapters
+# in small TTT batches.
 DRY_RUN_ENV = {
-    "DEVICE": "cpu", "NUM_LAYERS": str(max([1, *train_gpt.Settings().recur_layer_ids]) + 1), "MODEL_DIM": "128",
-    "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "512",
-    "VAL_BATCH_SIZE": "4096", "EVAL_STRIDE": "16", "WARMUP_STEPS": "2", "OMP_NUM_THREADS": "1",
+    "DEVICE": "cpu", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "64",
+    "TRAIN_BATCH_TOKENS": "512", "VAL_BATCH_SIZE": "4096", "EVAL_STRIDE": "16", "WARMUP_STEPS": "2",
+    "TTT_LORA_RANK": "8", "TTT_BATCH_SIZE": "8", "OMP_NUM_THREADS": "1",
     "GPTQ_RESERVE_SECONDS": "0.5",  # inside the dry run's 3 s cap
     "CUDA_VISIBLE_DEVICES": "",  # the CPU even on a GPU machine: the CUDA tests skip, nothing waits for the GPU
 }
@@ -85,19 +88,30 @@ DRY_TIMED_RUN_CAP_S = 3.0
 DRY_BENCH = {"BENCH_STEPS": "1", "BENCH_WARMUP_STEPS": "1"}
 FULL_BENCH = {"BENCH_STEPS": "20", "BENCH_WARMUP_STEPS": "5"}
 
-# --session: one command within 540 s, the most telling steps first. A cold start of the default, estimated:
-# compiles of five graphs 185-310 s, 40 s of training, GPTQ and a fast export, the passes, start-up: 300-430 s
-# (brotli-11 would add 30-60 s: the session exports with zlib). The CUDA tests get what is left; throughput,
-# which needs 100 s or more, is not in the session.
+# --session: one command within 540 s, the most telling steps first. A cold start of the default on one H100,
+# estimated: compiles of the training graphs (with and without recurrence), the packed-row evaluation graph, Muon's
+# and the LoRA TTT graph, 250-380 s (the 1.0714 record's log: 96-102 s for its TTT compile alone); 30 s of training
+# cap, GPTQ and a fast export, the two passes (TTT ~22 s at the record's speed), start-up: 350-480 s (brotli-11 would
+# add 30-60 s: the session exports with zlib). The CUDA tests get what is left; throughput, which needs 100 s or more,
+# is not in the session.
 SESSION_STEPS = ("environment", "timed_run", "cuda_tests")
 SESSION_LIMITS_S = {"environment": 50, "timed_run": 480, "cuda_tests": 110}
-SESSION_TIMED_RUN_CAP_S = 40.0
+SESSION_TIMED_RUN_CAP_S = 30.0
 SESSION_WARMUP_STEPS = 4
-SESSION_TTT_CHUNKS = {False: 96, True: 2}  # TTT chunks of the validation prefix (by dry_run): ~30 s on a GPU
 SESSION_CUDA_TESTS = ("flash_attention_kernel or flash_cannot_run_fails or "
                       "evaluation_on_cuda_equals_the_fp32_cpu")  # -k: the FlashAttention kernel, fp32 refused, eval
-# The record 1.0810's evaluation on 8xH100 with FlashAttention 3 (its train_seed42.log), in seconds.
-RECORD_EVAL_S = {"quantized (plain windows)": 25.5, "sliding": 121.0, "ttt": 366.5}
+
+# The timed run's validation split: documents that stand for the full split's, in whole TTT batches. The full split's
+# 50,000 documents (data/download_hf_docs_and_tokenize.py) are modeled by log-normal lengths (tokens, BOS included)
+# with the split's mean (sp8192: 40,540,160 / 50,000 = 810.8 tokens) and the median of the 1.0714 record's logs (their
+# middle batch, 391 of 782, holds documents of 475-476 tokens); a test holds the model to those logs' batches.
+FULL_SPLIT_DOCUMENTS = 50_000
+DOCUMENT_MEDIAN_OVER_MEAN = 475 / (40_540_160 / FULL_SPLIT_DOCUMENTS)
+SPLIT_TTT_BATCHES = {False: 12, True: 2}  # batches of the modeled full split, evenly spaced (by dry_run)
+SPLIT_TTT_CHUNKS = {False: 96, True: 2}  # TTT_METHOD=full: chunks of one rank's share, ~30 s on a GPU (by dry_run)
+# The 1.0714 record's evaluation on 8xH100 with FlashAttention 3 (its three train_seed*.log), seconds, least and most:
+# the quantized pass on packed rows and the LoRA TTT pass (its compile warm-up outside the timer, as here).
+RECORD_EVAL_S = {"roundtrip": (10.5, 10.8), "ttt": (228.8, 237.7)}
 EVAL_CAP_S = 600
 
 
@@ -209,10 +223,18 @@ def child_env(check: Check, **overrides) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "LOCAL_WORLD_SIZE", "MASTER_"))}
     if check.args.dry_run:
-        env.update(DRY_RUN_ENV)
+        env.update({**DRY_RUN_ENV, **dry_run_blocks(train_gpt.Settings.from_env(env))})
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), env.get("PYTHONPATH")))))
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def dry_run_blocks(settings: train_gpt.Settings) -> dict:
+    """Just enough blocks for the settings' RECUR_LAYERS, then one of two residual lanes where PARALLEL_START_LAYER is
+    on (it must start past the recurring blocks)."""
+    lanes = bool(settings.parallel_start_layer)
+    blocks = max([1, *settings.recur_layer_ids]) + 1 + lanes
+    return {"NUM_LAYERS": str(blocks), "PARALLEL_START_LAYER": str((blocks - 1) * lanes)}
 
 
 def failure(run: dict, what: str) -> dict:
@@ -512,12 +534,14 @@ def sample_documents(root: Path | None, max_chars: int) -> list[str]:
     return docs
 
 
-def make_shards(settings: train_gpt.Settings, data: Path | None, folder: Path, val_tokens: int,
-                train_tokens: int) -> dict:
+def make_shards(settings: train_gpt.Settings, data: Path | None, folder: Path, val_lengths: np.ndarray,
+                val_tokens: int, train_tokens: int) -> dict:
     """Validation and training shards for the run (the data tools' writer), and the tokenizer to score with.
-    The sample text re-tokenized with the tokenizer the settings name (found by file name under --data);
-    else random ids with a byte-level table of VOCAB_SIZE ids. Val and train documents are disjoint;
-    each is repeated to its size: the score means nothing, only the timing and the pipeline do."""
+    The sample text re-tokenized with the tokenizer the settings name (found by file name under --data); else random
+    ids with a byte-level table of VOCAB_SIZE ids (the validation text of its byte ids: the trainer checks that each
+    document's bytes are those its ids decode to). Validation: documents of `val_lengths` (document_split) cut or
+    repeated to `val_tokens`; val and train text are disjoint, train repeated to its size: the score means nothing,
+    only the timing and the pipeline do."""
     from shard_io import write_shard
     folder.mkdir(parents=True, exist_ok=True)
     vocab = settings.vocab_size
@@ -534,46 +558,89 @@ def make_shards(settings: train_gpt.Settings, data: Path | None, folder: Path, v
         tokenizer = folder / f"random_{vocab}.json"  # every id a boundary except the last 256: one byte each
         write_text(tokenizer, json.dumps({"vocab_size": vocab, "byte_offset": max(vocab - 256, 0)}))
         rng = np.random.default_rng(0)
-        val, train = rng.integers(0, vocab, 65_536), rng.integers(0, vocab, 262_144)
+        val, train = rng.integers(max(vocab - 256, 0), vocab, 65_536), rng.integers(0, vocab, 262_144)
         source = f"random token ids ({missing})"
-    write_shard(folder / "fineweb_val_000000.bin", np.resize(val, val_tokens + 1).astype(np.uint16))
+    write_shard(folder / "fineweb_val_000000.bin", document_split(val, val_lengths, val_tokens).astype(np.uint16))
     write_shard(folder / "fineweb_train_000000.bin", np.resize(train, train_tokens).astype(np.uint16))
     return {"data_path": str(folder), "tokenizer_path": str(tokenizer), "source": source}
 
 
-def session_run_settings(settings: train_gpt.Settings, dry_run: bool) -> tuple[dict, int]:
-    """(variables, validation tokens) of the session's timed run. One TTT chunk on 1 GPU is one rank's share of an
-    8-GPU chunk (TTT_CHUNK_TOKENS / 8: 2 sequences of 2048 by default), scored in batches of the same shape, so a
-    1-GPU chunk takes what a chunk takes on 8; the validation split is SESSION_TTT_CHUNKS such chunks. EVAL_SLIDING=1
-    times the sliding pass apart from TTT; every step is logged (ms/step before and after recurrence), and
-    dynamo's recompiles too. Trimmed to fit a cold start in the session: SESSION_WARMUP_STEPS warm-up steps (half
-    of them with recurrence on: every training graph still compiles); GPTQ calibrates on one 8-GPU rank's share of
-    GPTQ_CALIBRATION_BATCHES, so its time is about the 8-GPU time; the export compresses with zlib instead of
-    brotli-11 (30-60 s for the default's model) and EXPORT_FIT_CAP=0: 40 s of training say nothing about how a
-    trained model compresses. The export's bytes are reported, not projected."""
+def document_split(stream: np.ndarray, lengths: np.ndarray, total: int) -> np.ndarray:
+    """`total` + 1 tokens (the last one only a target): documents of `lengths` tokens end to end, each a BOS and then
+    the stream's next tokens (its own BOS ids left out, the stream repeated as needed), then one more BOS; cut or
+    repeated to the size."""
+    tokens = np.resize(stream[stream != train_gpt.BOS_ID], lengths.sum() + 1)
+    tokens[np.append(np.cumsum(lengths) - lengths, lengths.sum())] = train_gpt.BOS_ID
+    return np.resize(tokens, total + 1)
+
+
+def modeled_document_lengths(vocab_size: int) -> np.ndarray:
+    """The full split's document lengths as modeled (tokens, BOS included), ascending: FULL_SPLIT_DOCUMENTS quantiles,
+    at (i + 0.5) / n, of a log-normal with the split's mean and DOCUMENT_MEDIAN_OVER_MEAN (a log-normal's mean is its
+    median x e^(sigma^2 / 2))."""
+    n, mean = FULL_SPLIT_DOCUMENTS, full_split_tokens(vocab_size) / FULL_SPLIT_DOCUMENTS
+    sigma = math.sqrt(-2 * math.log(DOCUMENT_MEDIAN_OVER_MEAN))
+    z = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)])
+    return np.maximum(2, np.rint(mean * DOCUMENT_MEDIAN_OVER_MEAN * np.exp(sigma * z))).astype(np.int64)
+
+
+def split_documents(lengths: np.ndarray) -> np.ndarray:
+    """(start, length) of documents of these lengths end to end, as train_gpt.ttt_documents finds them in the split
+    document_split makes of them: each through the next BOS."""
+    return np.stack((np.cumsum(lengths) - lengths, lengths + 1), 1)
+
+
+def timed_run_documents(settings: train_gpt.Settings, dry_run: bool) -> np.ndarray:
+    """Lengths of the timed run's validation documents: SPLIT_TTT_BATCHES of the modeled full split's TTT batches
+    (TTT_BATCH_SIZE documents of similar length, as train_gpt.ttt_batches forms them), evenly spaced over its whole
+    batches from the shortest to the longest, so that the run has the full split's mix of short and long batches.
+    The total is made a multiple of TRAIN_SEQ_LEN (the trainer cuts the split to whole sequences) a token a document."""
+    size, count = settings.ttt_batch_size, SPLIT_TTT_BATCHES[dry_run]
+    lengths = modeled_document_lengths(settings.vocab_size)
+    whole = len(lengths) // size
+    firsts = size * ((2 * np.arange(count) + 1) * whole // (2 * count))  # each batch's first document
+    picked = np.concatenate([lengths[first:first + size] for first in firsts])
+    short = -picked.sum() % settings.train_seq_len
+    return picked + short // len(picked) + (np.arange(len(picked)) < short % len(picked))
+
+
+def timed_run_split(settings: train_gpt.Settings, dry_run: bool) -> tuple[dict, np.ndarray, int]:
+    """(variables, document lengths, validation tokens) of the timed run's split. TTT_METHOD=lora (the default): the
+    documents of timed_run_documents, whole. full: TTT_CHUNK_TOKENS one rank's share of an 8-GPU chunk
+    (TTT_CHUNK_TOKENS / 8: 2 sequences of 2,048 for PRESET=1.0810), scored in batches of the same shape, so that a
+    1-GPU chunk takes what a chunk takes on 8; the split is SPLIT_TTT_CHUNKS such chunks of those documents."""
+    lengths = timed_run_documents(settings, dry_run)
+    if settings.ttt_method == "lora":
+        return {}, lengths, int(lengths.sum())
     chunk = max(settings.ttt_chunk_tokens // REFERENCE_GPUS, settings.train_seq_len)
-    if dry_run:  # toy sequences: the same 2 sequences per chunk as the default's 32,768 / 8 = 2 x 2048
+    if dry_run:  # toy sequences: the same 2 sequences per chunk as 32,768 / 8 = 2 x 2,048
         chunk = 2 * settings.train_seq_len
-    variables = {"TTT_CHUNK_TOKENS": chunk, "EVAL_SLIDING": 1, "TRAIN_LOG_EVERY": 1, "TORCH_LOGS": "recompiles",
-                 "WARMUP_STEPS": SESSION_WARMUP_STEPS,
-                 "GPTQ_CALIBRATION_BATCHES": max(settings.gptq_calibration_batches // REFERENCE_GPUS, 1),
-                 "EXPORT_FORMAT": f"int{settings.export_bits}+zlib", "EXPORT_FIT_CAP": 0}
-    return variables, SESSION_TTT_CHUNKS[dry_run] * chunk
+    return {"TTT_CHUNK_TOKENS": chunk}, lengths, SPLIT_TTT_CHUNKS[dry_run] * chunk
+
+
+def session_run_settings(settings: train_gpt.Settings) -> dict:
+    """The session's timed run, trimmed to fit a cold start: every step is logged (ms/step before and after
+    recurrence), and dynamo's recompiles too; SESSION_WARMUP_STEPS warm-up steps (with recurrence off and on: every
+    training graph still compiles); GPTQ calibrates on one 8-GPU rank's share of GPTQ_CALIBRATION_BATCHES, so its time
+    is about the 8-GPU time; the export compresses with zlib instead of brotli-11 (30-60 s for the default's model)
+    and EXPORT_FIT_CAP=0: 30 s of training say nothing about how a trained model compresses. The export's bytes are
+    reported, not projected."""
+    return {"TRAIN_LOG_EVERY": 1, "TORCH_LOGS": "recompiles", "WARMUP_STEPS": SESSION_WARMUP_STEPS,
+            "GPTQ_CALIBRATION_BATCHES": max(settings.gptq_calibration_batches // REFERENCE_GPUS, 1),
+            "EXPORT_FORMAT": f"int{settings.export_bits}+zlib", "EXPORT_FIT_CAP": 0}
 
 
 def step_timed_run(check: Check, limit_s: float) -> dict:
     deadline = time.monotonic() + limit_s  # the shards are made within the step's limit too
     settings = train_gpt.Settings.from_env(child_env(check))
     cap_s = DRY_TIMED_RUN_CAP_S if check.args.dry_run else check.args.timed_run_cap_s
-    val_tokens = 32 * settings.train_seq_len if check.args.dry_run else 2**20
-    session_env = {}
-    if check.args.session:
-        session_env, val_tokens = session_run_settings(settings, check.args.dry_run)
+    split_env, val_lengths, val_tokens = timed_run_split(settings, check.args.dry_run)
     train_tokens = 200_000 if check.args.dry_run else 16 * settings.train_batch_tokens
-    data = make_shards(settings, check.args.data, check.work / "timed_run_data", val_tokens, train_tokens)
+    data = make_shards(settings, check.args.data, check.work / "timed_run_data", val_lengths, val_tokens, train_tokens)
     run_dir = check.work / "timed_run"
     run_dir.mkdir(exist_ok=True)
-    variables = dict(MAX_WALLCLOCK_SECONDS=cap_s, VAL_LOSS_EVERY=0, **session_env)
+    variables = dict(MAX_WALLCLOCK_SECONDS=cap_s, VAL_LOSS_EVERY=0, **split_env,
+                     **(session_run_settings(settings) if check.args.session else {}))
     env = child_env(check, DATA_PATH=data["data_path"], TOKENIZER_PATH=data["tokenizer_path"], RUN_ID="gpu_check",
                     **variables)
     cmd = [sys.executable, str(REPO / "train_gpt.py")]  # one process: no launcher between the limit and the trainer
@@ -584,11 +651,12 @@ def step_timed_run(check: Check, limit_s: float) -> dict:
     if log_path.exists():
         shutil.copyfile(log_path, check.out / "timed_run_log.txt")
         _, _, lines = split_layout(log_path, log_path.read_bytes())  # the log's lines, not the code's
-        result["facts"] = read_timed_run_log(lines.decode("utf-8"), cap_s, settings.vocab_size)
+        result["facts"] = read_timed_run_log(lines.decode("utf-8"), cap_s)
         result["facts"]["recompiles"] = run["output"].count("Recompiling function")  # TORCH_LOGS=recompiles
-        if check.args.session:
-            run_settings = train_gpt.Settings.from_env(env)
-            result["projection_8xh100"] = project_to_8_gpus(result["facts"], run_settings, settings.ttt_chunk_tokens)
+        run_settings = train_gpt.Settings.from_env(env)
+        documents = train_gpt.ttt_documents(train_gpt.load_validation_split(run_settings).tokens)  # as the run did
+        result["projection_8xh100"] = project_to_8_gpus(result["facts"], run_settings, documents,
+                                                        settings.ttt_chunk_tokens)
     if run["returncode"] != 0:
         return {**result, **failure(run, "train_gpt.py")}
     facts = result.get("facts", {})
@@ -598,7 +666,7 @@ def step_timed_run(check: Check, limit_s: float) -> dict:
     return {**result, "status": "failed" if problems else "ok", **({"error": "; ".join(problems)} if problems else {})}
 
 
-def read_timed_run_log(log: str, cap_s: float, vocab_size: int) -> dict:
+def read_timed_run_log(log: str, cap_s: float) -> dict:
     """The facts of a train_gpt.py log's lines (after its source) that the check is about; None where a
     line is missing."""
     def last(pattern: str):
@@ -636,14 +704,6 @@ def read_timed_run_log(log: str, cap_s: float, vocab_size: int) -> dict:
     gptq = re.findall(r"^gptq: (\d+)ms .*train_time\+gptq:(\d+)ms", log, re.MULTILINE)
     facts["gptq_ms"], facts["train_time_plus_gptq_ms"] = (int(gptq[-1][0]), int(gptq[-1][1])) if gptq else (None, None)
     facts["ms_per_step"] = step_times(log)
-    if finals and facts["val_tokens"]:
-        ms_per_m = sum(f["eval_time_ms"] for f in finals) / (facts["val_tokens"] / 1e6)  # all final passes
-        full = full_split_tokens(vocab_size)
-        facts["eval"] = {
-            "ms_per_million_tokens_1_gpu": round(ms_per_m, 1), "full_split_tokens": full,
-            "estimate_s_full_split_8_gpus": round(ms_per_m * full / 1e6 / REFERENCE_GPUS / 1000, 1),
-            "assumes": "evaluation time linear in tokens and split evenly over 8 GPUs; the sum of the final lines' "
-                       "eval_time (the round trip, then test-time training when TTT_EPOCHS > 0)"}
     return facts
 
 
@@ -671,22 +731,33 @@ def step_times(log: str) -> dict:
 
 
 def ttt_chunk_count(num_scored: int, seq_len: int, stride: int, chunk_tokens: int) -> int:
-    """TTT's chunks, as train_gpt.Evaluator.evaluate_with_ttt forms them: windows grouped by their first target."""
+    """TTT_METHOD=full's chunks, as train_gpt.Evaluator.evaluate_with_ttt forms them: windows by their first target."""
     ends = train_gpt.window_ends(num_scored, seq_len, stride)
     return len(np.unique(np.concatenate(([0], ends[:-1])) // chunk_tokens))
 
 
-def scoring_batches(num_scored: int, seq_len: int, stride: int, ranks: int, batch_windows: int) -> int:
-    """Batches of `batch_windows` windows that one of `ranks` ranks scores in an evaluation pass."""
-    windows = len(train_gpt.window_ends(num_scored, seq_len, stride))
-    return math.ceil(math.ceil(windows / ranks) / batch_windows)
+def scoring_batches(num_scored: int, settings: train_gpt.Settings, stride: int, ranks: int) -> int:
+    """Batches that the busiest of `ranks` ranks scores in a plain (stride >= TRAIN_SEQ_LEN) or sliding pass, as
+    train_gpt.Evaluator.scored_windows forms them: a batch is VAL_BATCH_SIZE / 8 tokens (with the default
+    GRAD_ACCUM_STEPS, on 1 GPU as on 8), one packed row (PACK_DOCUMENTS=1, plain) or windows of TRAIN_SEQ_LEN."""
+    seq_len, accum = settings.train_seq_len, settings.grad_accum_steps or max(1, REFERENCE_GPUS // ranks)
+    batch, plain = settings.val_batch_size // (seq_len * ranks * accum), not 0 < stride < seq_len
+    if settings.pack_documents and plain:
+        seq_len, batch = min(batch * seq_len, num_scored), 1
+    windows = len(train_gpt.window_ends(num_scored, seq_len, seq_len if plain else stride))
+    return math.ceil(math.ceil(windows / ranks) / batch)
 
 
-def project_to_8_gpus(facts: dict, settings: train_gpt.Settings, chunk_tokens_8: int) -> dict:
-    """The session's 1-GPU figures carried over to 8 GPUs, each with how. `settings` are the timed run's (its
-    TTT chunk is one rank's share of `chunk_tokens_8`)."""
+def busiest_rank(costs: list[int], ranks: int) -> int:
+    """The cost of the busiest rank when train_gpt.share_by_cost shares these among `ranks` ranks."""
+    return max(sum(costs[i] for i in share) for share in train_gpt.share_by_cost(costs, ranks))
+
+
+def project_to_8_gpus(facts: dict, settings: train_gpt.Settings, documents: np.ndarray, chunk_tokens_8: int) -> dict:
+    """The 1-GPU figures carried over to 8 GPUs, each with how; the evaluation's with what was measured here and what
+    is scaled. `settings` are the timed run's, `documents` its split's (ttt_documents); a TTT_METHOD=full chunk there
+    is one rank's share of `chunk_tokens_8`."""
     s, gpus, seq_len = settings, REFERENCE_GPUS, settings.train_seq_len
-    stride = s.eval_stride if 0 < s.eval_stride < seq_len else seq_len
     steps = facts.get("ms_per_step") or {}
     projection = {"training_ms_per_step": {
         k: None if v is None else round(v / gpus, 1) for k, v in steps.items()},
@@ -699,36 +770,51 @@ def project_to_8_gpus(facts: dict, settings: train_gpt.Settings, chunk_tokens_8:
             "train_time_plus_gptq_ms": facts["train_time_plus_gptq_ms"],
             "cap_ms": round(1000 * s.max_wallclock_seconds),
             "calibration_batches_1_gpu": s.gptq_calibration_batches,
-            "how": "the session calibrates on one 8-GPU rank's share of the batches (GPTQ_CALIBRATION_BATCHES / 8), "
-                   "and the rounding runs on rank 0 alone on 8 GPUs as here: about the 8-GPU time"}
+            "how": "on 8 GPUs each rank calibrates on GPTQ_CALIBRATION_BATCHES / 8 and rank 0 rounds alone: where this "
+                   "run calibrated on such a share (the session's does), about the 8-GPU time"}
     passes, val_tokens = facts.get("eval_passes") or {}, facts.get("val_tokens")
-    if not val_tokens or "sliding" not in passes:
+    if not val_tokens or not passes:
         return projection
-    accum_1, accum_8 = s.grad_accum_steps or gpus, s.grad_accum_steps or 1
-    batch_1, batch_8 = s.val_batch_size // (seq_len * accum_1), s.val_batch_size // (seq_len * gpus * accum_8)
-    per_batch_s = passes["sliding"]["eval_time_ms"] / 1000 / scoring_batches(val_tokens, seq_len, stride, 1, batch_1)
-    full = full_split_tokens(s.vocab_size)
-    seconds = {"roundtrip": per_batch_s * scoring_batches(full, seq_len, seq_len, gpus, batch_8),
-               "sliding": per_batch_s * scoring_batches(full, seq_len, stride, gpus, batch_8)}
-    evaluation = {"seconds_per_scoring_batch": round(per_batch_s, 4), "windows_per_batch": batch_1,
-                  "full_split_tokens": full}
-    if "ttt" in passes:
-        per_chunk_s = passes["ttt"]["eval_time_ms"] / 1000 / ttt_chunk_count(val_tokens, seq_len, stride,
-                                                                             s.ttt_chunk_tokens)
-        seconds["ttt"] = per_chunk_s * ttt_chunk_count(full, seq_len, stride, chunk_tokens_8)
-        evaluation["seconds_per_ttt_chunk"] = round(per_chunk_s, 4)
-    default_passes = ["roundtrip", "ttt"] if "ttt" in seconds else ["sliding"]
-    evaluation.update({
-        "seconds_8_gpus": {k: round(v, 1) for k, v in seconds.items()},
-        "total_s_default": round(sum(seconds[k] for k in default_passes), 1),
-        "total_s_with_eval_sliding": round(sum(seconds.values()), 1),
-        "cap_s": EVAL_CAP_S, "record_1_0810_8xh100_fa3_s": RECORD_EVAL_S,
-        "how": "a 1-GPU TTT chunk is one rank's share of an 8-GPU chunk, and scoring batches have the same shape on "
-               "1 and 8 GPUs: seconds per batch (from the sliding pass) x batches per rank of the full split "
-               "(plain: roundtrip, stride: sliding), seconds per chunk x chunks of the full split (TTT); no "
-               "all-reduce cost; the default passes are roundtrip + ttt (sliding only with EVAL_SLIDING=1)"})
-    evaluation["over_the_cap_default"] = evaluation["total_s_default"] > EVAL_CAP_S
-    projection["evaluation"] = evaluation
+    full, chunk_window = full_split_tokens(s.vocab_size), (s.ttt_chunk_tokens, s.train_seq_len)
+    measured, scaled, how = {}, {}, {}
+    for name, run in passes.items():
+        if name == "ttt" and s.ttt_method == "lora":
+            lengths = modeled_document_lengths(s.vocab_size)
+            costs = train_gpt.ttt_batch_costs(train_gpt.ttt_batches(split_documents(lengths), s.ttt_batch_size),
+                                              *chunk_window)
+            here = sum(train_gpt.ttt_batch_costs(train_gpt.ttt_batches(documents, s.ttt_batch_size), *chunk_window))
+            there = busiest_rank(costs, gpus)
+            measured[name] = {"documents": len(documents), "batches": -(-len(documents) // s.ttt_batch_size),
+                              "model_tokens": here}
+            scaled[name] = {"full_split_modeled": {"documents": len(lengths), "tokens": int(lengths.sum()),
+                                                   "batches": len(costs), "model_tokens": sum(costs)},
+                            "model_tokens_busiest_of_8_ranks": there}
+            how[name] = ("a batch of TTT_BATCH_SIZE documents is the same work on any rank, and the ranks share the "
+                         "batches by their tokens through the model (model tokens: documents x window widths of the "
+                         "chunk steps; share_by_cost): seconds per model token here, on batches picked from the "
+                         "modeled full split, x the model tokens of the busiest of 8 ranks on the modeled full split "
+                         "(log-normal document lengths, not the real split's); time taken as proportional to them")
+        elif name == "ttt":
+            here = ttt_chunk_count(val_tokens, seq_len, run["stride"], s.ttt_chunk_tokens)
+            there = ttt_chunk_count(full, seq_len, run["stride"], chunk_tokens_8)
+            measured[name], scaled[name] = {"chunks": here}, {"chunks_of_the_full_split": there}
+            how[name] = ("a 1-GPU chunk is one rank's share of an 8-GPU chunk of the full split: seconds per chunk x "
+                         "the full split's chunks")
+        else:
+            here = scoring_batches(val_tokens, s, run["stride"], 1)
+            there = scoring_batches(full, s, run["stride"], gpus)
+            measured[name], scaled[name] = {"batches": here}, {"batches_busiest_of_8_ranks": there}
+            how[name] = ("a scoring batch has one shape on 1 and 8 GPUs: seconds per batch x the batches of the "
+                         "busiest of 8 ranks on the full split")
+        measured[name]["seconds"] = run["eval_time_ms"] / 1000
+        scaled[name]["seconds"] = round(run["eval_time_ms"] / 1000 / here * there, 1)
+    total = round(sum(p["seconds"] for p in scaled.values()), 1)
+    projection["evaluation"] = {
+        "measured_1_gpu": measured, "scaled_8_gpus": scaled, "how": how,
+        "seconds_8_gpus": {name: p["seconds"] for name, p in scaled.items()}, "total_s": total,
+        "over_the_cap": total > EVAL_CAP_S, "cap_s": EVAL_CAP_S, "full_split_tokens": full,
+        "record_1_0714_8xh100_fa3_s": RECORD_EVAL_S,
+        "assumes": f"the full split of {full:,} tokens; no all-reduce cost; compile warm-ups outside the timers"}
     return projection
 
 
@@ -785,33 +871,30 @@ def render_markdown(report: dict) -> str:
                          f"{m['peak_memory_mib']['cuda_max_allocated']} |")
     facts = steps.get("timed_run", {}).get("facts")
     if facts:
-        lines += ["", "## Timed run (train_gpt.py, strong default)", "",
+        lines += ["", "## Timed run (train_gpt.py, the default)", "",
                   f"- data: {steps['timed_run']['data']['source']}",
                   f"- cap {steps['timed_run']['cap_s']} s: train_time {facts['train_time_ms']} ms after "
                   f"{facts['steps']} steps, within the cap: {facts['train_time_within_cap']}",
                   f"- compile and warm-up: {facts['warmup_compile_ms']} ms; ledger {facts['time_ledger_ms']}",
                   f"- evaluation passes {facts['eval_passes']} (total {facts['eval_total_ms']} ms) on "
                   f"{facts['val_tokens']} validation tokens; final: {facts['final_scores']}",
-                  f"- evaluation: {facts.get('eval')}",
                   f"- ms/step on this device: {facts['ms_per_step']}; GPTQ {facts['gptq_ms']} ms, train_time+gptq "
                   f"{facts['train_time_plus_gptq_ms']} ms; recompiles (TORCH_LOGS=recompiles): {facts['recompiles']}",
                   f"- artifact: {facts['artifact']}", f"- {facts['peak_memory']}"]
     projection = steps.get("timed_run", {}).get("projection_8xh100")
     if projection:
-        lines += ["", "## Projected to 8xH100 (from this device's figures)", "",
+        lines += ["", "## Estimated for 8xH100 (projected from this device's figures)", "",
                   f"- training ms/step {projection['training_ms_per_step']}: {projection['training_how']}"]
         if "gptq" in projection:
             lines.append(f"- GPTQ: {projection['gptq']}")
         evaluation = projection.get("evaluation")
         if evaluation:
-            over = " **OVER the 600 s cap**" if evaluation["over_the_cap_default"] else " (cap 600 s)"
-            lines += [f"- evaluation seconds on 8 GPUs {evaluation['seconds_8_gpus']}: default total "
-                      f"{evaluation['total_s_default']} s{over}, with EVAL_SLIDING=1 "
-                      f"{evaluation['total_s_with_eval_sliding']} s; the record 1.0810 (FlashAttention 3): "
-                      f"{evaluation['record_1_0810_8xh100_fa3_s']}",
-                      f"- {evaluation['seconds_per_scoring_batch']} s per scoring batch of "
-                      f"{evaluation['windows_per_batch']} windows, {evaluation.get('seconds_per_ttt_chunk')} s per "
-                      f"TTT chunk: {evaluation['how']}"]
+            over = " **OVER the 600 s cap**" if evaluation["over_the_cap"] else " (cap 600 s)"
+            lines.append(f"- evaluation, estimated seconds on 8 GPUs {evaluation['seconds_8_gpus']}: total "
+                         f"{evaluation['total_s']} s{over}; the 1.0714 record (FlashAttention 3), least and most of "
+                         f"its 3 runs: {evaluation['record_1_0714_8xh100_fa3_s']}; assumes {evaluation['assumes']}")
+            lines += [f"  - {name}: measured on 1 GPU {evaluation['measured_1_gpu'][name]}; scaled to 8 GPUs "
+                      f"{evaluation['scaled_8_gpus'][name]}: {how}" for name, how in evaluation["how"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -848,7 +931,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="cap on the whole check (default: 1380 s; with --session 540 s; a dry run 600 s)")
     parser.add_argument("--timed-run-cap-s", type=float, default=None,
-                        help="MAX_WALLCLOCK_SECONDS of the timed run (default 120; with --session 40)")
+                        help=f"MAX_WALLCLOCK_SECONDS of the timed run (default 120; with --session "
+                             f"{SESSION_TIMED_RUN_CAP_S:g})")
     parser.add_argument("--probe-environment", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     steps = SESSION_STEPS if args.session else STEPS

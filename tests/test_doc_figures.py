@@ -346,11 +346,25 @@ def test_gpu_check_limits_and_trimmed_run_are_its_constants():
         assert f"# every step, within {full_budget / 60:.0f} minutes" in lines
     assert f"`MAX_WALLCLOCK_SECONDS={gpu_check.SESSION_TIMED_RUN_CAP_S:g}`" in text
     assert f"`WARMUP_STEPS={gpu_check.SESSION_WARMUP_STEPS}`" in text
-    variables, val_tokens = gpu_check.session_run_settings(train_gpt.Settings(), dry_run=False)
-    chunk = int(variables["TTT_CHUNK_TOKENS"])
+    variables = gpu_check.session_run_settings(train_gpt.Settings())
     assert f"`GPTQ_CALIBRATION_BATCHES={variables['GPTQ_CALIBRATION_BATCHES']}`" in text
-    assert f"({chunk:,} = 2 sequences of 2,048)" in text
-    assert f"a validation split of {gpu_check.SESSION_TTT_CHUNKS[False]} such chunks ({val_tokens:,} tokens)" in text
+    _, lengths, val_tokens = gpu_check.timed_run_split(train_gpt.Settings(), dry_run=False)
+    batches = gpu_check.SPLIT_TTT_BATCHES[False]
+    assert f"The timed run's split is {batches} of the modeled split's" in text
+    assert f"({len(lengths):,} documents, {val_tokens:,} tokens)" in text
+    full_ttt, _, full_tokens = gpu_check.timed_run_split(train_gpt.Settings.for_preset("1.0810"), dry_run=False)
+    assert f"runs `TTT_CHUNK_TOKENS={full_ttt['TTT_CHUNK_TOKENS']}` instead" in text
+    assert f"on {gpu_check.SPLIT_TTT_CHUNKS[False]} such chunks ({full_tokens:,} tokens)" in text
+    settings = train_gpt.Settings()
+    costs = lambda documents: train_gpt.ttt_batch_costs(  # noqa: E731
+        train_gpt.ttt_batches(gpu_check.split_documents(documents), 64), settings.ttt_chunk_tokens, settings.train_seq_len)
+    here, full = costs(lengths), costs(gpu_check.modeled_document_lengths(settings.vocab_size))
+    assert f"the cost by which the ranks share the batches: {sum(here):,} here)" in text
+    busiest = gpu_check.busiest_rank(full, 8)
+    assert f"modeled full split's {len(full)} batches are shared by that cost ({busiest:,} of {sum(full):,})" in text
+    rows_here, rows_8 = (gpu_check.scoring_batches(n, settings, 2048, ranks) for n, ranks in ((val_tokens, 1),
+                                                                                            (40_540_160, 8)))
+    assert f"{rows_here} rows here)" in text and f"40,540,160 tokens; {rows_8} rows)" in text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,15 @@ def test_dry_run_timed_run_goes_through_export_and_the_round_trip_within_its_cap
 
 # ---- the parts ------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("preset, blocks", [("strong", (7, 6)), ("1.0810", (6, 0)), ("baseline", (2, 0))])
+def test_a_dry_run_of_each_preset_has_just_enough_blocks_for_its_recurrence_and_lanes(preset, blocks):
+    """The default: RECUR_LAYERS 3,4,5 need blocks 0-5, and its two residual lanes one block past them (block 6);
+    PRESET=1.0810 has no such lanes, the baseline no recurrence (2 blocks: an encoder and a decoder one)."""
+    variables = gpu_check.dry_run_blocks(train_gpt.Settings.for_preset(preset))
+    assert (int(variables["NUM_LAYERS"]), int(variables["PARALLEL_START_LAYER"])) == blocks
+    train_gpt.Settings.from_env({"PRESET": preset, **gpu_check.DRY_RUN_ENV, **variables})  # valid: no SettingsError
+
 LOG_LINES = """val_split tokens:1048576 sha256:0123456789abcdef scope:full
 warmup_step:20/20
 step:100/20000 train_loss:3.0000 train_time:119000ms step_avg:1190.00ms
@@ -274,7 +283,8 @@ def test_session_timed_run_times_the_defaults_passes_and_projects_them_to_8_gpus
     assert list(timed["facts"]["eval_passes"]) == ["roundtrip", "ttt"]  # the default's: packed rows, then LoRA TTT
     evaluation = timed["projection_8xh100"]["evaluation"]
     seconds = evaluation["seconds_8_gpus"]
-    assert set(seconds) == {"roundtrip", "ttt"} and evaluation["total_s"] == pytest.approx(sum(seconds.values()), abs=0.11)
+    assert set(seconds) == {"roundtrip", "ttt"}
+    assert evaluation["total_s"] == pytest.approx(sum(seconds.values()), abs=0.11)
     ttt = evaluation["measured_1_gpu"]["ttt"]
     batch = int(gpu_check.DRY_RUN_ENV["TTT_BATCH_SIZE"])
     assert (ttt["documents"], ttt["batches"]) == (gpu_check.SPLIT_TTT_BATCHES[True] * batch, 2)  # whole batches
@@ -350,7 +360,7 @@ def test_ttt_batch_costs_are_the_costs_the_trainer_shares_among_ranks(monkeypatc
     monkeypatch.setattr(train_gpt, "share_by_cost", lambda costs, ranks: shared.append(list(costs)) or [[0, 1, 2]])
     evaluator.evaluate_with_lora_ttt(torch.nn.Linear(1, 1))
     batches = train_gpt.ttt_batches(train_gpt.ttt_documents(split.tokens), 3)
-    assert shared == [gpu_check.ttt_batch_costs(batches, settings)] == [[144, 480, 960]]
+    assert shared == [train_gpt.ttt_batch_costs(batches, 16, 64)] == [[144, 480, 960]]
 
 
 SESSION_LOG = """step:1/20000 train_loss:9.0 train_time:1500ms step_avg:1500.00ms
@@ -410,7 +420,7 @@ def test_full_ttt_projection_counts_batches_and_chunks_of_the_full_split():
     evaluation = gpu_check.project_to_8_gpus(facts, settings, np.zeros((0, 2), np.int64), 32_768)["evaluation"]
     assert evaluation["seconds_8_gpus"] == {"roundtrip": 13.0, "sliding": 128.9, "ttt": 386.9}
     assert evaluation["measured_1_gpu"]["ttt"] == {"seconds": 30.0, "chunks": 96}
-    assert evaluation["scaled_8_gpus"]["ttt"] == {"chunks_busiest_of_8_ranks": 1238, "seconds": 386.9}
+    assert evaluation["scaled_8_gpus"]["ttt"] == {"chunks_of_the_full_split": 1238, "seconds": 386.9}
     assert evaluation["total_s"] == pytest.approx(13.0 + 128.91 + 386.88, abs=0.1)
     assert evaluation["over_the_cap"] is False
 
