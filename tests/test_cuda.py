@@ -150,21 +150,26 @@ def test_attention_flash_cannot_run_fails_instead_of_falling_back():
         F.scaled_dot_product_attention(q, q, q, is_causal=True)
 
 
-def test_ttt_compiles_no_graph_after_the_warm_up_compiled_its_step():
-    """compile_ttt (run in warm-up) compiles TTT's training graph; TTT inside the timed evaluation then compiles
-    nothing: scoring uses the evaluation graph, training the warmed-up one, every batch of one shape."""
+@pytest.mark.parametrize("preset", ["strong", "1.0810"])  # TTT_METHOD=lora and full
+def test_ttt_compiles_no_graph_after_the_warm_up_compiled_its_step(preset):
+    """compile_ttt (run in warm-up) compiles TTT's graphs; TTT inside the timed evaluation then compiles nothing.
+    lora: the adapters' forward and backward, one dynamic graph per batch size (documents of 2 to 700 tokens: 3
+    batches of 4, the last of 2). full: scoring uses the evaluation graph, training the warmed-up one."""
     from torch._dynamo.utils import counters
-    settings = Settings.for_preset("strong", train_seq_len=256, val_batch_size=4 * 256, ttt_chunk_tokens=512,
-                                   ttt_epochs=1)
+    settings = Settings.for_preset(preset, train_seq_len=256, val_batch_size=4 * 256, ttt_epochs=1, ttt_batch_size=4,
+                                   **({"ttt_chunk_tokens": 512} if preset == "1.0810" else {}))
     model = perturbed_model(settings, cuda_runtime())
     model.recurrence_active = bool(settings.recur_layers)  # as after training
-    tokens = np.random.default_rng(0).integers(0, settings.vocab_size, 6 * 256 + 1).astype(np.uint16)
+    lengths = np.array([2, 9, 30, 64, 100, 150, 230, 256, 300, 700])
+    tokens = np.random.default_rng(0).integers(2, settings.vocab_size, lengths.sum() + 1)
+    tokens[np.cumsum(lengths) - lengths] = train_gpt.BOS_ID
     ones = np.ones(settings.vocab_size, np.int64)
-    ev = train_gpt.Evaluator(train_gpt.ValidationSplit(tokens, True),
+    ev = train_gpt.Evaluator(train_gpt.ValidationSplit(tokens.astype(np.uint16), True),
                              train_gpt.ByteTable(ones, ones == 0, ones == 0), settings, cuda_runtime())
     compiled = torch.compile(model, dynamic=False, fullgraph=True)
-    ev.evaluate(compiled, 64)  # the evaluation graph, as the last validation of training compiles it
+    if settings.ttt_method == "full":
+        ev.evaluate(compiled, 64)  # the evaluation graph, as the last validation of training compiles it
     ev.compile_ttt(model, compiled)
     before = counters["stats"]["unique_graphs"]
-    ev.evaluate_with_ttt(compiled, 64)
+    ev.evaluate_with_lora_ttt(model) if settings.ttt_method == "lora" else ev.evaluate_with_ttt(compiled, 64)
     assert counters["stats"]["unique_graphs"] == before
