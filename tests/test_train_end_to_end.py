@@ -57,9 +57,10 @@ def test_tiny_run_loss_falls(tiny_run):
     losses = train_losses(log)
     val_bpbs = [float(v) for v in values(log, r"^step:\d+/\d+ val_loss:\S+ val_bpb:(\S+)")]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 1.0
-    # Both later scores below the first; not necessarily the last below the middle one: the data is the repository's
-    # own text, whose validation documents (a fifth of them) may drift away from the training ones as it grows.
-    assert len(val_bpbs) == 3 and val_bpbs[0] > max(val_bpbs[1:]) + 1.0
+    # Both later scores below the first, one of them by a bit per byte; not necessarily the last below the middle one:
+    # the data is the repository's own text, whose validation documents (a fifth of them) may drift away from the
+    # training ones as it grows.
+    assert len(val_bpbs) == 3 and val_bpbs[0] > max(val_bpbs[1:]) and val_bpbs[0] > min(val_bpbs[1:]) + 1.0
 
 
 def test_roundtrip_score_is_close_to_the_pre_export_score(tiny_run):
