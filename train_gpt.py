@@ -721,15 +721,17 @@ class TrainBatchLoader:
     def packed_row(self, tokens: np.ndarray, start: int) -> tuple[Tensor, Tensor, Tensor, int]:
         """A GPU's row (1, TRAIN_BATCH_TOKENS / LOADER_STREAMS), its documents cut every TRAIN_SEQ_LEN tokens."""
         length = self.packed.span - 1
-        cu_seqlens = document_cu_seqlens(tokens[start:start + length], self.seq_len)[0].to(self.rt.device)
+        cu_seqlens = self.to_device(document_cu_seqlens(tokens[start:start + length], self.seq_len)[0])
         return *self.batch([(tokens, start)], length), cu_seqlens, self.seq_len
 
     def batch(self, sequences: list[tuple[np.ndarray, int]], length: int = 0) -> tuple[Tensor, Tensor]:
         rows = np.stack([tokens[start:start + (length or self.seq_len) + 1] for tokens, start in sequences])
         check_token_ids(rows, self.vocab_size, f"the train shards in {os.path.dirname(self.paths[0])}")
-        rows = torch.from_numpy(rows.astype(np.int64))
-        rows = rows.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.pin_memory else rows
-        return rows[:, :-1].contiguous().to(self.rt.device), rows[:, 1:].contiguous().to(self.rt.device)
+        rows = self.to_device(torch.from_numpy(rows.astype(np.int64)))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def to_device(self, t: Tensor) -> Tensor:  # pinned, the copy queued behind the step the device is running
+        return t.pin_memory().to(self.rt.device, non_blocking=True) if self.rt.pin_memory else t.to(self.rt.device)
 
 
 def check_streams_fit(paths: list[str], counts: list[int], num_streams: int, seq_len: int) -> None:

@@ -67,8 +67,12 @@ def record_model_bytes() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--record", action="store_true", help="the record's export of the record's model")
+    parser.add_argument("--record", action="store_true", help="the 1.0714 record's export of the same weights")
     args = parser.parse_args()
+    from reference_record import RECORDS
+    if args.record and not RECORDS["1.0714"].source.exists():
+        sys.exit(f"error: --record needs the 1.0714 record's source, {RECORDS['1.0714'].source} (../shared beside the "
+                 f"repository): put it there, or leave out --record")
     t0 = time.perf_counter()
     size = record_model_bytes() if args.record else kit_model_bytes()
     code = len(Path(train_gpt.__file__).read_bytes())
